@@ -21,6 +21,9 @@ def register_configs() -> None:
         return
     from hydra.core.config_store import ConfigStore
 
+    from omegaconf import OmegaConf
+
+    OmegaConf.register_new_resolver("path_safe", path_safe, replace=True)
     cs = ConfigStore.instance()
     cs.store(name="config_schema", node=RunConfig)
     for group, schema in GROUP_SCHEMAS.items():
@@ -28,6 +31,18 @@ def register_configs() -> None:
     for name in METHODS.names():
         cs.store(group="method", name=f"{name}_schema", node=METHODS.get(name).Config)
     _registered = True
+
+
+def path_safe(text: str, limit: int = 120) -> str:
+    """One path component from a sweep's override string: ``/`` and other separators become
+    ``_`` (``data.root=/x/y`` must not open sub-directories), and a long string is cut and
+    suffixed with a short hash so that two sweeps' names stay distinct and under NAME_MAX."""
+    import hashlib
+
+    safe = "".join("_" if c in '/\\:*?"<>|' or ord(c) < 32 else c for c in str(text))
+    if len(safe) > limit:
+        safe = safe[:limit - 9] + "~" + hashlib.sha1(str(text).encode()).hexdigest()[:8]
+    return safe
 
 
 def config_dir() -> Path:

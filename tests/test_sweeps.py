@@ -11,7 +11,7 @@ import pytest
 
 from conftest import cli, summaries
 
-SWEEP = ["-m", "experiment=smoke", "method=ce,cosine", "seed=0,1"]
+SWEEP = ["-m", "experiment=smoke", "method=ce,cosine", "seed=0,1", "tag=runs/a"]
 
 
 @pytest.mark.parametrize("launcher", [
@@ -28,6 +28,17 @@ def test_multirun_gives_distinct_run_dirs_with_summaries(tmp_path, launcher):
         ("ce", 0), ("ce", 1), ("cosine", 0), ("cosine", 1)]
     assert all(x["status"] == "finished" and x["sweep"] for x in s)
     assert len({x["sweep"] for x in s}) == 1  # W&B group = the sweep name
+    # a "/" in an override value does not open sub-directories: <sweep>/<n>_<overrides>
+    from pathlib import Path
+    assert {Path(x["run_dir"]).parent.parent.name for x in s} == {"multirun"}
+    assert all("tag=runs_a" in Path(x["run_dir"]).name for x in s)
+
+
+def test_path_safe_keeps_names_one_component_and_distinct():
+    from ortho_run.store import path_safe
+    assert path_safe("data.root=/a/b,seed=1") == "data.root=_a_b,seed=1"
+    long_a, long_b = "x=" + "a" * 300, "x=" + "a" * 299 + "b"
+    assert len(path_safe(long_a)) == 120 and path_safe(long_a) != path_safe(long_b)
 
 
 def test_a_failing_job_does_not_stop_the_sweep(tmp_path):
@@ -70,7 +81,7 @@ def test_report_table_matches_summaries_and_writes_plots(tmp_path):
     runs = summaries(sweep)
     for method in ("ce", "cosine"):
         vals = [x["test/acc1"] for x in runs if x["method"] == method]
-        row = table[f"experiment=smoke method={method}"]["test/acc1"]
+        row = table[f"experiment=smoke method={method} tag=runs/a"]["test/acc1"]
         assert row["n"] == 2
         assert row["mean"] == pytest.approx(statistics.fmean(vals))
         assert row["std"] == pytest.approx(statistics.stdev(vals))
