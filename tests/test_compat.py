@@ -76,22 +76,27 @@ def test_lambda_penalty_is_zero_inside_the_ball_and_grows_outside():
 @pytest.fixture(scope="module")
 def compat_runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("compat")
-    return root, {m: run_inprocess(root, ["experiment=compat_smoke", f"method={m}",
+    methods = {m: [f"method={m}"] for m in ("independent", "bct", "oca", "lambda_orth")}
+    methods["bct_means"] = ["method=bct", "method.influence=class_means", "method.alpha=10"]
+    return root, {m: run_inprocess(root, ["experiment=compat_smoke", *extra,
                                           f"cache_dir={root}/cache"], name=m)
-                  for m in ("independent", "bct", "oca", "lambda_orth")}
+                  for m, extra in methods.items()}
 
 
-def test_smoke_protocol_independent_fails_ecc_and_oca_passes(compat_runs):
+def test_smoke_protocol_independent_fails_ecc_and_the_methods_pass(compat_runs):
     _, runs = compat_runs
-    ind, oca = runs["independent"], runs["oca"]
-    assert ind["compat/ecc"] == 0.0
+    ind = runs["independent"]
+    assert ind["compat/ecc"] == 0.0 and ind["compat/ecc_map"] == 0.0
     assert ind["compat/new_old/cmc1"] < 0.5 * ind["compat/old_old/cmc1"]  # incompatible
     assert ind["compat/new_new/cmc1"] > 0.9
-    assert oca["compat/ecc"] == 1.0 and oca["compat/ecc_map"] == 1.0
-    assert runs["lambda_orth"]["compat/ecc_map"] == 1.0
-    # the compatible methods all move new/old far above the independent baseline
-    for m in ("bct", "oca", "lambda_orth"):
-        assert runs[m]["compat/new_old/cmc1"] > ind["compat/new_old/cmc1"] + 0.3, m
+    for m in ("oca", "lambda_orth", "bct_means"):  # top-1 and mAP (3 of 3 seeds on the CLI)
+        assert runs[m]["compat/ecc"] == 1.0 and runs[m]["compat/ecc_map"] == 1.0, m
+    # the paper's BCT (old head + synthesised rows, alpha 1) passes on mAP in 3 of 3 seeds
+    # and on top-1 in 1 of 3: the margin is seed-dependent, so only mAP is asserted
+    assert runs["bct"]["compat/ecc_map"] == 1.0
+    for m in ("bct", "bct_means", "oca", "lambda_orth"):
+        assert runs[m]["compat/new_old/cmc1"] > ind["compat/new_old/cmc1"] + 0.5, m
+        assert runs[m]["compat/new_new/cmc1"] > 0.9, m
 
 
 def test_old_model_cached_once_and_frozen_parts_bit_identical(compat_runs):
@@ -155,3 +160,20 @@ def test_old_new_embedding_dim_mismatch_is_explained(tmp_path):
     with pytest.raises(CheckpointError, match="expected checkpoints/last.pt"):
         run_inprocess(tmp_path, ["experiment=compat_smoke", "method=oca",
                                  f"compat.old_ckpt={tmp_path}/missing"], name="m")
+
+
+def test_load_run_rebuilds_from_the_checkpoint_without_the_data_set(compat_runs, monkeypatch):
+    root, _ = compat_runs
+    from ortho_run.runner import build
+
+    old_dir = next(d for d in (root / "cache" / "models").iterdir() if d.is_dir() and
+                   json.loads((d / "summary.json").read_text())["tag"] == "old-model")
+
+    def no_data(*a, **k):
+        raise AssertionError("load_run loaded the data set")
+
+    monkeypatch.setattr(build, "load_dataset", no_data)
+    net, cfg, n_classes = build.load_run(old_dir, "cpu")
+    saved = torch.load(old_dir / "checkpoints" / "last.pt", weights_only=False)["net"]
+    assert n_classes == 5 and cfg.data.classes == "first_half"
+    assert all(torch.equal(v, saved[k]) for k, v in net.state_dict().items())

@@ -3,8 +3,10 @@
 L = CE(W_new φ_new(x), y) + α·CE(W_old φ_new(x), y), W_old frozen. ``influence=old_head`` (the
 paper): W_old is the old model's linear head for the classes it saw, and for classes it never
 saw its rows are synthesised as the old model's mean feature of that class.
-``influence=class_means`` (the OCA/BT² re-implementation): the whole pseudo-classifier is the
-old model's class means over all classes, no bias, no logit scale; they use α = 10.
+``influence=class_means`` (the OCA/BT² re-implementation): the whole pseudo-classifier P is the
+old model's class means over all classes, no bias, no logit scale, and both sides are unit
+features as in their code (``norm_feature: True``): logits = norm(φ_new) Pᵀ with P the mean of
+the old model's L2-normalised features per class; they use α = 10.
 The new backbone's feature dim must equal the old one's (``model.embed_dim`` on both).
 """
 
@@ -42,12 +44,15 @@ class BCT(CE):
         if str(self.cfg.influence) == "old_head":
             w, b = old.old_classifier()
         else:
-            w, b = old.class_means, None
+            w, b = old.unit_class_means, None
         self.register_buffer("old_w", w.detach().clone())
         self.register_buffer("old_b", None if b is None else b.detach().clone())
         self.old = old  # frozen; kept for evaluation
 
     def loss(self, out, features, targets):
         ce = self.ce(out.logits, targets)
-        infl = self.ce(F.linear(features.float(), self.old_w, self.old_b), targets)
+        f = features.float()
+        if self.old_b is None:  # the class-means pseudo-classifier scores unit features
+            f = F.normalize(f, dim=1)
+        infl = self.ce(F.linear(f, self.old_w, self.old_b), targets)
         return {"loss": ce + self.cfg.alpha * infl, "ce": ce, "bct_influence": infl}

@@ -57,9 +57,11 @@ class FrozenNet(nn.Module):
 class OldModel(FrozenNet):
     """The old model plus what compatibility losses need from it."""
 
-    def __init__(self, net, cfg, class_means: torch.Tensor, num_old_classes: int, provider):
+    def __init__(self, net, cfg, class_means: torch.Tensor, unit_class_means: torch.Tensor,
+                 num_old_classes: int, provider):
         super().__init__(net, cfg)
         self.register_buffer("class_means", class_means)  # C_new × d_old, raw old features
+        self.register_buffer("unit_class_means", unit_class_means)  # means of unit features
         self.num_old_classes = num_old_classes
         self.provider = provider
 
@@ -130,15 +132,21 @@ def train_or_load(cfg, classes, method: str, train_fn, overrides=(), device=None
 
 
 @torch.no_grad()
-def class_means(frozen: FrozenNet, loader, num_classes: int) -> torch.Tensor:
-    sums, counts = None, torch.zeros(num_classes)
+def class_means(frozen: FrozenNet, loader, num_classes: int):
+    """Per-class means of the frozen model's features over ``loader``: (raw, of unit features).
+    The second is what the BT²/OCA code uses (their old features are L2-normalised)."""
+    sums = unit_sums = None
+    counts = torch.zeros(num_classes)
     for x, y in loader:
         e = frozen.embed(x)
         if sums is None:
             sums = torch.zeros(num_classes, e.shape[1], device=e.device)
+            unit_sums = torch.zeros_like(sums)
         sums.index_add_(0, y, e)
+        unit_sums.index_add_(0, y, torch.nn.functional.normalize(e, dim=1))
         counts += torch.bincount(y.cpu(), minlength=num_classes).float()
-    return sums / counts.clamp_min(1).to(sums.device)[:, None]
+    n = counts.clamp_min(1).to(sums.device)[:, None]
+    return sums / n, unit_sums / n
 
 
 def provide_old_model(cfg, ds, device, train_fn) -> OldModel:
@@ -157,14 +165,14 @@ def provide_old_model(cfg, ds, device, train_fn) -> OldModel:
     frozen = FrozenNet(net, old_cfg)
     pipeline = choose_pipeline(str(cfg.data.pipeline), ds, device)
     loader = build_loader(ds, ds.train, cfg.data, device, False, cfg.seed, pipeline)
-    means = class_means(frozen, loader, ds.num_classes)
+    means, unit_means = class_means(frozen, loader, ds.num_classes)
 
     def provider(classes, method="ce"):
         """Another frozen model on the same protocol (e.g. an independently trained new one)."""
         n, *_ = train_or_load(cfg, classes, method, train_fn, (), device, seed_offset=2)
         return FrozenNet(n, cfg)
 
-    return OldModel(net, old_cfg, means, n_old, provider)
+    return OldModel(net, old_cfg, means, unit_means, n_old, provider)
 
 
 @torch.no_grad()

@@ -210,7 +210,9 @@ def build_job(cfg, run_dir: Path, dist: Dist = Dist(), emit=lambda row: None) ->
     net = Net(backbone, method).to(device)
     if channels_last:
         net = net.to(memory_format=torch.channels_last)
-    trainer = Trainer(cfg, net, train_loader, evals, device, run_dir, emit, dist)
+    shape = {"channels": ds.channels, "image_size": ds.image_size,
+              "num_classes": ds.num_classes, "embed_dim": model_cfg.embed_dim}
+    trainer = Trainer(cfg, net, train_loader, evals, device, run_dir, emit, dist, shape)
     return Job(trainer, ds, net, evals, device, pipeline, old_model)
 
 

@@ -75,7 +75,9 @@ class TrainState:
 class Trainer:
     def __init__(self, cfg, net: Net, train_loader, eval_loaders: Dict[str, object],
                  device: torch.device, run_dir: Path, emit: Callable[[dict], None],
-                 dist: Dist = Dist()):
+                 dist: Dist = Dist(), shape: Optional[dict] = None):
+        #: what rebuilds the net without the data set (channels, image_size, num_classes, dims)
+        self.shape = dict(shape or {})
         # plain dataclasses: the hot loop reads these every step (OmegaConf lookups are slow)
         self.cfg, self.tcfg = cfg, OmegaConf.to_object(cfg.trainer)
         self.net, self.device, self.run_dir = net, device, run_dir
@@ -133,6 +135,7 @@ class Trainer:
         s = self.state
         return {
             "fingerprint": ckpt.fingerprint(self.cfg),
+            "shape": self.shape,
             "net": self.net.state_dict(),
             "optimizers": [o.state_dict() for o in self.optimizers],
             "schedulers": [sc.state_dict() for sc in self.schedulers],
