@@ -44,10 +44,60 @@ class OPLConfig(CEConfig):
     gather: bool = False  # all-gather features across data-parallel ranks
 
 
+class _OPLTerms(torch.autograd.Function):
+    """s and d with a hand-written backward: the same values and gradients as
+    ``opl_terms_reference`` (tested), with ~10 backward kernels instead of an autograd graph of
+    ~25 nodes. The step on a GPU is bound by host launch overhead, so node count is step time.
+
+    With K = F̂F̂ᵀ, s = Σ K⊙Wp and d = Σ K⊙Wn (Wn carries sign(K) for ``per_element``, and
+    sign(Σ) for ``aggregate``), so ∂/∂K = g_s·Wp + g_d·Wn =: G, ∂/∂F̂ = (G + Gᵀ)F̂, and the row
+    normalisation's backward projects out F̂: ∂/∂f = (∂F̂ − F̂⟨∂F̂, F̂⟩)/‖f‖.
+    """
+
+    @staticmethod
+    def forward(ctx, features, targets, abs_mode: str, eps: float):
+        f = features.to(torch.promote_types(features.dtype, torch.float32))
+        norm = torch.linalg.vector_norm(f, dim=1, keepdim=True).clamp_min(1e-12)
+        fh = f / norm
+        k = fh @ fh.t()
+        b = len(targets)
+        same = targets[:, None] == targets[None, :]
+        n_same = same.sum()  # ordered pairs incl. i = j
+        wp = same.to(f.dtype).fill_diagonal_(0.0).div_(n_same - b + eps)
+        wn = (~same).to(f.dtype).div_(b * b - n_same + eps)
+        if abs_mode == "per_element":
+            wn.mul_(k.sign())
+        s, d = (k * wp).sum(), (k * wn).sum()
+        if abs_mode == "aggregate":
+            sign = d.sign()
+            wn.mul_(sign)
+            d = d * sign
+        ctx.save_for_backward(fh, norm, wp, wn)
+        ctx.in_dtype = features.dtype
+        return s, d
+
+    @staticmethod
+    def backward(ctx, g_s, g_d):
+        fh, norm, wp, wn = ctx.saved_tensors
+        g = wp * g_s + wn * g_d
+        g_fh = (g + g.t()) @ fh
+        g_f = (g_fh - fh * (g_fh * fh).sum(1, keepdim=True)) / norm
+        return g_f.to(ctx.in_dtype), None, None, None
+
+
 def opl_terms(features: Tensor, targets: Tensor, abs_mode: str = "per_element",
               eps: float = 1e-6) -> Dict[str, Tensor]:
     """Return s (mean same-class cosine) and d (mean different-class |cosine|)."""
-    f = F.normalize(features.float(), dim=1)
+    if abs_mode not in ("per_element", "aggregate", "none"):
+        raise ValueError(f"abs_mode must be per_element, aggregate or none, got {abs_mode!r}")
+    s, d = _OPLTerms.apply(features, targets, abs_mode, eps)
+    return {"s": s, "d": d}
+
+
+def opl_terms_reference(features: Tensor, targets: Tensor, abs_mode: str = "per_element",
+                        eps: float = 1e-6) -> Dict[str, Tensor]:
+    """The plain autograd form of ``opl_terms`` (what the fused one is tested against)."""
+    f = F.normalize(features.to(torch.promote_types(features.dtype, torch.float32)), dim=1)
     k = f @ f.t()
     b = len(targets)
     same = targets[:, None] == targets[None, :]
