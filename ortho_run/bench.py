@@ -79,6 +79,35 @@ def timed_epoch(args, job, epoch: int, profile: bool = False) -> dict:
             "pipeline": job.pipeline, "device": str(job.device)}
 
 
+VIEW_OPS = {"aten::view", "aten::t", "aten::transpose", "aten::as_strided", "aten::expand",
+            "aten::expand_as", "aten::empty", "aten::empty_strided", "aten::empty_like",
+            "aten::reshape", "aten::_reshape_alias", "aten::_unsafe_view", "aten::permute",
+            "aten::unsqueeze", "aten::squeeze", "aten::detach", "aten::slice", "aten::select",
+            "aten::alias", "aten::lift_fresh", "aten::result_type", "aten::to",
+            "aten::_to_copy", "aten::resolve_conj", "aten::resolve_neg"}
+
+
+def count_launches(args, job, steps: int = 4) -> float:
+    """Work items the host issues per training step: CUDA kernel launches on a GPU, top-level
+    non-view ATen calls on a CPU. The loop is launch-bound, so this is what a method adds."""
+    from torch.profiler import ProfilerActivity, profile as prof_ctx
+
+    tr = job.trainer
+    tr.state.batch = 0
+    tr.train_loader.limit = steps
+    cuda = job.device.type == "cuda"
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with prof_ctx(activities=acts) as prof:
+        tr._train_epoch(0)
+    events = prof.events()
+    if cuda:
+        n = sum(1 for e in events if "LaunchKernel" in e.name or e.name == "cudaGraphLaunch")
+    else:
+        n = sum(1 for e in events if e.name.startswith("aten::") and e.name not in VIEW_OPS
+                and (e.cpu_parent is None or not e.cpu_parent.name.startswith("aten::")))
+    return n / steps
+
+
 def _median(rows):
     rows = sorted(rows, key=lambda r: r["step_ms"])
     out = dict(rows[len(rows) // 2])
@@ -137,6 +166,8 @@ def main(argv=None):
     p.add_argument("--train-per-class", type=int, default=5000)
     p.add_argument("--skip-loader", action="store_true")
     p.add_argument("--profile", action="store_true", help="print a CUDA kernel table per method")
+    p.add_argument("--no-count", action="store_true",
+                   help="skip counting kernel launches (GPU) / ATen calls (CPU) per step")
     p.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds (median)")
     p.add_argument("--json", default=None, help="write the results here")
     p.add_argument("--tiny", action="store_true", help="CPU smoke: small_cnn on digits")
@@ -163,6 +194,9 @@ def main(argv=None):
             for m in methods:
                 rounds[m].append(timed_epoch(args, jobs[m], 1 + r, profile=args.profile and r == 0))
         res["methods"] = {m: _median(v) for m, v in rounds.items()}
+        if not args.no_count:
+            for m in methods:
+                res["methods"][m]["launches_per_step"] = count_launches(args, jobs[m])
         res["runner"] = res["methods"]["ce"]
         del jobs
         if torch.cuda.is_available():
@@ -185,7 +219,9 @@ def main(argv=None):
         print(f"(3) standard  {res['standard']['img_per_s']:10.0f} img/s   (2)/(3) = "
               f"{res['ratios']['runner_over_standard']:.2f}  ({args.workers} workers)")
     for m, r in res["methods"].items():
-        print(f"    {m:8s} {r['step_ms']:8.2f} ms/step   vs ce = {r['step_time_vs_ce']:.3f}")
+        launches = (f"   {r['launches_per_step']:.0f} {'launches' if 'cuda' in r['device'] else 'ATen calls'}/step"
+                    if "launches_per_step" in r else "")
+        print(f"    {m:8s} {r['step_ms']:8.2f} ms/step   vs ce = {r['step_time_vs_ce']:.3f}{launches}")
     if args.json:
         Path(args.json).write_text(json.dumps(res, indent=2))
     return res

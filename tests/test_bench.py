@@ -20,3 +20,34 @@ def test_bench_tiny_measures_all_four_quantities(tmp_path, capsys):
     assert saved["standard"]["pipeline"] == "loader" and saved["runner"]["pipeline"] == "gpu"
     printed = capsys.readouterr().out
     assert "(2)/(1)" in printed and "(2)/(3)" in printed and "vs ce" in printed
+    # host work per step is counted; a method's head and loss add calls on top of ce's
+    calls = {m: v["launches_per_step"] for m, v in saved["methods"].items()}
+    assert all(calls[m] > calls["ce"] for m in ("opl", "gcr")), calls
+
+
+def test_grassmann_step_is_a_few_fused_kernels():
+    """The GCR step is launch-bound on a GPU: keep it to ~25 host calls (it was 57 before the
+    baddbmm fusion), with the same result as the unfused formula."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    from ortho_run.bench import VIEW_OPS
+    from ortho_run.methods.gcr import GrassmannSGD
+
+    torch.manual_seed(0)
+    p = torch.nn.Parameter(torch.linalg.qr(torch.randn(6, 20, 4))[0])
+    opt = GrassmannSGD([p], lr=0.1, reorth_every=0)
+    p.grad = torch.randn_like(p)
+    s0, m = p.detach().clone(), p.grad.clone()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        opt.step()
+    calls = [e.name for e in prof.events() if e.name.startswith("aten::")
+             and e.name not in VIEW_OPS and "eye" not in e.name
+             and (e.cpu_parent is None or not e.cpu_parent.name.startswith("aten::"))]
+    assert len(calls) <= 26, calls
+    # unfused reference: tangent projection, then the geodesic through the SVD of G
+    g = m - s0 @ (s0.transpose(-1, -2) @ m)
+    u, sig, vh = torch.linalg.svd(g.double(), full_matrices=False)
+    ref = (s0.double() @ vh.transpose(-1, -2) * torch.cos(0.1 * sig)[:, None, :]
+           - u * torch.sin(0.1 * sig)[:, None, :]) @ vh
+    assert torch.allclose(p.detach().double(), ref, atol=1e-5)

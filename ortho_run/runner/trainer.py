@@ -247,7 +247,7 @@ class Trainer:
                 acc = torch.zeros(len(names) + 1, device=dev, dtype=torch.float64)
             with torch.no_grad():
                 acc[0] += bs
-                acc[1:] += torch.stack(list(parts.values())).double() * bs
+                acc[1:].add_(torch.stack(list(parts.values())).detach(), alpha=bs)  # fp64 sums
                 window[(self.state.step - 1) % check] = loss
             if t.nonfinite_check_every > 0 and self.state.step % check == 0:
                 self._check_finite(window, names, acc)
