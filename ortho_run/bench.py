@@ -32,7 +32,8 @@ def _compose(args, method: str, pipeline: str):
           f"data={args.data}", f"data.batch_size={args.batch}", f"data.pipeline={pipeline}",
           f"data.num_workers={args.workers}", f"method={method}", "trainer.max_epochs=100",
           f"trainer.precision={args.precision}", f"trainer.device={args.device}",
-          f"trainer.compile={str(args.compile).lower()}", "data.augment=crop_flip"]
+          f"trainer.compile={str(args.compile).lower()}",
+          f"trainer.compile_mode={args.compile_mode}", "data.augment=crop_flip"]
     if args.data == "synthetic":
         ov += [f"data.num_classes={args.num_classes}", f"data.image_size={args.image_size}",
                f"data.train_per_class={args.train_per_class}", "data.test_per_class=2"]
@@ -160,6 +161,9 @@ def main(argv=None):
     p.add_argument("--precision", default="auto")
     p.add_argument("--device", default="auto")
     p.add_argument("--compile", action="store_true")
+    p.add_argument("--compile-mode", default="default",
+                   help="with --compile: default|reduce_overhead (CUDA graphs)|max_autotune|"
+                        "max_autotune_no_cudagraphs")
     p.add_argument("--methods", default="ce,opl,gcr,ebv")
     p.add_argument("--num-classes", type=int, default=10)
     p.add_argument("--image-size", type=int, default=32)
@@ -210,8 +214,9 @@ def main(argv=None):
         res["ratios"]["runner_over_standard"] = res["runner"]["img_per_s"] / res["standard"]["img_per_s"]
     for m, r in res["methods"].items():
         r["step_time_vs_ce"] = r["step_ms"] / ce_ms
+    compiled = f" compile={args.compile_mode}" if args.compile else ""
     print(f"device: {res['device']}  model={args.model} batch={args.batch} "
-          f"precision={args.precision} data={args.data}")
+          f"precision={args.precision} data={args.data}{compiled}")
     print(f"(1) ceiling   {res['ceiling']['img_per_s']:10.0f} img/s")
     print(f"(2) runner    {res['runner']['img_per_s']:10.0f} img/s   (2)/(1) = "
           f"{res['ratios']['runner_over_ceiling']:.3f}")

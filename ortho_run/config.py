@@ -63,6 +63,14 @@ class OnNonFinite(Choice):
     skip = "skip"
 
 
+class CompileMode(Choice):
+    """torch.compile modes (the names use ``_``; the values are torch's)."""
+    default = "default"
+    reduce_overhead = "reduce-overhead"  # CUDA graphs: for launch-bound steps on a GPU
+    max_autotune = "max-autotune"
+    max_autotune_no_cudagraphs = "max-autotune-no-cudagraphs"
+
+
 class Progress(Choice):
     auto = "auto"  # a bar only when stderr is a TTY
     on = "on"
@@ -152,6 +160,7 @@ class TrainerConfig:
     limit_train_batches: Optional[int] = None
     channels_last: bool = True  # CUDA only
     compile: bool = False
+    compile_mode: CompileMode = CompileMode.default  # with compile=true
     geometry: bool = True  # geometry/ diagnostics on the test features at the end
     retrieval: bool = False  # retrieval/ metrics (CMC, mAP) on the test embeddings
     tta_flip: bool = False  # evaluate on the mean logits of the image and its mirror

@@ -33,10 +33,13 @@ def test_wrong_type_is_an_error_naming_the_key():
     assert "max_epochs" in str(e.value) + str(e.value.__cause__)
 
 
-def test_bad_choice_is_rejected():
+@pytest.mark.parametrize("override,key", [("data.pipeline=fast", "pipeline"),
+                                          ("trainer.compile_mode=reduce-overhead", "compile_mode")])
+def test_bad_choice_is_rejected(override, key):
     with pytest.raises((ConfigCompositionException, ValidationError)) as e:
-        compose(["data.pipeline=fast"])
-    assert "pipeline" in str(e.value) + str(e.value.__cause__)
+        compose([override])
+    assert key in str(e.value) + str(e.value.__cause__)
+    assert str(compose(["trainer.compile_mode=reduce_overhead"]).trainer.compile_mode) == "reduce-overhead"
 
 
 def test_experiment_smoke_only_lists_differences():

@@ -108,3 +108,39 @@ def test_cli_default_command_and_multirun(tmp_path):
     s = summaries(tmp_path / "multi")
     assert sorted(x["seed"] for x in s) == [0, 1] and all(x["status"] == "finished" for x in s)
     assert len({x["run_dir"] for x in s}) == 2
+
+
+def _rows(run_dir):
+    return [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_compiled_training_matches_eager(tmp_path):
+    """torch.compile (inductor; C++ on a CPU) through the net and the method's loss, OPL's
+    autograd Function included: the same losses and accuracy as eager, step for step."""
+    args = ["experiment=smoke", "trainer.deterministic=true", "method=opl"]
+    eager = run_inprocess(tmp_path, args, name="eager")
+    compiled = run_inprocess(tmp_path, args + ["trainer.compile=true"], name="compiled")
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    pairs = list(zip(_rows(tmp_path / "eager"), _rows(tmp_path / "compiled")))
+    assert len(pairs) == 2
+    for a, b in pairs:
+        for k in ("train/loss", "train/ce", "train/opl", "test/loss"):
+            assert b[k] == pytest.approx(a[k], rel=2e-3), k
+    assert compiled["test/acc1"] == pytest.approx(eager["test/acc1"], abs=0.02)
+
+
+def test_compile_mode_reaches_torch_compile(tmp_path, monkeypatch):
+    import torch
+
+    modes = []
+
+    def record(fn, mode=None, **kw):
+        modes.append(mode)
+        return fn
+
+    monkeypatch.setattr(torch, "compile", record)
+    run_inprocess(tmp_path, ["experiment=smoke", "trainer.max_epochs=1", "trainer.compile=true",
+                             "trainer.compile_mode=reduce_overhead"])
+    assert modes == ["reduce-overhead", "reduce-overhead"]  # the net and the loss

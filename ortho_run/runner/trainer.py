@@ -115,8 +115,9 @@ class Trainer:
             self.train_net = DDP(net, device_ids=[device.index] if device.type == "cuda" else None)
         self.loss_fn = method.loss
         if self.tcfg.compile:
-            self.train_net = torch.compile(self.train_net)
-            self.loss_fn = torch.compile(method.loss)
+            mode = str(self.tcfg.compile_mode)
+            self.train_net = torch.compile(self.train_net, mode=mode)
+            self.loss_fn = torch.compile(method.loss, mode=mode)
         self.state = TrainState()
         #: keep the last evaluation's embeddings (geometry, retrieval, compat need them)
         self.collect_final = False
