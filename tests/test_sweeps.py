@@ -96,3 +96,21 @@ def test_report_table_matches_summaries_and_writes_plots(tmp_path):
     r = subprocess.run([sys.executable, "-m", "ortho_run.report", str(sweep), "--no-plots"],
                        capture_output=True, text=True)
     assert r.returncode == 0 and "4 finished runs in 2 groups" in r.stdout
+
+
+def test_two_concurrent_jobs_do_not_interfere(tmp_path):
+    """Two identical jobs at once through joblib (as on one shared GPU): each writes its own run
+    dir, the two agree bit for bit, and with the job run alone up to float summation order
+    (joblib gives each worker cores // n_jobs threads)."""
+    args = ["experiment=smoke", "method=opl", "trainer.deterministic=true"]
+    r = cli(["-m", *args, "hydra/launcher=local_parallel", "hydra.launcher.n_jobs=2", "tag=a,b",
+             f"output_root={tmp_path}/par"], cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    r = cli([*args, "tag=a", f"output_root={tmp_path}/alone"], cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    par, alone = summaries(tmp_path / "par"), summaries(tmp_path / "alone")[0]
+    assert sorted(x["tag"] for x in par) == ["a", "b"] and len({x["run_dir"] for x in par}) == 2
+    keys = ["test/acc1", "test/acc5", "test/loss"]
+    assert all(s["status"] == "finished" for s in par)
+    assert [par[0][k] for k in keys] == [par[1][k] for k in keys]
+    assert [par[0][k] for k in keys] == pytest.approx([alone[k] for k in keys], rel=1e-3)
