@@ -126,6 +126,16 @@ def test_lambda_orth_keeps_both_backbones_frozen(compat_runs):
             assert torch.equal(new[k], v), k
 
 
+def test_lambda_orth_reports_the_final_adapter_deviation(compat_runs):
+    root, runs = compat_runs
+    st = torch.load(root / "lambda_orth" / "checkpoints" / "last.pt", weights_only=False)["net"]
+    w = st["method.backward_adapter.weight"].float()
+    dev = torch.linalg.matrix_norm(w @ w.t() - torch.eye(len(w))).item()
+    assert runs["lambda_orth"]["geometry/b_orth_dev"] == pytest.approx(dev, rel=1e-5)
+    assert "geometry/b_orth_dev" not in runs["oca"]  # each method its own diagnostics
+    assert runs["oca"]["geometry/transform_orth_err"] < 1e-4  # with trainer.geometry=false too
+
+
 def test_oca_orthogonal_layer_stays_orthogonal(compat_runs):
     root, _ = compat_runs
     st = torch.load(root / "oca" / "checkpoints" / "last.pt", weights_only=False)["net"]

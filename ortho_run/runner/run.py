@@ -245,15 +245,16 @@ def _train_and_evaluate(cfg, run_dir, dist, emit, sig, metrics, facts) -> Dict[s
             out.update(trainer.evaluate_all(collect=True))
         emb, labels = trainer.collected["test"]
         if t.geometry:
-            geo = feature_geometry(emb, labels)
-            geo.update(net.method.diagnostics())
-            out.update({f"geometry/{k}": v for k, v in geo.items()})
+            out.update({f"geometry/{k}": v for k, v in feature_geometry(emb, labels).items()})
         if t.retrieval:
             out.update({f"retrieval/{k}": v for k, v in retrieval_metrics(emb, emb, labels).items()})
         if old_model is not None and cfg.compat.evaluate:
             from ortho_run.runner.compat import compat_matrix
 
             out.update(compat_matrix(trainer, old_model, evals["test"]))
+    # the method's own parameters (head orthogonality, λ-orth's ‖WWᵀ − I‖_F): no data pass, so
+    # always reported, also with trainer.geometry=false
+    out.update({f"geometry/{k}": v for k, v in net.method.diagnostics().items()})
     if trainer.state.best is not None:
         out["val/best_acc1"] = trainer.state.best
     return out
