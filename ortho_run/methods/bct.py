@@ -41,10 +41,12 @@ class BCT(CE):
     def __init__(self, cfg, ctx):
         super().__init__(cfg, ctx)
         old = self.old_model(same_dim_as="the old classifier scores the new features")
-        if str(self.cfg.influence) == "old_head":
-            w, b = old.old_classifier()
-        else:
+        #: class_means scores unit features against means of the old model's unit features
+        self.unit_features = str(self.cfg.influence) == "class_means"
+        if self.unit_features:
             w, b = old.unit_class_means, None
+        else:
+            w, b = old.old_classifier()
         self.register_buffer("old_w", w.detach().clone())
         self.register_buffer("old_b", None if b is None else b.detach().clone())
         self.old = old  # frozen; kept for evaluation
@@ -52,7 +54,7 @@ class BCT(CE):
     def loss(self, out, features, targets):
         ce = self.ce(out.logits, targets)
         f = features.float()
-        if self.old_b is None:  # the class-means pseudo-classifier scores unit features
+        if self.unit_features:
             f = F.normalize(f, dim=1)
         infl = self.ce(F.linear(f, self.old_w, self.old_b), targets)
         return {"loss": ce + self.cfg.alpha * infl, "ce": ce, "bct_influence": infl}
