@@ -88,6 +88,13 @@ VIEW_OPS = {"aten::view", "aten::t", "aten::transpose", "aten::as_strided", "ate
             "aten::_to_copy", "aten::resolve_conj", "aten::resolve_neg"}
 
 
+def top_level_aten_calls(events) -> list:
+    """Names of the profiled top-level ATen calls that do work (views and allocations left out):
+    what the host issues on a CPU, one per kernel launch or more on a GPU."""
+    return [e.name for e in events if e.name.startswith("aten::") and e.name not in VIEW_OPS
+            and (e.cpu_parent is None or not e.cpu_parent.name.startswith("aten::"))]
+
+
 def count_launches(args, job, steps: int = 4) -> float:
     """Work items the host issues per training step: CUDA kernel launches on a GPU, top-level
     non-view ATen calls on a CPU. The loop is launch-bound, so this is what a method adds."""
@@ -104,8 +111,7 @@ def count_launches(args, job, steps: int = 4) -> float:
     if cuda:
         n = sum(1 for e in events if "LaunchKernel" in e.name or e.name == "cudaGraphLaunch")
     else:
-        n = sum(1 for e in events if e.name.startswith("aten::") and e.name not in VIEW_OPS
-                and (e.cpu_parent is None or not e.cpu_parent.name.startswith("aten::")))
+        n = len(top_level_aten_calls(events))
     return n / steps
 
 
