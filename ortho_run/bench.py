@@ -55,26 +55,21 @@ def build(args, method: str, pipeline: str, tmp: Path):
     from ortho_run.runner.run import build_job
 
     job = build_job(_compose(args, method, pipeline), tmp / f"{method}_{pipeline}")
-    tr = job.trainer
-    tr.train_loader.limit = args.warmup
-    tr._train_epoch(0)  # warm-up: cuDNN autotuning, compilation, allocator
+    job.trainer.train_epoch(limit=args.warmup)  # warm-up: cuDNN autotuning, compilation
     return job
 
 
 def timed_epoch(args, job, epoch: int, profile: bool = False) -> dict:
     """img/s of the real Trainer loop over one epoch of --steps batches."""
     tr = job.trainer
-    tr.state.batch = 0  # a fresh epoch (fit() does this between epochs)
-    tr.train_loader.limit = args.steps
     if profile and job.device.type == "cuda":
         from torch.profiler import ProfilerActivity, profile as prof_ctx
 
         with prof_ctx(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-            tr._train_epoch(epoch)
+            tr.train_epoch(limit=args.steps)
         print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=12,
                                         max_name_column_width=60))
-        tr.state.batch = 0
-    row = tr._train_epoch(epoch)
+    row = tr.train_epoch(limit=args.steps)
     return {"img_per_s": row["time/train_img_per_s"],
             "step_ms": 1000 * args.batch / row["time/train_img_per_s"],
             "pipeline": job.pipeline, "device": str(job.device)}
@@ -101,12 +96,10 @@ def count_launches(args, job, steps: int = 4) -> float:
     from torch.profiler import ProfilerActivity, profile as prof_ctx
 
     tr = job.trainer
-    tr.state.batch = 0
-    tr.train_loader.limit = steps
     cuda = job.device.type == "cuda"
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     with prof_ctx(activities=acts) as prof:
-        tr._train_epoch(0)
+        tr.train_epoch(limit=steps)
     events = prof.events()
     if cuda:
         n = sum(1 for e in events if "LaunchKernel" in e.name or e.name == "cudaGraphLaunch")
@@ -123,25 +116,17 @@ def _median(rows):
 
 
 def measure_ceiling(args, job):
-    """fwd+bwd+step of the same net/optimisers on one synthetic batch resident on the device."""
+    """The trainer's step (fwd+bwd+optimisers) on one synthetic batch resident on the device."""
     tr, dev = job.trainer, job.device
     ds = job.ds
     x = torch.randn(args.batch, ds.channels, ds.image_size, ds.image_size, device=dev)
     if dev.type == "cuda" and tr.tcfg.channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     y = torch.randint(0, ds.num_classes, (args.batch,), device=dev)
-    net, method = tr.train_net, tr.net.method
     tr.net.train()
 
     def step():
-        with tr.autocast():
-            feats, out = net(x)
-            loss = method.loss(out, feats, y)["loss"]
-        for o in tr.optimizers:
-            o.zero_grad(set_to_none=True)
-        loss.backward()
-        for o in tr.optimizers:
-            o.step()
+        tr.step(x, y)  # the trainer's own step, without a data path
 
     for _ in range(args.warmup):
         step()
@@ -194,7 +179,7 @@ def main(argv=None):
         methods = [m for m in args.methods.split(",") if m]
         if "ce" not in methods:
             methods.insert(0, "ce")
-        jobs = {m: build(args, m, "gpu", tmp) for m in methods}
+        jobs = {m: build(args, m, "resident", tmp) for m in methods}
         from ortho_run.runner.env import device_name
 
         res["device"] = device_name(jobs["ce"].device)

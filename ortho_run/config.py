@@ -22,8 +22,9 @@ class Choice(str, Enum):
 
 
 class Pipeline(Choice):
-    auto = "auto"  # gpu for array data sets, loader for image folders
-    gpu = "gpu"  # device-resident uint8 tensors, augmentation as tensor ops (on CPU: in RAM)
+    auto = "auto"  # resident for array data sets, loader for image folders
+    resident = "resident"  # uint8 tensors resident on the training device, tensor-op augmentation
+    gpu = "resident"  # the former name of ``resident`` (an alias)
     loader = "loader"  # torch DataLoader with workers and torchvision transforms
 
 
@@ -43,19 +44,6 @@ class Precision(Choice):
     auto = "auto"  # bf16 autocast on CUDA, fp32 on CPU
     bf16 = "bf16"
     fp32 = "fp32"
-
-
-class OptimName(Choice):
-    sgd = "sgd"
-    adamw = "adamw"
-    adam = "adam"
-
-
-class Schedule(Choice):
-    constant = "constant"
-    multistep = "multistep"
-    cosine = "cosine"
-    onecycle = "onecycle"
 
 
 class OnNonFinite(Choice):
@@ -85,21 +73,13 @@ class WandbMode(Choice):
 
 @dataclass
 class DataConfig:
-    name: str = "digits"  # digits | synthetic | cifar10 | cifar100 | imagefolder
-    root: str = "data"  # where cifar*/imagefolder files live
-    download: bool = False
-    # synthetic only
-    num_classes: int = 10
-    image_size: int = 32
-    channels: int = 3
-    train_per_class: int = 100
-    test_per_class: int = 30
-    noise: float = 0.6
+    """Keys every data source has; each source's schema (in its plugin file) adds its own."""
+
+    name: str = MISSING
     # splits
-    classes: Any = None  # null | first_half | second_half | [ids...]
-    val_fraction: float = 0.0
+    classes: Any = None  # null | first_half | second_half | all | [ids...]
+    val_fraction: float = 0.0  # a seeded, stratified validation split held out of train
     split_seed: int = 0
-    test_fraction: float = 0.2  # digits: stratified hold-out
     max_train_samples: Optional[int] = None
     # loading
     pipeline: Pipeline = Pipeline.auto
@@ -108,15 +88,16 @@ class DataConfig:
     num_workers: int = 4
     augment: Augment = Augment.none
     crop_padding: int = 4
+    color_jitter: float = 0.0  # brightness/contrast/saturation jitter strength (0: off)
 
 
 @dataclass
 class ModelConfig:
-    name: str = "small_cnn"
-    width: int = 32  # small_cnn base width
+    """Keys every backbone has; a model with options of its own subclasses it."""
+
+    name: str = MISSING
     embed_dim: Optional[int] = None  # optional linear projection of the penultimate feature
     embed_bn: bool = False
-    pretrained: bool = False  # torchvision ImageNet models only; needs cached weights
 
 
 @dataclass
@@ -128,13 +109,13 @@ class MethodConfig:
 
 @dataclass
 class OptimConfig:
-    name: OptimName = OptimName.sgd
+    """Keys every optimiser has (the learning-rate schedule included); each optimiser's schema
+    (``ortho_run/optim/``) adds its own and its defaults."""
+
+    name: str = MISSING
     lr: float = 0.1
-    momentum: float = 0.9
-    nesterov: bool = False
-    weight_decay: float = 5e-4
-    betas: List[float] = field(default_factory=lambda: [0.9, 0.999])
-    scheduler: Schedule = Schedule.cosine
+    weight_decay: float = 0.0
+    scheduler: str = "cosine"  # constant | multistep | cosine | onecycle (ortho_run/optim/schedules.py)
     milestones: List[int] = field(default_factory=list)  # epochs, for multistep
     gamma: float = 0.1  # multistep factor
     warmup_epochs: float = 0.0
@@ -149,9 +130,11 @@ class TrainerConfig:
     precision: Precision = Precision.auto
     label_smoothing: float = 0.0
     grad_clip: Optional[float] = None
-    eval_every: int = 1
+    eval_every: int = 5
     checkpoint_every: int = 1
-    resume: str = "none"  # none | auto | path to a run dir or checkpoint
+    # auto: resume in place when the run dir holds checkpoints/last.pt (SLURM requeue, reruns);
+    # none; force (resume although the config changed); or a run dir / checkpoint path
+    resume: str = "auto"
     deterministic: bool = False
     progress: Progress = Progress.auto
     log_every_steps: int = 0  # 0: one metrics.jsonl row per epoch (no per-step host sync)
@@ -178,7 +161,7 @@ class LoggerConfig:
 
 @dataclass
 class CompatConfig:
-    """Old model for backward-compatibility methods (see ortho_run.runner.compat)."""
+    """Old model for backward-compatibility methods (see ortho_run.compat)."""
 
     old_ckpt: Optional[str] = None  # a checkpoint (or run dir) of the old model
     old_classes: Any = "first_half"  # the old model's class subset when it is trained here
@@ -189,10 +172,10 @@ class CompatConfig:
 
 @dataclass
 class RunConfig:
-    data: DataConfig = MISSING
-    model: ModelConfig = MISSING
-    method: Any = MISSING
-    optim: OptimConfig = MISSING
+    data: Any = MISSING  # a data source's schema (ortho_run/datasets/)
+    model: Any = MISSING  # a model's schema (ortho_run/models/)
+    method: Any = MISSING  # a method's schema (ortho_run/methods/)
+    optim: Any = MISSING  # an optimiser's schema (ortho_run/optim/)
     trainer: TrainerConfig = MISSING
     logger: LoggerConfig = MISSING
     compat: CompatConfig = field(default_factory=CompatConfig)
@@ -203,30 +186,31 @@ class RunConfig:
     objective: str = "test/acc1"  # the summary metric a job returns (Optuna maximises it)
 
 
+#: groups with one schema for all their options (the plugin groups' schemas live in their
+#: plugin files and are registered by ``ortho_run.store``)
 GROUP_SCHEMAS = {
-    "data": DataConfig,
-    "model": ModelConfig,
-    "optim": OptimConfig,
     "trainer": TrainerConfig,
     "logger": LoggerConfig,
 }
 
-# (key, check, what it must be): value checks the type system cannot express
+# (key, check, what it must be): value checks the type system cannot express. A key that the
+# chosen plugin's schema does not have is skipped.
 RANGES = [
+    ("seed", lambda v: 0 <= v < 2**63, "in [0, 2^63)"),
     ("data.batch_size", lambda v: v >= 1, ">= 1"),
     ("data.eval_batch_size", lambda v: v >= 1, ">= 1"),
     ("data.num_workers", lambda v: v >= 0, ">= 0"),
     ("data.crop_padding", lambda v: v >= 0, ">= 0"),
+    ("data.color_jitter", lambda v: 0 <= v <= 1, "in [0, 1]"),
     ("data.max_train_samples", lambda v: v is None or v >= 1, ">= 1 or null"),
     ("data.val_fraction", lambda v: 0 <= v < 1, "in [0, 1)"),
-    ("data.test_fraction", lambda v: 0 < v < 1, "in (0, 1)"),
-    ("model.width", lambda v: v >= 1, ">= 1"),
+    ("data.split_seed", lambda v: 0 <= v < 2**63, "in [0, 2^63)"),
     ("model.embed_dim", lambda v: v is None or v >= 1, ">= 1 or null"),
     ("optim.lr", lambda v: v > 0, "> 0"),
     ("optim.weight_decay", lambda v: v >= 0, ">= 0"),
-    ("optim.momentum", lambda v: 0 <= v < 1, "in [0, 1)"),
     ("optim.warmup_epochs", lambda v: v >= 0, ">= 0"),
     ("optim.gamma", lambda v: v > 0, "> 0"),
+    ("optim.min_lr_factor", lambda v: 0 <= v <= 1, "in [0, 1]"),
     ("trainer.max_epochs", lambda v: v >= 1, ">= 1"),
     ("trainer.eval_every", lambda v: v >= 0, ">= 0"),
     ("trainer.checkpoint_every", lambda v: v >= 0, ">= 0"),
@@ -238,13 +222,14 @@ RANGES = [
 ]
 
 
-def validate_ranges(cfg) -> None:
-    """Raise ConfigError naming the first key whose value is out of range."""
-    from omegaconf import OmegaConf
+def positive(*keys: str):
+    """A schema's ``checks``: each key must be > 0 (it divides, or scales a logit)."""
+    return [(k, lambda v: v > 0, "> 0") for k in keys]
 
-    from ortho_run.errors import ConfigError
 
-    for key, ok, what in RANGES:
-        v = OmegaConf.select(cfg, key)
-        if not ok(v):
-            raise ConfigError(f"{key}={v} is out of range: it must be {what}")
+def at_least(value, *keys: str):
+    return [(k, lambda v, m=value: v is None or v >= m, f">= {value}") for k in keys]
+
+
+def in_unit_interval(*keys: str):
+    return [(k, lambda v: 0 <= v < 1, "in [0, 1)") for k in keys]

@@ -1,36 +1,72 @@
-"""Hydra's ConfigStore: the schemas of ``ortho_run.config`` plus one schema per method plugin.
+"""The config schemas in Hydra's ConfigStore, and composing plugin options outside Hydra.
 
-Kept apart from ``config`` (which every plugin imports) so that the schemas never import the
-plugins back.
+Schemas are stored under ``schema/<group>/<name>`` (never in a user-facing group, so they are
+neither selectable nor listed as options); each yaml of ``conf/<group>/`` starts with
+``defaults: [/schema/<group>/<name>@_here_, _self_]`` and holds only what differs from its
+schema. Kept apart from ``config`` (which every plugin imports) so that the schemas never
+import the plugins back.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Dict
+
+from omegaconf import DictConfig, OmegaConf
 
 from ortho_run.config import GROUP_SCHEMAS, RunConfig
-from ortho_run.methods import METHODS
+from ortho_run.errors import ConfigError
 
-_registered = False
+def plugin_registries() -> Dict[str, object]:
+    """config group -> the registry of its plugins."""
+    from ortho_run.datasets import SOURCES
+    from ortho_run.methods import METHODS
+    from ortho_run.models import MODELS
+    from ortho_run.optim import OPTIMIZERS
+
+    return {"data": SOURCES, "model": MODELS, "method": METHODS, "optim": OPTIMIZERS}
 
 
 def register_configs() -> None:
-    """Store the schemas in Hydra's ConfigStore (idempotent). Imports every method plugin."""
-    global _registered
-    if _registered:
-        return
+    """Store every schema in Hydra's ConfigStore (idempotent: a plugin registered since the
+    last call is added). Discovers every plugin."""
     from hydra.core.config_store import ConfigStore
-
-    from omegaconf import OmegaConf
 
     OmegaConf.register_new_resolver("path_safe", path_safe, replace=True)
     cs = ConfigStore.instance()
     cs.store(name="config_schema", node=RunConfig)
     for group, schema in GROUP_SCHEMAS.items():
-        cs.store(group=group, name="schema", node=schema)
-    for name in METHODS.names():
-        cs.store(group="method", name=f"{name}_schema", node=METHODS.get(name).Config)
-    _registered = True
+        cs.store(group=f"schema/{group}", name="default", node=schema)
+    for group, reg in plugin_registries().items():
+        for name in reg.names():
+            cs.store(group=f"schema/{group}", name=name, node=reg.schema(name))
+
+
+def load_option(group: str, name: str) -> DictConfig:
+    """``<group>=<name>`` as the command line composes it: the plugin's schema with its yaml
+    on top (outside a Hydra app, e.g. the old model's method in the compat service)."""
+    node = OmegaConf.structured(plugin_registries()[group].schema(name))
+    f = config_dir() / group / f"{name}.yaml"
+    if f.is_file():
+        y = OmegaConf.load(f)
+        y.pop("defaults", None)
+        node = OmegaConf.merge(node, y)
+    return node
+
+
+def structured(container, source: str = "config") -> DictConfig:
+    """A plain (e.g. saved) run config merged onto the schemas of the plugins it names, so
+    that it is typed and checked exactly like a composed one."""
+    base = OmegaConf.structured(RunConfig)
+    try:
+        for group, reg in plugin_registries().items():
+            name = container[group]["name"]
+            base[group] = OmegaConf.structured(reg.schema(str(name)))
+        return OmegaConf.merge(base, container)
+    except (KeyError, TypeError) as exc:
+        raise ConfigError(f"{source}: not an ortho-run run config ({exc})") from None
+    except Exception as exc:  # omegaconf's validation errors name the key
+        raise ConfigError(f"{source}: {str(exc).splitlines()[0]}") from None
 
 
 def path_safe(text: str, limit: int = 120) -> str:

@@ -4,7 +4,7 @@ import pytest
 from hydra.errors import ConfigCompositionException
 from omegaconf.errors import ValidationError
 
-from conftest import cli, compose
+from conftest import REPO, cli, compose
 
 
 def test_defaults_compose_to_digits_ce():
@@ -48,6 +48,7 @@ def test_experiment_smoke_only_lists_differences():
     assert cfg.data.name == "digits"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("args,needle", [
     (["data.nme=3"], "data.nme"),
     (["trainer.max_epochs=abc"], "trainer.max_epochs"),
@@ -61,6 +62,7 @@ def test_cli_fails_fast_naming_the_key(tmp_path, args, needle):
     assert not list(tmp_path.rglob("summary.json")), "no work may start on a bad config"
 
 
+@pytest.mark.slow
 def test_cli_missing_cifar_says_where_to_put_files(tmp_path):
     r = cli([f"output_root={tmp_path}", "data=cifar100", f"data.root={tmp_path}/empty"],
             cwd=tmp_path, timeout=120)
@@ -94,6 +96,7 @@ def test_out_of_range_values_are_refused_before_any_write(tmp_path):
     assert not (tmp_path / "r").exists()
 
 
+@pytest.mark.slow
 def test_plain_wheel_ships_conf_and_runs_from_elsewhere(tmp_path):
     """`pip install .` (not -e): the conf/ tree travels inside the wheel."""
     import subprocess
@@ -118,3 +121,28 @@ def test_plain_wheel_ships_conf_and_runs_from_elsewhere(tmp_path):
                        text=True)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "opl.yaml" in r.stdout and "lambda_orth.yaml" in r.stdout
+
+
+PRESETS = sorted(p.stem for p in (REPO / "conf" / "experiment").glob("*.yaml"))
+REAL_CLASSES = {"cifar10": 10, "cifar100": 100}
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_every_experiment_preset_trains_a_step(tmp_path, preset):
+    """Each preset as a paper table cites it, for one step: its model, method, optimiser and
+    schedule. A real data set that is not on this machine is swapped for synthetic images of
+    the same class count and size."""
+    from ortho_run.runner.run import run
+
+    base = compose([f"experiment={preset}"])
+    ov = [f"experiment={preset}", "logger.mode=disabled", "trainer.progress=off",
+          "trainer.max_epochs=1", "trainer.limit_train_batches=1", "trainer.compile=false",
+          "data.batch_size=8", "data.eval_batch_size=64", f"cache_dir={tmp_path}/cache"]
+    if base.data.name in REAL_CLASSES:
+        ov += ["data=synthetic", f"data.num_classes={REAL_CLASSES[base.data.name]}",
+               "data.image_size=32", "data.train_per_class=1", "data.test_per_class=1"]
+    if base.method.name == "ebv":
+        ov.append("method.gen_steps=200")
+    s = run(compose(ov), tmp_path / "run")
+    assert s["status"] == "finished" and s["step"] == 1
+    assert s["model"] == base.model.name and s["method"] == base.method.name

@@ -8,9 +8,10 @@ import torch.nn.functional as F
 
 from conftest import compose
 from ortho_run.errors import ConfigError
-from ortho_run.methods import METHODS, MethodContext
+from ortho_run.methods import METHODS, Batch, MethodContext
 from ortho_run.methods.ebv import cached_ebv, generate_ebv, max_abs_cos, welch_bound
-from ortho_run.methods.gcr import geodesic_step
+from ortho_run.optim import build_optimizers
+from ortho_run.optim.grassmann import geodesic_step
 from ortho_run.methods.opl import opl_terms, opl_terms_reference
 
 
@@ -18,6 +19,11 @@ def build(name, feature_dim=6, num_classes=4, *overrides, **ctx):
     cfg = compose([f"method={name}", *overrides]).method
     return METHODS.get(name)(cfg, MethodContext(feature_dim=feature_dim, num_classes=num_classes,
                                                 **ctx))
+
+
+def fb(features, targets=None):
+    """A batch whose inputs are already the features (method-level tests)."""
+    return Batch(inputs=features, targets=targets, features=features)
 
 
 # ---------------------------------------------------------------------------- OPL
@@ -36,8 +42,8 @@ def test_opl_matches_hand_computation(opl_terms):
     assert opl_terms(f, y, "none", 0.0)["d"].item() == pytest.approx(-d_agg, abs=1e-6)
 
     m = build("opl", 2, 2, "method.gamma=0.5", "method.lambda_=2.0")
-    out = m(f)
-    parts = m.loss(out, f, y)
+    out = m(fb(f))
+    parts = m.loss(out, fb(f, y))
     ce = F.cross_entropy(out.logits, y)
     opl_ref = (1 - s_ref) + 0.5 * d_ref
     assert parts["opl"].item() == pytest.approx(opl_ref, rel=1e-5)
@@ -99,12 +105,13 @@ def test_gcr_bases_stay_orthonormal_after_200_steps(retraction, reorth, tol):
     torch.manual_seed(0)
     m = build("gcr", 16, 5, "method.k=3", f"method.retraction={retraction}",
               f"method.reorth_every={reorth}")
-    opt, = m.extra_optimizers(compose().optim)
-    assert m.param_groups(compose().optim) == []  # no weight decay, not in the main optimiser
+    group, = m.param_groups()  # its own optimiser, no weight decay: not the configured one
+    assert (group.role, group.optimizer, group.weight_decay) == ("method", "grassmann_sgd", 0.0)
+    opt, = build_optimizers([group], compose().optim, torch.device("cpu"))
     x, y = torch.randn(64, 16), torch.randint(0, 5, (64,))
     first = None
     for step in range(200):
-        parts = m.loss(m(x), x, y)
+        parts = m.loss(m(fb(x)), fb(x, y))
         first = first if first is not None else parts["loss"].item()
         opt.zero_grad()
         parts["loss"].backward()
@@ -118,7 +125,7 @@ def test_gcr_k1_equals_scaled_abs_cosine():
     x = torch.randn(7, 6)
     w = m.bases.detach()[:, :, 0]
     ref = 25 * (F.normalize(x, dim=1) @ F.normalize(w, dim=1).t()).abs()
-    assert torch.allclose(m(x).logits, ref, atol=1e-5)
+    assert torch.allclose(m(fb(x)).logits, ref, atol=1e-5)
 
 
 def test_geodesic_step_matches_svd_formula_and_stays_on_manifold():
@@ -142,11 +149,11 @@ def test_geodesic_step_matches_svd_formula_and_stays_on_manifold():
 def test_gcr_logits_invariant_to_basis_rotation():
     m = build("gcr", 8, 3, "method.k=4")
     x = torch.randn(5, 8)
-    a = m(x).logits
+    a = m(fb(x)).logits
     q = torch.linalg.qr(torch.randn(4, 4))[0]
     with torch.no_grad():
         m.bases.copy_(m.bases @ q)
-    assert torch.allclose(a, m(x).logits, atol=1e-4)
+    assert torch.allclose(a, m(fb(x)).logits, atol=1e-4)
 
 
 # ---------------------------------------------------------------------------- EBV
@@ -186,7 +193,7 @@ def test_ebv_basis_is_a_buffer_and_logits_are_cos_over_tau(tmp_path):
     x = torch.randn(3, 5)
     h = m.proj(x)
     ref = F.normalize(h, dim=1) @ m.basis.t() / 0.07
-    assert torch.allclose(m(x).logits, ref, atol=1e-5)
+    assert torch.allclose(m(fb(x)).logits, ref, atol=1e-5)
 
 
 # ---------------------------------------------------------------------------- ce / cosine
@@ -194,8 +201,8 @@ def test_cosine_logits_are_scaled_cosines():
     m = build("cosine", 5, 3, "method.scale=10")
     x = torch.randn(4, 5)
     ref = 10 * F.normalize(x, dim=1) @ F.normalize(m.weight, dim=1).t()
-    assert torch.allclose(m(x).logits, ref, atol=1e-5)
-    assert (m(x).logits.abs() <= 10 + 1e-5).all()
+    assert torch.allclose(m(fb(x)).logits, ref, atol=1e-5)
+    assert (m(fb(x)).logits.abs() <= 10 + 1e-5).all()
 
 
 def test_registry_has_every_method_and_schema_names_match():

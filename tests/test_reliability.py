@@ -4,6 +4,7 @@ import json
 import os
 import random
 import signal
+import shlex
 import subprocess
 import sys
 import time
@@ -41,6 +42,7 @@ def reference(tmp_path_factory):
     return json.loads((d / "run" / "summary.json").read_text())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_preemption_checkpoints_and_resume_matches_uninterrupted(tmp_path, reference, sig):
     run_dir = tmp_path / "run"
@@ -51,13 +53,15 @@ def test_preemption_checkpoints_and_resume_matches_uninterrupted(tmp_path, refer
     p.send_signal(sig)
     out, err = p.communicate(timeout=120)
     assert p.returncode == EXIT_PREEMPTED, err[-2000:]
-    assert "trainer.resume=auto" in err
     s = json.loads((run_dir / "summary.json").read_text())
     assert s["status"] == "preempted"
     ck = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=False)
     assert ck["epoch"] >= 2
-    r = cli([*BASE, "trainer.max_epochs=6", "data.max_train_samples=1024",
-             f"hydra.run.dir={run_dir}", "trainer.resume=auto"], cwd=tmp_path)
+    # the printed command, run exactly as printed, continues this run in this dir
+    cmd = shlex.split(err.split("Resume with: ")[1].splitlines()[0])
+    assert cmd[0] == "ortho-run" and f"hydra.run.dir={run_dir}" in cmd
+    assert s["resume_command"] == err.split("Resume with: ")[1].splitlines()[0]
+    r = cli(cmd[1:], cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-2000:]
     full = cli([*BASE, "data.max_train_samples=1024", f"hydra.run.dir={tmp_path}/full"],
                cwd=tmp_path)
@@ -72,9 +76,10 @@ def test_preemption_checkpoints_and_resume_matches_uninterrupted(tmp_path, refer
 KILL_TRIALS = int(os.environ.get("ORTHO_RUN_KILL_TRIALS", "8"))
 
 
+@pytest.mark.slow
 def test_sigkill_at_random_moments_never_loses_a_checkpoint(tmp_path, reference):
     """Kill a real run many times at random points (checkpoint writes included: one a epoch)."""
-    from ortho_run.runner.checkpoint import load
+    from ortho_run.checkpoint import load
 
     rng = random.Random(1234)
     run_dir = tmp_path / "run"
@@ -102,8 +107,8 @@ def nan_at_step(monkeypatch):
     real = CE.loss
     state = {"n": 0, "at": 12}
 
-    def loss(self, out, features, targets):
-        parts = real(self, out, features, targets)
+    def loss(self, out, batch):
+        parts = real(self, out, batch)
         state["n"] += 1
         if state["n"] == state["at"]:
             parts = {k: v * float("nan") for k, v in parts.items()}
@@ -148,6 +153,7 @@ def test_checkpoint_from_another_method_or_a_broken_file_is_refused(tmp_path):
         run_inprocess(tmp_path, ["experiment=smoke", f"trainer.resume={tmp_path}/nope"], name="d")
 
 
+@pytest.mark.slow
 def test_unwritable_output_dir_is_a_clean_error(tmp_path):
     (tmp_path / "file").write_text("x")
     r = cli(["experiment=smoke", f"output_root={tmp_path}/file/sub"], cwd=tmp_path)
@@ -186,6 +192,7 @@ def test_wandb_online_without_key_falls_back_offline(tmp_path, monkeypatch):
     assert list(tmp_path.glob("wandb/offline-run-*"))
 
 
+@pytest.mark.slow
 def test_concurrent_jobs_share_the_ebv_cache(tmp_path):
     code = ("import sys, torch; from ortho_run.methods.ebv import cached_ebv; "
             f"w = cached_ebv(30, 40, 0.002, 1e-3, 20000, 1e-4, 5, {str(tmp_path)!r}); "
@@ -211,13 +218,13 @@ VALUES = {
     "data.val_fraction": [0.0, 0.3, 1.5, -0.1],
     "data.augment": ["none", "flip", "crop_flip", "rotate"],
     "data.max_train_samples": [16, 1, "null"],
-    "optim.name": ["sgd", "adamw", "lbfgs"],
+    "optim": ["sgd", "adamw", "lbfgs"],
     "optim.scheduler": ["cosine", "multistep", "onecycle", "constant", "poly"],
     "optim.lr": [0.1, 1e-4, "abc"],
     "optim.warmup_epochs": [0, 0.5, 3],
     "trainer.max_epochs": [1, 0, "two"],
     "model.embed_dim": [8, "null", 0],
-    "model.name": ["small_cnn", "resnet20", "vgg"],
+    "model": ["small_cnn", "resnet20", "vgg"],
     "method.k": [1, 3, 999],
     "method.gamma": [0.5, -1],
     "method.alpha": [0.002, 0.5, 1e-9],
@@ -260,6 +267,7 @@ def test_fuzz_reached_every_outcome():
     assert all(v > 0 for v in FUZZ.values()), FUZZ
 
 
+@pytest.mark.slow
 def test_sigterm_stops_a_whole_sweep(tmp_path):
     env = dict(os.environ, WANDB_MODE="disabled")
     p = subprocess.Popen([sys.executable, "-m", "ortho_run", "-m", "experiment=smoke",
@@ -281,7 +289,7 @@ def test_sigterm_stops_a_whole_sweep(tmp_path):
 WRITER = """
 import sys, torch
 from pathlib import Path
-from ortho_run.runner.checkpoint import save
+from ortho_run.checkpoint import save
 path = Path(sys.argv[1])
 big = torch.arange(10_000_000, dtype=torch.float32)  # 40 MB: writes take long enough to be hit
 print("ready", flush=True)
@@ -292,6 +300,7 @@ while True:
 """
 
 
+@pytest.mark.slow
 def test_sigkill_during_checkpoint_writes_leaves_a_complete_file(tmp_path):
     """Kill a process that does nothing but write checkpoints: kills land inside writes."""
     rng = random.Random(7)

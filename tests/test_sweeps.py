@@ -13,6 +13,8 @@ from conftest import cli, summaries
 
 SWEEP = ["-m", "experiment=smoke", "method=ce,cosine", "seed=0,1", "tag=runs/a"]
 
+pytestmark = pytest.mark.slow  # subprocesses, launchers, DDP
+
 
 @pytest.mark.parametrize("launcher", [
     [],

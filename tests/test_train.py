@@ -98,6 +98,7 @@ def test_killed_after_epoch_k_and_resumed_equals_uninterrupted(tmp_path, monkeyp
     assert [r["epoch"] for r in rows] == [1, 2, 3, 4]
 
 
+@pytest.mark.slow
 def test_cli_default_command_and_multirun(tmp_path):
     r = cli([f"output_root={tmp_path}/single", "experiment=smoke", "method=cosine",
              "data=synthetic", "data.num_classes=100", "data.image_size=16"], cwd=tmp_path)

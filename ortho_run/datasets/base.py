@@ -12,10 +12,13 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
+from ortho_run.config import DataConfig
 from ortho_run.errors import ConfigError
 from ortho_run.registry import Registry
 
-SOURCES: Registry[Callable[[Any], "DataSet"]] = Registry("data set")
+#: name -> loader(cfg) -> DataSet; each source file registers itself with its schema
+SOURCES: Registry[Callable[[Any], "DataSet"]] = Registry(
+    "data source", group="data", package="ortho_run.datasets", base_schema=DataConfig)
 
 
 @dataclass
@@ -141,8 +144,6 @@ def finalize(ds: DataSet, cfg) -> DataSet:
 
 def load_dataset(cfg) -> DataSet:
     """Build the data set named by ``cfg.name`` (a ``DataConfig``)."""
-    import ortho_run.datasets  # noqa: F401  (fills SOURCES)
-
     return finalize(SOURCES.get(cfg.name)(cfg), cfg)
 
 

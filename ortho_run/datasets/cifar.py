@@ -22,8 +22,20 @@ from typing import List, Tuple
 import numpy as np
 import torch
 
+from dataclasses import dataclass
+
+from ortho_run.config import Augment, DataConfig
 from ortho_run.datasets.base import SOURCES, DataSet, Split
 from ortho_run.errors import DataError
+
+
+@dataclass
+class CifarConfig(DataConfig):
+    """cifar10 and cifar100 (each gets this schema with its own ``name``)."""
+
+    root: str = "data"  # holds cifar-10-batches-py/ or cifar-100-python/
+    download: bool = False
+    augment: Augment = Augment.crop_flip
 
 SPECS = {
     "cifar10": dict(
@@ -112,12 +124,12 @@ def read_cifar(name: str, root: str, download: bool = False) -> DataSet:
                    num_classes=k, channels=3, image_size=32, class_names=names)
 
 
-@SOURCES.register("cifar10")
+@SOURCES.register("cifar10", schema=CifarConfig)
 def load_cifar10(cfg) -> DataSet:
     return read_cifar("cifar10", cfg.root, cfg.download)
 
 
-@SOURCES.register("cifar100")
+@SOURCES.register("cifar100", schema=CifarConfig)
 def load_cifar100(cfg) -> DataSet:
     return read_cifar("cifar100", cfg.root, cfg.download)
 

@@ -2,12 +2,24 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import ClassVar
+
 import torch
 
+from ortho_run.config import DataConfig
 from ortho_run.datasets.base import SOURCES, DataSet, Split, stratified_holdout, to_uint8
 
 
-@SOURCES.register("digits")
+@dataclass
+class DigitsConfig(DataConfig):
+    name: str = "digits"
+    batch_size: int = 64
+    test_fraction: float = 0.2  # the fixed stratified hold-out used as the test split
+    checks: ClassVar[list] = [("test_fraction", lambda v: 0 < v < 1, "in (0, 1)")]
+
+
+@SOURCES.register("digits", schema=DigitsConfig)
 def load_digits(cfg) -> DataSet:
     from sklearn.datasets import load_digits as sk_digits
 

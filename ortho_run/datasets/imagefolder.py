@@ -9,12 +9,28 @@ Read by the DataLoader pipeline (workers, pinned memory); images are resized/cro
 from __future__ import annotations
 
 import os
-from pathlib import Path
+from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
+from omegaconf import MISSING
 
+from ortho_run.config import Augment, DataConfig, Pipeline, at_least
 from ortho_run.datasets.base import SOURCES, DataSet, Split
 from ortho_run.errors import DataError
+from pathlib import Path
+
+
+@dataclass
+class ImageFolderConfig(DataConfig):
+    name: str = "imagefolder"
+    root: str = MISSING  # holds train/<class>/... and test/<class>/... (or val/)
+    image_size: int = 224
+    batch_size: int = 256
+    augment: Augment = Augment.crop_flip
+    pipeline: Pipeline = Pipeline.loader
+    num_workers: int = 8
+    checks: ClassVar[list] = at_least(1, "image_size")
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -35,7 +51,7 @@ def _scan(folder: Path, classes=None):
     return classes, samples
 
 
-@SOURCES.register("imagefolder")
+@SOURCES.register("imagefolder", schema=ImageFolderConfig)
 def load_imagefolder(cfg) -> DataSet:
     root = Path(os.path.expanduser(cfg.root))
     train_dir = root / "train"

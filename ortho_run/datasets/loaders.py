@@ -1,6 +1,6 @@
 """Batches on the device: the fast device-resident path and the standard DataLoader path.
 
-``DeviceLoader`` (``data.pipeline=gpu``) keeps the whole uint8 data set on the training device
+``DeviceLoader`` (``data.pipeline=resident``) keeps the whole uint8 data set on the training device
 (on a CPU run: in RAM), shuffles with ``randperm`` there and does pad-crop / flip / normalise as
 a few tensor ops per batch: no workers, no per-sample Python. ``TorchLoader``
 (``data.pipeline=loader``) is a torch DataLoader with workers and torchvision transforms, used
@@ -35,7 +35,7 @@ class DeviceLoader:
                  seed: int = 0, drop_last: Optional[bool] = None, channels_last: bool = False,
                  rank: int = 0, world_size: int = 1, limit_batches: Optional[int] = None):
         if split.x is None:
-            raise ConfigError("data.pipeline=gpu needs an array data set (digits, synthetic, "
+            raise ConfigError("data.pipeline=resident needs an array data set (digits, synthetic, "
                               "cifar*); image folders use data.pipeline=loader")
         self.device = torch.device(device)
         self.train, self.augment, self.pad = train, str(augment), padding if train else 0
@@ -209,10 +209,10 @@ def choose_pipeline(requested: str, ds: DataSet, device: torch.device) -> str:
         if device.type == "cuda":
             free, _ = torch.cuda.mem_get_info(device)
             need = sum(s.x.numel() for s in (ds.train, ds.val, ds.test) if s is not None) * 1.3
-            return "gpu" if need < 0.5 * free else "loader"
-        return "gpu"
-    if requested == "gpu" and not ds.is_array:
-        raise ConfigError("data.pipeline=gpu needs an array data set; image folders are read by "
+            return "resident" if need < 0.5 * free else "loader"
+        return "resident"
+    if requested == "resident" and not ds.is_array:
+        raise ConfigError("data.pipeline=resident needs an array data set; image folders are read by "
                           "data.pipeline=loader (or auto)")
     return requested
 
@@ -226,6 +226,6 @@ def build_loader(ds: DataSet, split: Split, cfg, device, train: bool, seed: int,
                   augment=str(cfg.augment), padding=cfg.crop_padding, seed=seed,
                   channels_last=channels_last, rank=rank, world_size=world_size,
                   limit_batches=limit_batches if train else None)
-    if pipeline == "gpu":
+    if pipeline == "resident":
         return DeviceLoader(split, **common)
     return TorchLoader(split, image_size=ds.image_size, num_workers=cfg.num_workers, **common)

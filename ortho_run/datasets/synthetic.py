@@ -8,11 +8,28 @@ in units of the prototype's std). Any number of classes and any size; same seed,
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
+from ortho_run.config import Augment, DataConfig, at_least
 from ortho_run.datasets.base import SOURCES, DataSet, Split
-from ortho_run.errors import ConfigError
+
+
+@dataclass
+class SyntheticConfig(DataConfig):
+    name: str = "synthetic"
+    num_classes: int = 10
+    image_size: int = 32
+    channels: int = 3
+    train_per_class: int = 100
+    test_per_class: int = 30
+    noise: float = 0.6  # in units of the class prototype's std
+    augment: Augment = Augment.flip
+    checks: ClassVar[list] = (at_least(2, "num_classes") + at_least(4, "image_size")
+                              + at_least(1, "channels", "train_per_class", "test_per_class")
+                              + at_least(0, "noise"))
 
 
 def make_synthetic(num_classes: int, per_class: int, image_size: int, channels: int,
@@ -43,13 +60,8 @@ def make_synthetic(num_classes: int, per_class: int, image_size: int, channels: 
     return x, y
 
 
-@SOURCES.register("synthetic")
+@SOURCES.register("synthetic", schema=SyntheticConfig)
 def load_synthetic(cfg) -> DataSet:
-    if cfg.num_classes < 2 or cfg.image_size < 4 or cfg.channels < 1:
-        raise ConfigError("data=synthetic needs data.num_classes>=2, data.image_size>=4 and "
-                          "data.channels>=1")
-    if cfg.train_per_class < 1 or cfg.test_per_class < 1:
-        raise ConfigError("data.train_per_class and data.test_per_class must be >= 1")
     common = dict(num_classes=cfg.num_classes, image_size=cfg.image_size, channels=cfg.channels,
                   noise=cfg.noise, proto_seed=cfg.split_seed)
     xtr, ytr = make_synthetic(per_class=cfg.train_per_class, seed=cfg.split_seed + 11, **common)

@@ -1,15 +1,17 @@
 """The method plugin interface (the heart of the design).
 
 A method is an ``nn.Module`` built from its config and a ``MethodContext`` (what the runner
-knows: feature dim, number of classes, device, cache dir, and for compatibility methods the
-frozen old model). It owns its head and parameters, its loss, its prediction/embedding and
-any optimiser needs of its own. The runner never branches on a method's name.
+knows: feature dim, number of classes, device, cache dir, and for compatibility methods what
+it declared in ``needs``). It receives one ``Batch`` and owns its head and parameters, its loss
+(named parts), its embeddings, and its optimiser needs (role-tagged ``ParamGroup``s). The
+runner never branches on a method's name, nor reads a method's attributes beyond this
+interface.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -17,21 +19,27 @@ from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 
 from ortho_run.config import MethodConfig
+from ortho_run.errors import ConfigError
+from ortho_run.optim.base import ParamGroup
 from ortho_run.registry import Registry
 
-METHODS: Registry = Registry("method")
+METHODS: Registry = Registry("method", group="method", package="ortho_run.methods",
+                             base_schema=MethodConfig)
 
 
 def register(name: str):
     """Class decorator: ``@register("opl")``; the class's ``Config`` is its schema."""
+    return METHODS.register(name)
 
-    def deco(cls):
-        if cls.Config.__dataclass_fields__["name"].default != name:
-            raise TypeError(f"{cls.__name__}.Config.name must default to {name!r}")
-        cls.method_name = name
-        return METHODS.register(name)(cls)
 
-    return deco
+@dataclass
+class Batch:
+    """One training or evaluation batch as a method sees it."""
+
+    inputs: Tensor  # the images, as the backbone got them
+    targets: Optional[Tensor] = None  # class indices (None at inference)
+    features: Optional[Tensor] = None  # the backbone's output [B, D]
+    old: Optional[Tensor] = None  # the frozen old model's embedding of ``inputs`` (if declared)
 
 
 @dataclass
@@ -39,6 +47,29 @@ class MethodOutput:
     logits: Optional[Tensor] = None  # [B, C] for classification (accuracy, CE eval loss)
     embedding: Optional[Tensor] = None  # [B, E] for retrieval / geometry; default: features
     extras: Dict[str, Tensor] = field(default_factory=dict)  # method-private tensors for loss()
+
+
+@dataclass(frozen=True)
+class Needs:
+    """What a method asks of the compatibility service (nothing, for most methods).
+
+    The service computes exactly what is declared and hands it over as ``ctx.compat``
+    (``ortho_run.compat.CompatArtifacts``); the runner evaluates the old/new retrieval matrix
+    whenever an old model is involved.
+    """
+
+    old_model: bool = False  # evaluated against a frozen old model (the compatibility matrix)
+    old_embedding: bool = False  # ``batch.old``: the old model's embedding of each batch
+    class_means: bool = False  # the old model's per-class feature means, over all classes
+    old_head: bool = False  # the old model's linear classifier (W, b) for the classes it saw
+    independent_backbone: bool = False  # the backbone is an independently trained new model,
+    #                                     loaded and kept frozen
+    extra_dims: Optional[int] = None  # the new feature dim must be d_old + extra_dims
+
+    @property
+    def compat(self) -> bool:
+        return (self.old_model or self.old_embedding or self.class_means or self.old_head
+                or self.independent_backbone or self.extra_dims is not None)
 
 
 @dataclass
@@ -49,21 +80,13 @@ class MethodContext:
     label_smoothing: float = 0.0
     cache_dir: str = "~/.cache/ortho_run"
     seed: int = 0
-    compat: Any = None  # ortho_run.runner.compat.OldModel for compatibility methods
+    compat: Any = None  # ortho_run.compat.CompatArtifacts: what ``needs`` declared
     distributed: bool = False
 
 
 class Method(nn.Module):
     Config = MethodConfig
-    method_name = "base"
-    #: True when the backbone must stay frozen (e.g. lambda_orth trains adapters only).
-    freezes_backbone = False
-    #: True for compatibility methods: the runner provides ``ctx.compat`` (an OldModel) and
-    #: evaluates the old/new retrieval matrix.
-    needs_old_model = False
-    #: True when forward also needs the input batch (``forward(features, inputs=x)``), e.g. to
-    #: embed it with the frozen old model.
-    uses_inputs = False
+    plugin_name = "base"
 
     def __init__(self, cfg, ctx: MethodContext):
         super().__init__()
@@ -72,62 +95,59 @@ class Method(nn.Module):
         self.cfg = cfg
         self.ctx = ctx
 
-    def old_model(self, same_dim_as: Optional[str] = None):
-        """The frozen old model of a compatibility method (``ctx.compat``), checked.
-
-        ``same_dim_as``: a reason the new feature dim must equal the old one (then checked).
-        """
-        from ortho_run.errors import ConfigError
-
-        old = self.ctx.compat
-        name = self.method_name
-        if old is None:
-            raise ConfigError(f"method={name} needs an old model: set compat.old_ckpt to a run "
-                              f"dir, or leave it null to train one on compat.old_classes")
-        if same_dim_as and old.dim != self.ctx.feature_dim:
-            raise ConfigError(f"method={name}: {same_dim_as}, but the new feature dim "
-                              f"{self.ctx.feature_dim} differs from the old model's {old.dim}; "
-                              f"set model.embed_dim={old.dim}")
-        return old
-
     @classmethod
-    def feature_dim_for(cls, cfg, old) -> Optional[int]:
-        """The backbone output dim this method needs given the old model (None: as configured)."""
-        return None
+    def needs(cls, cfg) -> Needs:
+        """What this method (with config ``cfg``) needs from an old model."""
+        return Needs()
+
+    @property
+    def compat(self):
+        """The compatibility artifacts this method declared (``ctx.compat``), checked."""
+        if self.ctx.compat is None:
+            raise ConfigError(f"method={self.plugin_name} needs an old model: set compat.old_ckpt "
+                              f"to a run dir, or leave it null to train one on "
+                              f"compat.old_classes")
+        return self.ctx.compat
+
+    def require_old_dim(self, why: str) -> int:
+        """The old model's dim, which must equal the new feature dim because ``why``."""
+        d_old = self.compat.old_dim
+        if d_old != self.ctx.feature_dim:
+            raise ConfigError(f"method={self.plugin_name}: {why}, but the new feature dim "
+                              f"{self.ctx.feature_dim} differs from the old model's {d_old}; "
+                              f"set model.embed_dim={d_old}")
+        return d_old
 
     # --- forward / loss -------------------------------------------------------------
-    def forward(self, features: Tensor) -> MethodOutput:  # pragma: no cover - abstract
+    def forward(self, batch: Batch) -> MethodOutput:  # pragma: no cover - abstract
         raise NotImplementedError
 
-    def loss(self, out: MethodOutput, features: Tensor, targets: Tensor) -> Dict[str, Tensor]:
+    def loss(self, out: MethodOutput, batch: Batch) -> Dict[str, Tensor]:
         """``{"loss": total, <part>: value, ...}``; the trainer logs every part as ``train/<part>``."""
-        ce = self.ce(out.logits, targets)
+        ce = self.ce(out.logits, batch.targets)
         return {"loss": ce, "ce": ce}
 
     def ce(self, logits: Tensor, targets: Tensor) -> Tensor:
         return F.cross_entropy(logits.float(), targets, label_smoothing=self.ctx.label_smoothing)
 
-    def embedding(self, out: MethodOutput, features: Tensor) -> Tensor:
-        """The vector used for retrieval and geometry diagnostics."""
-        return out.embedding if out.embedding is not None else features
+    def embeddings(self, out: MethodOutput, batch: Batch) -> Dict[str, Tensor]:
+        """Named embedding spaces for retrieval, geometry and compatibility. ``new`` is the
+        method's retrieval space; others (e.g. ``raw``) are evaluated against the old gallery
+        too."""
+        return {"new": out.embedding if out.embedding is not None else batch.features}
 
-    def extra_embeddings(self, out: MethodOutput, features: Tensor) -> Dict[str, Tensor]:
-        """Further named embedding spaces to evaluate against the old gallery (compat)."""
-        return {}
-
-    def init_backbone(self, backbone: nn.Module) -> None:
-        """Called once after construction; e.g. to load pre-trained weights into the backbone."""
+    def classifier(self) -> Optional[Tuple[Tensor, Optional[Tensor]]]:
+        """(W, b) of a linear classifier on the features, if the method has one (a later
+        model's BCT influence loss reuses it as the old head)."""
+        return None
 
     # --- optimisation ---------------------------------------------------------------
-    def param_groups(self, optim_cfg) -> List[Dict[str, Any]]:
-        """Parameters for the main optimiser (the backbone's are added by the runner)."""
+    def param_groups(self) -> List[ParamGroup]:
+        """The method's trainable parameters by role. Default: all of them as ``head``, for the
+        configured optimiser. A method with an optimiser of its own returns a ``method`` group
+        naming it (GCR: ``grassmann_sgd``)."""
         params = [p for p in self.parameters() if p.requires_grad]
-        return [{"params": params}] if params else []
-
-    def extra_optimizers(self, optim_cfg) -> List[torch.optim.Optimizer]:
-        """Optimisers of the method's own (e.g. GCR's Riemannian SGD); stepped with the main one
-        and scheduled with the same learning-rate schedule."""
-        return []
+        return [ParamGroup("head", params)] if params else []
 
     # --- diagnostics ----------------------------------------------------------------
     @torch.no_grad()

@@ -14,10 +14,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 import torch.nn.functional as F
 
 from ortho_run.config import Choice
-from ortho_run.methods.base import register
+from ortho_run.errors import ConfigError
+from ortho_run.methods.base import Needs, register
 from ortho_run.methods.ce import CE, CEConfig
 
 
@@ -36,24 +38,44 @@ class BCTConfig(CEConfig):
 @register("bct")
 class BCT(CE):
     Config = BCTConfig
-    needs_old_model = True
+
+    @classmethod
+    def needs(cls, cfg):
+        return Needs(old_model=True, class_means=True,
+                     old_head=str(cfg.influence) == "old_head")
 
     def __init__(self, cfg, ctx):
         super().__init__(cfg, ctx)
-        old = self.old_model(same_dim_as="the old classifier scores the new features")
+        self.require_old_dim("the old classifier scores the new features")
+        art = self.compat
         #: class_means scores unit features against means of the old model's unit features
         self.unit_features = str(self.cfg.influence) == "class_means"
         if self.unit_features:
-            w, b = old.unit_class_means, None
+            w, b = art.unit_class_means, None
         else:
-            w, b = old.old_classifier()
+            w, b = self.old_head_with_new_rows(art)
         self.register_buffer("old_w", w.detach().clone())
         self.register_buffer("old_b", None if b is None else b.detach().clone())
-        self.old = old  # frozen; kept for evaluation
 
-    def loss(self, out, features, targets):
+    @staticmethod
+    def old_head_with_new_rows(art):
+        """(W, b): the old head's rows for the classes it saw, the old model's class means as
+        the rows of the classes it never saw (bias 0)."""
+        if art.old_head is None:
+            raise ConfigError("method.influence=old_head needs an old model with a linear head "
+                              "(compat.old_method=ce); use method.influence=class_means")
+        w_old, b_old = art.old_head
+        c_old = art.num_old_classes
+        w = torch.cat([w_old.detach(), art.class_means[c_old:]], 0)
+        b = torch.zeros(len(w), device=w.device)
+        if b_old is not None:
+            b[:c_old] = b_old.detach()
+        return w, b
+
+    def loss(self, out, batch):
+        targets = batch.targets
         ce = self.ce(out.logits, targets)
-        f = features.float()
+        f = batch.features.float()
         if self.unit_features:
             f = F.normalize(f, dim=1)
         infl = self.ce(F.linear(f, self.old_w, self.old_b), targets)

@@ -24,8 +24,11 @@ class CE(Method):
         super().__init__(cfg, ctx)
         self.fc = nn.Linear(ctx.feature_dim, ctx.num_classes, bias=cfg.bias)
 
-    def forward(self, features):
-        return MethodOutput(logits=self.fc(features))
+    def forward(self, batch):
+        return MethodOutput(logits=self.fc(batch.features))
+
+    def classifier(self):
+        return self.fc.weight, self.fc.bias
 
     def diagnostics(self):
         return row_orthogonality(self.fc.weight)

@@ -31,8 +31,8 @@ class Cosine(Method):
         self.weight = nn.Parameter(torch.empty(ctx.num_classes, ctx.feature_dim))
         nn.init.normal_(self.weight, std=0.01)
 
-    def forward(self, features):
-        cos = F.normalize(features, dim=1) @ F.normalize(self.weight, dim=1).t()
+    def forward(self, batch):
+        cos = F.normalize(batch.features, dim=1) @ F.normalize(self.weight, dim=1).t()
         return MethodOutput(logits=self.cfg.scale * cos)
 
     def diagnostics(self):

@@ -135,8 +135,8 @@ class EBV(Method):
         self.register_buffer("basis", w)  # a buffer: never trained, saved with the checkpoint
         self.proj = nn.Linear(ctx.feature_dim, d)
 
-    def forward(self, features):
-        h = self.proj(features)
+    def forward(self, batch):
+        h = self.proj(batch.features)
         logits = F.normalize(h, dim=1) @ self.basis.to(h.dtype).t() / self.cfg.tau
         return MethodOutput(logits=logits, embedding=h)
 

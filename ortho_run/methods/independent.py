@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ortho_run.methods.base import register
+from ortho_run.methods.base import Needs, register
 from ortho_run.methods.ce import CE, CEConfig
 
 
@@ -20,4 +20,7 @@ class IndependentConfig(CEConfig):
 @register("independent")
 class Independent(CE):
     Config = IndependentConfig
-    needs_old_model = True
+
+    @classmethod
+    def needs(cls, cfg):
+        return Needs(old_model=True)

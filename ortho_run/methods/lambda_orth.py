@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ortho_run.config import MethodConfig
-from ortho_run.methods.base import Method, MethodOutput, register
+from ortho_run.methods.base import Method, MethodOutput, Needs, register
 
 
 @dataclass
@@ -76,36 +76,34 @@ class SkewExp(nn.Module):
 @register("lambda_orth")
 class LambdaOrth(Method):
     Config = LambdaOrthConfig
-    needs_old_model = True
-    uses_inputs = True
-    freezes_backbone = True
+
+    @classmethod
+    def needs(cls, cfg):
+        # both backbones frozen: the old one embeds each batch, the new one is an
+        # independently trained model loaded into this run's backbone
+        return Needs(old_model=True, old_embedding=True, independent_backbone=True)
 
     def __init__(self, cfg, ctx):
         super().__init__(cfg, ctx)
-        old = self.old_model(same_dim_as="L_F compares F(h_old) with B(h_new)")
-        d_new, d_old = ctx.feature_dim, old.dim
+        d_old = self.require_old_dim("L_F compares F(h_old) with B(h_new)")
+        d_new = ctx.feature_dim
         self.backward_adapter = SkewExp(d_old) if self.cfg.strict else nn.Linear(d_new, d_old)
         if not self.cfg.strict:
             nn.init.eye_(self.backward_adapter.weight)
             nn.init.zeros_(self.backward_adapter.bias)
         self.forward_adapter = nn.Linear(d_old, d_new)
-        self.old = old
 
-    def init_backbone(self, backbone):
-        """Load the independently trained new model (cached ``ce`` on all classes)."""
-        new = self.old.provider(None, "ce")
-        backbone.load_state_dict(new.net.backbone.state_dict())
-
-    def forward(self, features, inputs=None):
-        h_new = F.normalize(features.float(), dim=1)  # the protocol's L2-normalised embeddings
+    def forward(self, batch):
+        h_new = F.normalize(batch.features.float(), dim=1)  # the protocol's L2-normalised embeddings
         b = self.backward_adapter(h_new)
         extras = {"h_new": h_new}
-        if inputs is not None:
-            h_old = F.normalize(self.old.embed(inputs), dim=1)
+        if batch.old is not None:
+            h_old = F.normalize(batch.old.float(), dim=1)
             extras.update(h_old=h_old, f=self.forward_adapter(h_old))
         return MethodOutput(logits=None, embedding=b, extras=extras)
 
-    def loss(self, out, features, targets):
+    def loss(self, out, batch):
+        targets = batch.targets
         b, h_old, f = out.embedding, out.extras["h_old"], out.extras["f"]
         l_b = (b - h_old).pow(2).sum(1).mean()
         l_f = (f - b).pow(2).sum(1).mean()
@@ -116,8 +114,8 @@ class LambdaOrth(Method):
         loss = c.w1 * l_f + c.w2 * l_b + c.w3 * l_c + c.weight * l_lam
         return {"loss": loss, "l_f": l_f, "l_b": l_b, "l_c": l_c, "l_lambda": l_lam}
 
-    def extra_embeddings(self, out, features):
-        return {"raw": out.extras["h_new"]}
+    def embeddings(self, out, batch):
+        return {"new": out.embedding, "raw": out.extras["h_new"]}
 
     @torch.no_grad()
     def diagnostics(self):

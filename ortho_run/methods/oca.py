@@ -24,7 +24,7 @@ from torch.nn.utils.parametrizations import orthogonal
 
 from ortho_run.config import MethodConfig
 from ortho_run.errors import ConfigError
-from ortho_run.methods.base import Method, MethodOutput, register, row_orthogonality
+from ortho_run.methods.base import Method, MethodOutput, Needs, register, row_orthogonality
 
 
 @dataclass
@@ -41,12 +41,15 @@ class OCAConfig(MethodConfig):
 @register("oca")
 class OCA(Method):
     Config = OCAConfig
-    needs_old_model = True
+
+    @classmethod
+    def needs(cls, cfg):
+        return Needs(old_model=True, class_means=True, extra_dims=cfg.extra_dims)
 
     def __init__(self, cfg, ctx):
         super().__init__(cfg, ctx)
-        old = self.old_model()
-        d_old, d = old.dim, ctx.feature_dim
+        art = self.compat
+        d_old, d = art.old_dim, ctx.feature_dim
         if d != d_old + self.cfg.extra_dims:
             raise ConfigError(f"method=oca: the new feature dim must be d_old + extra_dims = "
                               f"{d_old} + {self.cfg.extra_dims}; set model.embed_dim="
@@ -54,15 +57,14 @@ class OCA(Method):
         self.d_old = d_old
         self.transform = orthogonal(nn.Linear(d, d, bias=self.cfg.bias))
         self.fc = nn.Linear(d, ctx.num_classes)
-        self.register_buffer("pseudo", F.normalize(old.class_means.detach().clone(), dim=1))
-        self.old = old
+        self.register_buffer("pseudo", F.normalize(art.class_means.detach().clone(), dim=1))
 
-    def forward(self, features):
-        h = F.normalize(features.float(), dim=1)
+    def forward(self, batch):
+        h = F.normalize(batch.features.float(), dim=1)
         return MethodOutput(logits=self.fc(self.transform(h)), embedding=h)
 
-    def loss(self, out, features, targets):
-        h = out.embedding
+    def loss(self, out, batch):
+        h, targets = out.embedding, batch.targets
         ce = self.ce(out.logits, targets)
         h_old = F.normalize(h[:, : self.d_old], dim=1)
         align_ce = self.ce(self.cfg.p_scale * h_old @ self.pseudo.t(), targets)
@@ -75,7 +77,3 @@ class OCA(Method):
         out = row_orthogonality(self.fc.weight)
         out["transform_orth_err"] = float((w @ w.t() - torch.eye(len(w), device=w.device)).norm())
         return out
-
-    @classmethod
-    def feature_dim_for(cls, cfg, old) -> int:
-        return old.dim + cfg.extra_dims

@@ -136,7 +136,8 @@ class OPL(CE):
 
     Config = OPLConfig
 
-    def loss(self, out, features, targets):
+    def loss(self, out, batch):
+        features, targets = batch.features, batch.targets
         ce = self.ce(out.logits, targets)
         if self.cfg.gather:
             features, targets = gather_batch(features, targets)

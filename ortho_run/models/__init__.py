@@ -1,11 +1,11 @@
-"""Backbones (``model.name``). Each returns the penultimate feature [B, D] and exposes
-``feature_dim``; the method owns the head."""
+"""Backbones (``model=<name>``). Each returns the penultimate feature [B, D] and exposes
+``feature_dim``; the method owns the head. Adding a model is one file here that registers it in
+``MODELS`` (found by discovery) plus one yaml in ``conf/model/``."""
 
 from __future__ import annotations
 
 from torch import nn
 
-from ortho_run.models import cifar_resnet, small_cnn, torchvision_resnets  # noqa: F401
 from ortho_run.models.registry import MODELS
 
 

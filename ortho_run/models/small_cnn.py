@@ -1,8 +1,19 @@
 """``small_cnn``: three conv blocks and global pooling; the default for digits (8×8)."""
 
+from dataclasses import dataclass
+from typing import ClassVar
+
 from torch import nn
 
+from ortho_run.config import ModelConfig, at_least
 from ortho_run.models.registry import MODELS
+
+
+@dataclass
+class SmallCNNConfig(ModelConfig):
+    name: str = "small_cnn"
+    width: int = 32  # channels of the first block (then 2x, 4x)
+    checks: ClassVar[list] = at_least(1, "width")
 
 
 def _block(cin, cout):
@@ -10,7 +21,7 @@ def _block(cin, cout):
             nn.ReLU(inplace=True)]
 
 
-@MODELS.register("small_cnn")
+@MODELS.register("small_cnn", schema=SmallCNNConfig)
 def small_cnn(cfg, in_channels: int, image_size: int):
     w = cfg.width
     layers = _block(in_channels, w) + _block(w, 2 * w)

@@ -5,10 +5,18 @@ max-pool), as in the GCR/EBV/BCT CIFAR recipes. ``tv_resnet18/34/50``: the Image
 The classifier ``fc`` is removed: the method owns the head.
 """
 
+from dataclasses import dataclass
+
 from torch import nn
 
+from ortho_run.config import ModelConfig
 from ortho_run.errors import ConfigError
 from ortho_run.models.registry import MODELS
+
+
+@dataclass
+class TorchvisionConfig(ModelConfig):
+    pretrained: bool = False  # ImageNet weights (tv_* only); needs them in the torch hub cache
 
 
 def _tv(arch: str, cifar_stem: bool):
@@ -16,7 +24,7 @@ def _tv(arch: str, cifar_stem: bool):
         import torchvision
 
         weights = None
-        if cfg.pretrained:
+        if getattr(cfg, "pretrained", False):
             if cifar_stem:
                 raise ConfigError("model.pretrained=true is only for the tv_* ImageNet models")
             weights = "DEFAULT"
@@ -40,4 +48,4 @@ def _tv(arch: str, cifar_stem: bool):
 
 for _arch in ("resnet18", "resnet34", "resnet50"):
     MODELS.register(f"{_arch}_cifar")(_tv(_arch, True))
-    MODELS.register(f"tv_{_arch}")(_tv(_arch, False))
+    MODELS.register(f"tv_{_arch}", schema=TorchvisionConfig)(_tv(_arch, False))

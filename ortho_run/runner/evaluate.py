@@ -12,7 +12,8 @@ from torch import Tensor
 @torch.no_grad()
 def evaluate(net, loader, autocast, collect: bool = False, reduce=None,
              tta_flip: bool = False) -> Dict[str, object]:
-    """Top-1/top-5 accuracy and CE loss; with ``collect`` also embeddings and labels.
+    """Top-1/top-5 accuracy and CE loss; with ``collect`` also every named embedding space of
+    the method (``new`` first) and the labels.
 
     Sums stay on the device and are read once at the end (one host sync per evaluation).
     ``reduce`` (data-parallel) sums the counters across ranks. ``tta_flip`` averages the
@@ -21,11 +22,12 @@ def evaluate(net, loader, autocast, collect: bool = False, reduce=None,
     net.eval()
     dev = next(net.parameters()).device
     tot = torch.zeros(4, device=dev, dtype=torch.float64)  # loss, top1, top5, n
-    embs, labels = [], []
+    embs: Dict[str, list] = {}
+    labels = []
     has_logits = True
     for x, y in loader:
         with autocast():
-            feats, out = net(x)
+            batch, out = net(x)
             flipped = net(x.flip(3))[1].logits if tta_flip and out.logits is not None else None
         if out.logits is not None:
             logits = out.logits.float()
@@ -41,7 +43,8 @@ def evaluate(net, loader, autocast, collect: bool = False, reduce=None,
             has_logits = False
         tot[3] += len(y)
         if collect:
-            embs.append(net.method.embedding(out, feats).float())
+            for k, v in net.method.embeddings(out, batch).items():
+                embs.setdefault(k, []).append(v.float())
             labels.append(y)
     if reduce is not None:
         reduce(tot)
@@ -51,7 +54,7 @@ def evaluate(net, loader, autocast, collect: bool = False, reduce=None,
     if has_logits:
         res.update(loss=tot[0] / n, acc1=tot[1] / n, acc5=tot[2] / n)
     if collect:
-        res["embeddings"] = torch.cat(embs)
+        res["embeddings"] = {k: torch.cat(v) for k, v in embs.items()}
         res["labels"] = torch.cat(labels)
     return res
 

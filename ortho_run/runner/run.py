@@ -20,21 +20,20 @@ from typing import Any, Dict, Optional
 import torch
 from omegaconf import OmegaConf
 
-from ortho_run.config import validate_ranges
+from ortho_run import checkpoint as ckpt
+from ortho_run.assemble import build_net
 from ortho_run.datasets import load_dataset
 from ortho_run.datasets.loaders import build_loader, choose_pipeline
 from ortho_run.errors import OrthoRunError, Preempted, TrainingDiverged
 from ortho_run.io import atomic_path, atomic_write_json
 from ortho_run.methods import METHODS
-from ortho_run.models import build_backbone
-from ortho_run.runner import checkpoint as ckpt
-from ortho_run.runner.build import build_method
+from ortho_run.retrieval import retrieval_metrics
 from ortho_run.runner.env import (device_name, git_commit, package_versions, pick_device,
                                   seed_everything)
 from ortho_run.runner.evaluate import feature_geometry
-from ortho_run.runner.retrieval import retrieval_metrics
 from ortho_run.runner.sinks import MetricsFile, WandbSink
-from ortho_run.runner.trainer import Dist, Net, Trainer
+from ortho_run.runner.trainer import Dist, Trainer
+from ortho_run.validate import validate
 
 log = logging.getLogger("ortho_run")
 
@@ -54,6 +53,16 @@ def init_distributed(device_spec: str) -> Dist:
             torch.cuda.set_device(local)
         dist.init_process_group("nccl" if use_cuda else "gloo")
     return Dist(rank=rank, world_size=world, local_rank=local)
+
+
+def resume_command(run_dir: Path, sweep: Optional[Dict[str, Any]]) -> str:
+    """The exact command that continues this run in place (same overrides, same run dir)."""
+    import shlex
+
+    keep = [o for o in (sweep or {}).get("overrides", [])
+            if not o.startswith(("trainer.resume=", "hydra.run.dir=", "hydra.sweep."))]
+    return " ".join(["ortho-run", *map(shlex.quote, keep), "trainer.resume=auto",
+                     shlex.quote(f"hydra.run.dir={run_dir}")])
 
 
 def run_name(cfg) -> str:
@@ -95,7 +104,7 @@ def _shared_run_dir(run_dir: Path, dist: Dist) -> Path:
 
 
 def run(cfg, run_dir: Path, sweep: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
-    validate_ranges(cfg)  # before anything is written
+    validate(cfg)  # before anything is written
     dist = init_distributed(cfg.trainer.device)
     run_dir = _shared_run_dir(Path(run_dir), dist)
     main = dist.is_main
@@ -134,6 +143,9 @@ def run(cfg, run_dir: Path, sweep: Optional[Dict[str, Any]] = None) -> Dict[str,
         exit_code = exc.exit_code
         summary["status"] = {TrainingDiverged: "diverged", Preempted: "preempted"}.get(
             type(exc), "failed")
+        if isinstance(exc, Preempted):
+            exc.args = (f"{exc} Resume with: {resume_command(run_dir, sweep)}",)
+            summary["resume_command"] = resume_command(run_dir, sweep)
         summary["error"] = str(exc)
         raise
     except BaseException as exc:
@@ -164,15 +176,15 @@ def run(cfg, run_dir: Path, sweep: Optional[Dict[str, Any]] = None) -> Dict[str,
 class Job:
     trainer: Trainer
     ds: object
-    net: Net
+    net: torch.nn.Module
     evals: Dict[str, object]
     device: torch.device
     pipeline: str
-    old_model: object = None
+    compat: object = None  # the CompatService, when the method declared compat needs
 
 
 def build_job(cfg, run_dir: Path, dist: Dist = Dist(), emit=lambda row: None) -> Job:
-    """Data → loaders → backbone → method → trainer, exactly as a run builds them."""
+    """Data → loaders → (compat service) → net → trainer, exactly as a run builds them."""
     t = cfg.trainer
     device = pick_device(t.device)
     if device.type == "cuda" and dist.world_size > 1:
@@ -193,33 +205,35 @@ def build_job(cfg, run_dir: Path, dist: Dist = Dist(), emit=lambda row: None) ->
     if ds.val is not None:
         evals["val"] = build_loader(ds, ds.val, cfg.data, device, False, cfg.seed, **loader_kw)
 
-    old_model = None
-    method_cls = METHODS.get(cfg.method.name)
-    model_cfg = cfg.model
-    if method_cls.needs_old_model:
-        from ortho_run.runner.compat import provide_old_model
+    shape = {"channels": ds.channels, "image_size": ds.image_size,
+             "num_classes": ds.num_classes, "embed_dim": cfg.model.embed_dim}
+    needs = METHODS.get(cfg.method.name).needs(cfg.method)
+    service = artifacts = old_embed = None
+    if needs.compat:
+        from ortho_run.compat import CompatService
 
-        old_model = provide_old_model(cfg, ds, device, train_fn=run)
-        dim = method_cls.feature_dim_for(cfg.method, old_model)
-        if dim is not None and dim != model_cfg.embed_dim:
-            model_cfg = OmegaConf.merge(model_cfg, {"embed_dim": dim})
-    torch.manual_seed(cfg.seed)  # model init does not depend on the data set's RNG use
-    backbone = build_backbone(model_cfg, ds.channels, ds.image_size)
-    method = build_method(cfg, ds, backbone.feature_dim, device, dist, old_model)
-    method.init_backbone(backbone)
-    net = Net(backbone, method).to(device)
+        # the service trains what it needs through ``run`` (handed in: compat never imports
+        # the runner); the old model sees the new task's data through the same loaders
+        service = CompatService(cfg, needs, launch=run, device=device)
+        artifacts = service.artifacts(
+            ds, lambda split: build_loader(ds, split, cfg.data, device, False, cfg.seed, pipeline))
+        old_embed = service.old_embed()
+        if needs.extra_dims is not None:
+            shape["embed_dim"] = artifacts.old_dim + needs.extra_dims
+    net = build_net(cfg, shape, device, dist.world_size > 1, artifacts, old_embed)
+    if needs.independent_backbone:
+        net.backbone.load_state_dict(service.independent_backbone())
+        net.backbone.requires_grad_(False)
     if channels_last:
         net = net.to(memory_format=torch.channels_last)
-    shape = {"channels": ds.channels, "image_size": ds.image_size,
-              "num_classes": ds.num_classes, "embed_dim": model_cfg.embed_dim}
     trainer = Trainer(cfg, net, train_loader, evals, device, run_dir, emit, dist, shape)
-    return Job(trainer, ds, net, evals, device, pipeline, old_model)
+    return Job(trainer, ds, net, evals, device, pipeline, service)
 
 
 def _train_and_evaluate(cfg, run_dir, dist, emit, sig, metrics, facts) -> Dict[str, Any]:
     t = cfg.trainer
     job = build_job(cfg, run_dir, dist, emit)
-    trainer, ds, net, evals, old_model = job.trainer, job.ds, job.net, job.evals, job.old_model
+    trainer, ds, net, evals, service = job.trainer, job.ds, job.net, job.evals, job.compat
     resume = ckpt.resolve_resume(t.resume, run_dir)
     if resume is not None:
         trainer.load_state_dict(ckpt.load(resume, cfg))
@@ -232,26 +246,25 @@ def _train_and_evaluate(cfg, run_dir, dist, emit, sig, metrics, facts) -> Dict[s
                  num_classes=ds.num_classes, train_size=len(ds.train), test_size=len(ds.test))
 
     # Final analysis on the test split (geometry, retrieval, compatibility) uses the embeddings
-    # of the last epoch's evaluation: no second pass over the evaluation splits.
-    need_emb = t.geometry or t.retrieval or old_model is not None
-    trainer.collect_final = need_emb
-    last = trainer.fit()
+    # of the last epoch's evaluation: no second pass of the new model over the evaluation splits.
+    need_emb = t.geometry or t.retrieval or (service is not None and cfg.compat.evaluate)
+    last, collected = trainer.fit(collect_final=need_emb)
     out: Dict[str, Any] = {"epoch": trainer.state.epoch, "step": trainer.state.step}
     out.update({k: v for k, v in last.items() if "/" in k and not k.startswith("train/")})
     out.update({k: v for k, v in last.items() if k.startswith("train/")})
 
     if need_emb:
-        if "test" not in trainer.collected:  # resumed after the last epoch: evaluate once here
-            out.update(trainer.evaluate_all(collect=True))
-        emb, labels = trainer.collected["test"]
+        if "test" not in collected:  # resumed after the last epoch: evaluate once here
+            res, collected = trainer.evaluate(collect=True)
+            out.update(res)
+        spaces, labels = collected["test"]
+        emb = spaces["new"]
         if t.geometry:
             out.update({f"geometry/{k}": v for k, v in feature_geometry(emb, labels).items()})
         if t.retrieval:
             out.update({f"retrieval/{k}": v for k, v in retrieval_metrics(emb, emb, labels).items()})
-        if old_model is not None and cfg.compat.evaluate:
-            from ortho_run.runner.compat import compat_matrix
-
-            out.update(compat_matrix(trainer, old_model, evals["test"]))
+        if service is not None and cfg.compat.evaluate:
+            out.update(service.evaluate(spaces, labels, evals["test"]))
     # the method's own parameters (head orthogonality, λ-orth's ‖WWᵀ − I‖_F): no data pass, so
     # always reported, also with trainer.geometry=false
     out.update({f"geometry/{k}": v for k, v in net.method.diagnostics().items()})

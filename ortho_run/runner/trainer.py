@@ -1,8 +1,8 @@
 """The training loop: AMP, the method's own optimisers, schedules, eval, checkpoints.
 
 The loop never knows which method it runs: it calls ``method.loss`` and logs every part it
-returns, steps the main optimiser plus ``method.extra_optimizers``, and saves whatever state
-those hold. Loss parts are summed on the device and read once per epoch (plus one small
+returns, steps every optimiser the role-tagged parameter groups asked for (the configured one
+and any a method names, e.g. GCR's Riemannian step), and saves whatever state those hold. Loss parts are summed on the device and read once per epoch (plus one small
 non-finite check every ``trainer.nonfinite_check_every`` steps), so there is no host sync per
 step.
 """
@@ -14,35 +14,21 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 from omegaconf import OmegaConf
-from torch import nn
 
-from ortho_run.errors import Preempted, TrainingDiverged
-from ortho_run.runner import checkpoint as ckpt
+from ortho_run import checkpoint as ckpt
+from ortho_run.assemble import Net
+from ortho_run.errors import CheckpointError, Preempted, TrainingDiverged
+from ortho_run.optim import backbone_groups, build_optimizers, build_scheduler
 from ortho_run.runner.env import rng_state, set_rng_state
 from ortho_run.runner.evaluate import evaluate
-from ortho_run.runner.optim import build_optimizer, build_scheduler
+from ortho_run.runner.guards import NonFiniteGuard, StopRequest
 from ortho_run.runner.sinks import Progress
 
 log = logging.getLogger("ortho_run")
-
-
-class Net(nn.Module):
-    """backbone → features → method head. One module, so DDP and checkpoints see it whole."""
-
-    def __init__(self, backbone: nn.Module, method: nn.Module):
-        super().__init__()
-        self.backbone = backbone
-        self.method = method
-
-    def forward(self, x):
-        feats = self.backbone(x)
-        if self.method.uses_inputs:
-            return feats, self.method(feats, inputs=x)
-        return feats, self.method(feats)
 
 
 @dataclass
@@ -72,7 +58,14 @@ class TrainState:
     history: List[dict] = field(default_factory=list)
 
 
+#: per evaluation split: ({space name: embeddings}, labels)
+Collected = Dict[str, Tuple[Dict[str, torch.Tensor], torch.Tensor]]
+
+
 class Trainer:
+    """The loop's policy: steps, epochs, evaluation, checkpoints. Public: ``step``,
+    ``train_epoch``, ``evaluate``, ``fit``, ``save``/``state_dict``/``load_state_dict``."""
+
     def __init__(self, cfg, net: Net, train_loader, eval_loaders: Dict[str, object],
                  device: torch.device, run_dir: Path, emit: Callable[[dict], None],
                  dist: Dist = Dist(), shape: Optional[dict] = None):
@@ -84,23 +77,14 @@ class Trainer:
         self.train_loader, self.eval_loaders = train_loader, eval_loaders
         self.emit, self.dist = emit, dist
         self.ckpt_dir = run_dir / "checkpoints"
-        self.stop_signal: Optional[int] = None
-        method = net.method
-        if method.freezes_backbone:
-            net.backbone.requires_grad_(False)
-        groups = []
-        bb = [p for p in net.backbone.parameters() if p.requires_grad]
-        if bb:
-            groups.append({"params": bb})
-        groups += method.param_groups(cfg.optim)
-        self.optimizers: List[torch.optim.Optimizer] = []
-        if groups:
-            self.optimizers.append(build_optimizer(groups, cfg.optim, device))
-        self.optimizers += method.extra_optimizers(cfg.optim)
-        if not self.optimizers:
-            raise TrainingDiverged("nothing to train: the method froze every parameter")
-        spe = max(1, len(train_loader))
+        self.stop = StopRequest()
         optim_cfg = OmegaConf.to_object(cfg.optim)
+        groups = backbone_groups(net.backbone) + net.method.param_groups()
+        self.optimizers = build_optimizers(groups, optim_cfg, device)
+        if not self.optimizers:
+            raise TrainingDiverged("nothing to train: every parameter is frozen")
+        self.frozen_backbone = not any(p.requires_grad for p in net.backbone.parameters())
+        spe = max(1, len(train_loader))
         self.schedulers = [build_scheduler(o, optim_cfg, spe, self.tcfg.max_epochs)
                            for o in self.optimizers]
         self.params = [p for p in net.parameters() if p.requires_grad]
@@ -113,15 +97,15 @@ class Trainer:
             from torch.nn.parallel import DistributedDataParallel as DDP
 
             self.train_net = DDP(net, device_ids=[device.index] if device.type == "cuda" else None)
-        self.loss_fn = method.loss
+        self.loss_fn = net.method.loss
         if self.tcfg.compile:
             mode = str(self.tcfg.compile_mode)
             self.train_net = torch.compile(self.train_net, mode=mode)
-            self.loss_fn = torch.compile(method.loss, mode=mode)
+            self.loss_fn = torch.compile(net.method.loss, mode=mode)
+        self.skip_bad = str(self.tcfg.on_nonfinite) == "skip"
+        self.guard = NonFiniteGuard(self.tcfg.nonfinite_check_every, device,
+                                    self.ckpt_dir / "last.pt")
         self.state = TrainState()
-        #: keep the last evaluation's embeddings (geometry, retrieval, compat need them)
-        self.collect_final = False
-        self.collected: Dict[str, tuple] = {}
 
     # --- helpers ----------------------------------------------------------------------
     def autocast(self):
@@ -130,7 +114,7 @@ class Trainer:
         return torch.autocast(self.device.type, dtype=self.amp_dtype)
 
     def request_stop(self, signum: int) -> None:
-        self.stop_signal = signum
+        self.stop.request(signum)
 
     def state_dict(self) -> dict:
         s = self.state
@@ -152,10 +136,8 @@ class Trainer:
             for sc, sd in zip(self.schedulers, st["schedulers"], strict=True):
                 sc.load_state_dict(sd)
         except (RuntimeError, KeyError, ValueError) as exc:
-            from ortho_run.errors import CheckpointError
-
             raise CheckpointError(f"checkpoint does not fit this model/method/optimiser: "
-                                  f"{str(exc).splitlines()[0]}") from None
+                                  f"{str(exc).splitlines()[0] if str(exc) else repr(exc)}") from None
         self.state = TrainState(epoch=st["epoch"], batch=st["batch"], step=st["step"],
                                 sums=dict(st["sums"]), best=st["best"],
                                 history=list(st["history"]))
@@ -165,82 +147,63 @@ class Trainer:
         if self.dist.is_main:
             ckpt.save(self.ckpt_dir / name, self.state_dict())
 
-    # --- the loop ---------------------------------------------------------------------
-    def fit(self) -> dict:
-        t = self.tcfg
-        while self.state.epoch < t.max_epochs:
-            epoch = self.state.epoch
-            row = self._train_epoch(epoch)
-            self.state.epoch, self.state.batch, self.state.sums = epoch + 1, 0, {}
-            last = self.state.epoch == t.max_epochs
-            if last or (t.eval_every > 0 and self.state.epoch % t.eval_every == 0):
-                row.update(self.evaluate_all(collect=last and self.collect_final))
-                self._maybe_best(row)
-            self.state.history.append(row)
-            self.emit(row)
-            if last or (t.checkpoint_every > 0 and self.state.epoch % t.checkpoint_every == 0):
-                self.save()
-            if self.stop_signal is not None:
-                self._preempt()
-        return self.state.history[-1] if self.state.history else {}
+    # --- one step ---------------------------------------------------------------------
+    def step(self, x: torch.Tensor, y: torch.Tensor) -> Optional[Dict[str, torch.Tensor]]:
+        """Forward, loss, backward and every optimiser's step (plus the schedules) on one
+        batch. Returns the loss parts, or None when a non-finite loss was skipped
+        (``trainer.on_nonfinite=skip``, which costs a host sync per step)."""
+        with self.autocast():
+            batch, out = self.train_net(x, y)
+            parts = self.loss_fn(out, batch)
+        loss = parts["loss"]
+        for o in self.optimizers:
+            o.zero_grad(set_to_none=True)
+        if self.skip_bad and not bool(torch.isfinite(loss.detach())):
+            return None
+        loss.backward()
+        if self.tcfg.grad_clip:
+            torch.nn.utils.clip_grad_norm_(self.params, self.tcfg.grad_clip)
+        for o in self.optimizers:
+            o.step()
+        for sc in self.schedulers:
+            sc.step()
+        self.state.step += 1
+        return parts
 
-    def _preempt(self):
-        self.save()
-        raise Preempted(f"stopped by signal {self.stop_signal} at epoch {self.state.epoch}, "
-                        f"batch {self.state.batch}; {self.ckpt_dir / 'last.pt'} is complete. "
-                        f"Run the same command with trainer.resume=auto (same run dir) to continue.")
-
-    def _maybe_best(self, row: dict) -> None:
-        key = "val/acc1"
-        if key in row and (self.state.best is None or row[key] > self.state.best):
-            self.state.best = row[key]
-            self.save("best.pt")
-
-    def _train_epoch(self, epoch: int) -> dict:
-        t, net = self.tcfg, self.train_net
+    # --- one epoch --------------------------------------------------------------------
+    def train_epoch(self, limit: Optional[int] = None) -> dict:
+        """Train epoch ``state.epoch`` (from ``state.batch`` when resuming mid-epoch), at most
+        ``limit`` batches of it, and return its metrics row. The epoch counter advances."""
+        t, st, dev = self.tcfg, self.state, self.device
+        epoch = st.epoch
         self.net.train()
-        if self.net.method.freezes_backbone:
+        if self.frozen_backbone:  # nothing of it trains: its BN statistics stay put too
             self.net.backbone.eval()
         loader = self.train_loader
         loader.set_epoch(epoch)
-        dev = self.device
         names: Optional[List[str]] = None  # loss part names, fixed by the first batch
         acc: Optional[torch.Tensor] = None  # [n_images, Σ part·batch, ...] on the device
-        if self.state.sums:
-            names = [k for k in self.state.sums if k != "_n"]
-            acc = torch.tensor([self.state.sums["_n"]] + [self.state.sums[k] for k in names],
-                               device=dev, dtype=torch.float64)
-        check = max(1, t.nonfinite_check_every)
-        window = torch.zeros(check, device=dev)  # recent losses, scanned at each check
-        skip_bad = str(t.on_nonfinite) == "skip"
+        if st.sums:
+            names = [k for k in st.sums if k != "_n"]
+            acc = torch.tensor([st.sums["_n"]] + [st.sums[k] for k in names], device=dev,
+                               dtype=torch.float64)
         skipped = 0
-        start_batch = self.state.batch
-        bar = Progress(str(t.progress) if self.dist.is_main else "off", len(loader),
+        start = st.batch
+        n_batches = len(loader) if limit is None else min(len(loader), start + limit)
+        bar = Progress(str(t.progress) if self.dist.is_main else "off", n_batches - start,
                        f"epoch {epoch + 1}/{t.max_epochs}")
         t0 = time.perf_counter()
         n_imgs = 0
         for i, (x, y) in enumerate(loader):
-            if i < start_batch:  # resuming mid-epoch: the loader replays the same batches
+            if i < start:  # resuming mid-epoch: the loader replays the same batches
                 continue
-            with self.autocast():
-                feats, out = net(x)
-                parts = self.loss_fn(out, feats, y)
-            loss = parts["loss"]
-            for o in self.optimizers:
-                o.zero_grad(set_to_none=True)
-            if skip_bad and not bool(torch.isfinite(loss.detach())):  # opt-in: a sync per step
+            if i >= n_batches:
+                break
+            parts = self.step(x, y)
+            st.batch = i + 1
+            if parts is None:
                 skipped += 1
-                self.state.batch = i + 1
                 continue
-            loss.backward()
-            if t.grad_clip:
-                torch.nn.utils.clip_grad_norm_(self.params, t.grad_clip)
-            for o in self.optimizers:
-                o.step()
-            for sc in self.schedulers:
-                sc.step()
-            self.state.step += 1
-            self.state.batch = i + 1
             bs = len(y)
             n_imgs += bs
             if names is None:
@@ -249,67 +212,85 @@ class Trainer:
             with torch.no_grad():
                 acc[0] += bs
                 acc[1:].add_(torch.stack(list(parts.values())).detach(), alpha=bs)  # fp64 sums
-                window[(self.state.step - 1) % check] = loss
-            if t.nonfinite_check_every > 0 and self.state.step % check == 0:
-                self._check_finite(window, names, acc)
-            if t.log_every_steps > 0 and self.state.step % t.log_every_steps == 0 and self.dist.is_main:
-                self.emit({"epoch": epoch + (i + 1) / len(loader), "step": self.state.step,
+            self.guard.record(st.step, parts["loss"])
+            if self.guard.due(st.step):
+                self.guard.check(st.step, epoch, names, acc)
+            if t.log_every_steps > 0 and st.step % t.log_every_steps == 0 and self.dist.is_main:
+                self.emit({"epoch": epoch + (i + 1) / len(loader), "step": st.step,
                            **{f"train/{k}_step": float(v) for k, v in parts.items()},
                            "lr": self.optimizers[0].param_groups[0]["lr"]})
             bar.update()
-            if self.stop_signal is not None:
+            if self.stop.requested:
                 if acc is not None:
                     vals = acc.tolist()
-                    self.state.sums = {"_n": vals[0], **dict(zip(names, vals[1:]))}
+                    st.sums = {"_n": vals[0], **dict(zip(names, vals[1:]))}
                 bar.close()
                 self._preempt()
         bar.close()
         names = names or []
-        if acc is None:
-            acc = torch.zeros(1, device=dev, dtype=torch.float64)
-        last = (self.state.step - 1) % check + 1 if self.state.step else 0
-        self._check_finite(window[:last], names, acc)
-        tot = acc.clone()
+        if self.guard.enabled:
+            self.guard.check(st.step, epoch, names, acc, partial=True)
+        tot = acc.clone() if acc is not None else torch.zeros(1, device=dev, dtype=torch.float64)
         self.dist.all_reduce(tot)
         tot = tot.tolist()
         dt = time.perf_counter() - t0
         n = max(tot[0], 1.0)
-        row = {"epoch": epoch + 1, "step": self.state.step}
+        row = {"epoch": epoch + 1, "step": st.step}
         row.update({f"train/{k}": v / n for k, v in zip(names, tot[1:])})
         row["lr"] = self.optimizers[0].param_groups[0]["lr"]
         row["time/epoch_s"] = dt
         row["time/train_img_per_s"] = n_imgs * self.dist.world_size / max(dt, 1e-9)
         if skipped:
             row["train/skipped_steps"] = skipped
+        st.epoch, st.batch, st.sums = epoch + 1, 0, {}
         return row
 
-    def _check_finite(self, window, names, acc) -> None:
-        """One host read of the recent losses; names the first bad step and the loss parts."""
-        finite = torch.isfinite(window)
-        if bool(finite.all()):
-            return
-        first = int((~finite).nonzero()[0, 0])
-        step = self.state.step - (len(window) - first) + 1
-        vals = acc.tolist()
-        parts = {k: v / max(vals[0], 1.0) for k, v in zip(names, vals[1:])}
-        bad = [k for k, v in parts.items() if v != v or v in (float("inf"), float("-inf"))]
-        raise TrainingDiverged(
-            f"non-finite loss at step {step} (epoch {self.state.epoch + 1}); non-finite parts: "
-            f"{', '.join(bad) or 'loss'}; epoch means so far: "
-            + ", ".join(f"{k}={v:.4g}" for k, v in parts.items())
-            + f". The last good checkpoint ({self.ckpt_dir / 'last.pt'}) is kept. Lower optim.lr, "
-              f"set trainer.grad_clip, or trainer.on_nonfinite=skip to skip such steps.")
-
-    def evaluate_all(self, collect: bool = False) -> dict:
-        row = {}
-        self.collected = {}
+    # --- evaluation -------------------------------------------------------------------
+    def evaluate(self, collect: bool = False) -> Tuple[dict, Collected]:
+        """Loss and accuracy on every evaluation split; with ``collect`` also every named
+        embedding space of the method and the labels (for geometry, retrieval, compat)."""
+        row: dict = {}
+        collected: Collected = {}
         for name, loader in self.eval_loaders.items():
             res = evaluate(self.net, loader, self.autocast, collect=collect,
                            reduce=self.dist.all_reduce if self.dist.world_size > 1 else None,
                            tta_flip=self.tcfg.tta_flip)
             if collect:
-                self.collected[name] = (res.pop("embeddings"), res.pop("labels"))
+                collected[name] = (res.pop("embeddings"), res.pop("labels"))
             for k, v in res.items():
                 if k != "n":
                     row[f"{name}/{k}"] = v
-        return row
+        return row, collected
+
+    # --- the run ----------------------------------------------------------------------
+    def fit(self, collect_final: bool = False) -> Tuple[dict, Collected]:
+        """Train to ``trainer.max_epochs`` with evaluation and checkpoints; returns the last
+        epoch's row and, with ``collect_final``, its evaluation's embeddings."""
+        t = self.tcfg
+        collected: Collected = {}
+        while self.state.epoch < t.max_epochs:
+            row = self.train_epoch()
+            last = self.state.epoch == t.max_epochs
+            if last or (t.eval_every > 0 and self.state.epoch % t.eval_every == 0):
+                res, got = self.evaluate(collect=last and collect_final)
+                row.update(res)
+                collected.update(got)
+                self._maybe_best(row)
+            self.state.history.append(row)
+            self.emit(row)
+            if last or (t.checkpoint_every > 0 and self.state.epoch % t.checkpoint_every == 0):
+                self.save()
+            if self.stop.requested:
+                self._preempt()
+        return (self.state.history[-1] if self.state.history else {}), collected
+
+    def _preempt(self):
+        self.save()
+        raise Preempted(f"stopped by signal {self.stop.signal} at epoch {self.state.epoch}, "
+                        f"batch {self.state.batch}; {self.ckpt_dir / 'last.pt'} is complete.")
+
+    def _maybe_best(self, row: dict) -> None:
+        key = "val/acc1"
+        if key in row and (self.state.best is None or row[key] > self.state.best):
+            self.state.best = row[key]
+            self.save("best.pt")

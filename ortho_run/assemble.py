@@ -1,0 +1,94 @@
+"""Assembling a network from a config: backbone + method head, and a finished run's net.
+
+Shared by the runner (which trains it) and the compatibility service (which loads old models);
+it imports neither of them.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable, Optional, Tuple
+
+import torch
+from omegaconf import OmegaConf
+from torch import nn
+
+from ortho_run.checkpoint import load as load_checkpoint
+from ortho_run.config import RunConfig
+from ortho_run.errors import CheckpointError
+from ortho_run.methods import METHODS, Batch, MethodContext, MethodOutput
+from ortho_run.models import build_backbone
+
+
+class Net(nn.Module):
+    """backbone → features → method head: one module, so DDP and checkpoints see it whole.
+
+    ``old_embed`` (a frozen old model's embedding function, for methods that declared
+    ``old_embedding``) fills ``batch.old``; it belongs to the old run, so it is kept out of this
+    net's parameters and state dict.
+    """
+
+    def __init__(self, backbone: nn.Module, method: nn.Module,
+                 old_embed: Optional[Callable] = None):
+        super().__init__()
+        self.backbone = backbone
+        self.method = method
+        self._old_embed = (old_embed,) if old_embed is not None else ()  # not a submodule
+
+    def forward(self, x, y=None) -> Tuple[Batch, MethodOutput]:
+        batch = Batch(inputs=x, targets=y, features=self.backbone(x))
+        if self._old_embed:
+            batch.old = self._old_embed[0](x)
+        return batch, self.method(batch)
+
+
+def build_method(cfg, num_classes: int, feature_dim: int, device, distributed: bool = False,
+                 compat=None):
+    ctx = MethodContext(feature_dim=feature_dim, num_classes=num_classes, device=device,
+                        label_smoothing=cfg.trainer.label_smoothing, cache_dir=cfg.cache_dir,
+                        seed=cfg.seed, compat=compat, distributed=distributed)
+    return METHODS.get(cfg.method.name)(cfg.method, ctx)
+
+
+def build_net(cfg, shape: dict, device, distributed: bool = False, compat=None,
+              old_embed=None) -> Net:
+    """The net for ``cfg`` on data of ``shape`` (channels, image_size, num_classes and, when a
+    method sized it, embed_dim). Model weights are initialised from ``cfg.seed``."""
+    model_cfg = cfg.model
+    if shape.get("embed_dim", model_cfg.embed_dim) != model_cfg.embed_dim:
+        model_cfg = OmegaConf.merge(model_cfg, {"embed_dim": shape["embed_dim"]})
+    torch.manual_seed(cfg.seed)  # model init does not depend on the data set's RNG use
+    backbone = build_backbone(model_cfg, shape["channels"], shape["image_size"])
+    method = build_method(cfg, shape["num_classes"], backbone.feature_dim, device, distributed,
+                          compat)
+    return Net(backbone, method, old_embed).to(device)
+
+
+def load_run(run_dir: Path, device):
+    """The trained Net of a finished run dir, its config and its number of classes.
+
+    The checkpoint records the data shape the net was built for, so the data set itself is
+    not loaded (checkpoints from before that record fall back to loading it)."""
+    from ortho_run.datasets import load_dataset
+
+    f = run_dir / "checkpoints" / "last.pt"
+    conf = run_dir / "resolved_config.yaml"
+    if not f.is_file() or not conf.is_file():
+        raise CheckpointError(f"{run_dir}: expected checkpoints/last.pt and resolved_config.yaml "
+                              f"in that run dir")
+    from ortho_run.store import structured
+
+    cfg = structured(OmegaConf.load(conf), source=str(conf))
+    state = load_checkpoint(f, map_location=device)
+    shape = state.get("shape") or {}
+    if not shape:
+        ds = load_dataset(cfg.data)
+        shape = {"channels": ds.channels, "image_size": ds.image_size,
+                 "num_classes": ds.num_classes}
+    net = build_net(cfg, shape, device)
+    try:
+        net.load_state_dict(state["net"])
+    except RuntimeError as exc:
+        raise CheckpointError(f"{f} does not fit the model its resolved_config.yaml describes: "
+                              f"{str(exc).splitlines()[0]}") from None
+    return net, cfg, shape["num_classes"]

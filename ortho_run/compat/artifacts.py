@@ -1,0 +1,73 @@
+"""What the compatibility service hands to methods: the frozen old model and what a method
+declared it needs from it (class means, its head), computed once."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+class FrozenNet(nn.Module):
+    """A trained Net (backbone + head), frozen and always in eval mode."""
+
+    def __init__(self, net: nn.Module, cfg):
+        super().__init__()
+        self.net = net
+        self.cfg = cfg
+        self.net.requires_grad_(False)
+        self.net.eval()
+
+    def train(self, mode: bool = True):  # never leaves eval mode (BN statistics stay put)
+        return super().train(False)
+
+    @torch.no_grad()
+    def embed(self, x: Tensor) -> Tensor:
+        batch, out = self.net(x)
+        return self.net.method.embeddings(out, batch)["new"].float()
+
+    @property
+    def dim(self) -> int:
+        return self.net.backbone.feature_dim
+
+
+@dataclass
+class CompatArtifacts:
+    """``ctx.compat`` of a compatibility method: only what its ``needs`` declared is set."""
+
+    old_dim: int
+    num_old_classes: int
+    class_means: Optional[Tensor] = None  # C_new × d_old: mean raw old feature per class
+    unit_class_means: Optional[Tensor] = None  # C_new × d_old: mean of unit old features
+    old_head: Optional[Tuple[Tensor, Optional[Tensor]]] = None  # (W, b) of the old classifier
+
+
+@torch.no_grad()
+def class_means(frozen: FrozenNet, loader, num_classes: int) -> Tuple[Tensor, Tensor]:
+    """Per-class means of the frozen model's features over ``loader``: (raw, of unit features).
+    The second is what the BT²/OCA code uses (their old features are L2-normalised)."""
+    sums = unit_sums = None
+    counts = torch.zeros(num_classes)
+    for x, y in loader:
+        e = frozen.embed(x)
+        if sums is None:
+            sums = torch.zeros(num_classes, e.shape[1], device=e.device)
+            unit_sums = torch.zeros_like(sums)
+        sums.index_add_(0, y, e)
+        unit_sums.index_add_(0, y, F.normalize(e, dim=1))
+        counts += torch.bincount(y.cpu(), minlength=num_classes).float()
+    n = counts.clamp_min(1).to(sums.device)[:, None]
+    return sums / n, unit_sums / n
+
+
+@torch.no_grad()
+def embed_all(frozen: FrozenNet, loader) -> Tuple[Tensor, Tensor]:
+    """The frozen model's embeddings of every batch of ``loader`` and their labels."""
+    embs, labels = [], []
+    for x, y in loader:
+        embs.append(frozen.embed(x))
+        labels.append(y)
+    return torch.cat(embs), torch.cat(labels)

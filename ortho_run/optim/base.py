@@ -1,0 +1,94 @@
+"""Optimiser and schedule registries, and the role-tagged parameter groups they take.
+
+Every parameter of a job reaches the optimisers in a ``ParamGroup`` tagged with its role:
+
+- ``stem``: the backbone's first weight matrix/kernel (the input layer);
+- ``hidden``: the backbone's other weights with two or more dims (convolutions, linear layers);
+- ``backbone_1d``: the backbone's biases and normalisation parameters;
+- ``head``: parameters a method trains with the configured optimiser (its classifier);
+- ``method``: method-owned parameters with an optimiser of their own, named by the group (GCR's
+  bases ask for ``grassmann_sgd``).
+
+An optimiser plugin is a builder ``(groups, cfg, device) -> [torch.optim.Optimizer, ...]``
+registered in ``OPTIMIZERS`` with its schema, so one that treats roles differently (Muon-style:
+orthogonalised updates for ``hidden``, AdamW for the rest) returns several optimisers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Optional
+
+import torch
+from torch import nn
+
+from ortho_run.config import OptimConfig
+from ortho_run.registry import Registry
+
+ROLES = ("stem", "hidden", "backbone_1d", "head", "method")
+
+OPTIMIZERS: Registry[Callable[..., List[torch.optim.Optimizer]]] = Registry(
+    "optimiser", group="optim", package="ortho_run.optim", base_schema=OptimConfig)
+#: name -> factor(cfg, step, steps_per_epoch, max_epochs) after the warm-up
+SCHEDULES: Registry[Callable[..., float]] = Registry("schedule", package="ortho_run.optim")
+
+
+@dataclass
+class ParamGroup:
+    role: str
+    params: List[torch.Tensor]
+    optimizer: Optional[str] = None  # a registered optimiser by name; None: the configured one
+    lr_scale: float = 1.0  # this group's lr = optim.lr x lr_scale (then scheduled)
+    weight_decay: Optional[float] = None  # None: optim.weight_decay
+    options: Dict[str, Any] = field(default_factory=dict)  # for the named optimiser
+
+    def __post_init__(self):
+        if self.role not in ROLES:
+            raise ValueError(f"unknown parameter role {self.role!r}; roles: {', '.join(ROLES)}")
+
+
+def backbone_groups(backbone: nn.Module) -> List[ParamGroup]:
+    """The trainable backbone parameters by role: stem, hidden (>= 2-D), backbone_1d."""
+    roles: Dict[str, List[torch.Tensor]] = {"stem": [], "hidden": [], "backbone_1d": []}
+    for p in backbone.parameters():
+        if not p.requires_grad:
+            continue
+        if p.ndim < 2:
+            roles["backbone_1d"].append(p)
+        elif not roles["stem"]:
+            roles["stem"].append(p)
+        else:
+            roles["hidden"].append(p)
+    return [ParamGroup(role, ps) for role, ps in roles.items() if ps]
+
+
+def torch_groups(groups: List[ParamGroup], cfg) -> List[dict]:
+    """torch param-group dicts (lr and weight decay resolved; the role kept for inspection)."""
+    return [{"params": list(g.params), "lr": cfg.lr * g.lr_scale, "role": g.role,
+             "weight_decay": cfg.weight_decay if g.weight_decay is None else g.weight_decay}
+            for g in groups if g.params]
+
+
+def build_optimizers(groups: List[ParamGroup], cfg, device: torch.device
+                     ) -> List[torch.optim.Optimizer]:
+    """One or more optimisers for ``groups``: each group goes to the optimiser it names, the
+    others to the configured one (``optim=<name>``)."""
+    by_name: Dict[str, List[ParamGroup]] = {}
+    for g in groups:
+        if g.params:
+            by_name.setdefault(g.optimizer or str(cfg.name), []).append(g)
+    out: List[torch.optim.Optimizer] = []
+    for name, gs in by_name.items():
+        out += OPTIMIZERS.get(name)(gs, cfg, device)
+    return out
+
+
+def with_fused_fallback(make: Callable[[dict], torch.optim.Optimizer], cfg, device):
+    """``make(kw)`` with fused kernels on CUDA when asked for, falling back to foreach when
+    this torch has no fused kernel for that optimiser/dtype."""
+    if cfg.fused and device.type == "cuda":
+        try:
+            return make({"fused": True})
+        except (RuntimeError, TypeError):
+            pass
+    return make({})

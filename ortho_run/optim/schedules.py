@@ -1,0 +1,58 @@
+"""Learning-rate schedules (``optim.scheduler``), applied per optimiser step after a linear
+warm-up of ``optim.warmup_epochs``. Each is ``factor(cfg, step, warm, total, steps_per_epoch)``,
+the multiplier of every group's base lr; a new one is one more registered function."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ortho_run.optim.base import SCHEDULES
+
+
+@SCHEDULES.register("constant")
+def constant(cfg, step, warm, total, spe):
+    return 1.0
+
+
+@SCHEDULES.register("multistep")
+def multistep(cfg, step, warm, total, spe):
+    epoch = step / spe
+    return cfg.gamma ** sum(1 for m in cfg.milestones if epoch >= m)
+
+
+@SCHEDULES.register("cosine")
+def cosine(cfg, step, warm, total, spe):
+    t = min(1.0, (step - warm) / max(1, total - warm))
+    return cfg.min_lr_factor + (1 - cfg.min_lr_factor) * 0.5 * (1 + math.cos(math.pi * t))
+
+
+@SCHEDULES.register("onecycle")
+def onecycle(cfg, step, warm, total, spe):
+    """Linear up over the warm-up (default 30% of the run) from 0.04, cosine down to ~0."""
+    warm = warm or int(0.3 * total)
+    if step < warm:
+        return 0.04 + 0.96 * step / max(1, warm)
+    t = (step - warm) / max(1, total - warm)
+    return 1e-4 + (1 - 1e-4) * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
+
+
+#: schedules that ramp up themselves (no generic linear warm-up in front)
+SELF_WARMING = {"onecycle"}
+
+
+def lr_factor(cfg, step: int, steps_per_epoch: int, max_epochs: int) -> float:
+    """Multiplier of the base lr after ``step`` optimiser steps."""
+    total = max(1, steps_per_epoch * max_epochs)
+    warm = int(round(cfg.warmup_epochs * steps_per_epoch))
+    name = str(cfg.scheduler)
+    fn = SCHEDULES.get(name)
+    if name not in SELF_WARMING and step < warm:
+        return (step + 1) / warm
+    return fn(cfg, step, warm, total, steps_per_epoch)
+
+
+def build_scheduler(opt: torch.optim.Optimizer, cfg, steps_per_epoch: int, max_epochs: int):
+    return torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: lr_factor(cfg, s, steps_per_epoch, max_epochs))

@@ -1,0 +1,69 @@
+"""The trainer's guards: the non-finite loss window and the stop request (preemption).
+
+Both avoid a host sync per step: losses are written into a small device tensor and read once
+every ``every`` steps; a signal only sets a flag that the loop reads between batches.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import torch
+
+from ortho_run.errors import TrainingDiverged
+
+
+class NonFiniteGuard:
+    """Recent losses on the device; ``check`` reads them once and names the first bad step."""
+
+    def __init__(self, every: int, device: torch.device, checkpoint: Path):
+        self.enabled = every > 0
+        self.every = max(1, every)
+        self.window = torch.zeros(self.every, device=device)
+        self.checkpoint = checkpoint
+
+    def record(self, step: int, loss: torch.Tensor) -> None:
+        """``step``: the number of optimiser steps including this one."""
+        self.window[(step - 1) % self.every] = loss.detach()
+
+    def due(self, step: int) -> bool:
+        return self.enabled and step % self.every == 0
+
+    def check(self, step: int, epoch: int, names: List[str], acc: Optional[torch.Tensor],
+              partial: bool = False) -> None:
+        """Raise TrainingDiverged if a recorded loss is not finite. ``partial``: only the
+        losses recorded since the last full window (the end of an epoch)."""
+        n = ((step - 1) % self.every + 1 if step else 0) if partial else self.every
+        window = self.window[:n]
+        finite = torch.isfinite(window)
+        if bool(finite.all()):
+            return
+        first = int((~finite).nonzero()[0, 0])
+        bad_step = step - (len(window) - first) + 1
+        vals = acc.tolist() if acc is not None else [0.0]
+        parts: Dict[str, float] = {k: v / max(vals[0], 1.0) for k, v in zip(names, vals[1:])}
+        bad = [k for k, v in parts.items() if v != v or v in (float("inf"), float("-inf"))]
+        raise TrainingDiverged(
+            f"non-finite loss at step {bad_step} (epoch {epoch + 1}); non-finite parts: "
+            f"{', '.join(bad) or 'loss'}; epoch means so far: "
+            + ", ".join(f"{k}={v:.4g}" for k, v in parts.items())
+            + (f". The last good checkpoint ({self.checkpoint}) is kept" if self.checkpoint.is_file()
+               else ". No checkpoint was written before it")
+            + ". Lower optim.lr, set trainer.grad_clip, or trainer.on_nonfinite=skip to skip such "
+              "steps.")
+
+
+class StopRequest:
+    """Set by a signal handler; the loop checkpoints and stops at the next batch boundary."""
+
+    def __init__(self):
+        self.signal: Optional[int] = None
+
+    def request(self, signum: int) -> None:
+        if self.signal is None:
+            self.signal = signum
+
+    @property
+    def requested(self) -> bool:
+        return self.signal is not None

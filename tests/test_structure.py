@@ -1,0 +1,236 @@
+"""The plugin shape: one registry style for every group, one place for every default, and the
+import graph flowing one way."""
+
+import ast
+import dataclasses
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+from torch import nn
+
+from conftest import REPO
+
+PLUGIN_GROUPS = ("data", "model", "method", "optim")
+
+
+def _schema_defaults(schema) -> dict:
+    out = {}
+    for f in dataclasses.fields(schema):
+        if f.default is not dataclasses.MISSING:
+            out[f.name] = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            out[f.name] = f.default_factory()
+    return OmegaConf.to_container(OmegaConf.create(
+        {k: (v.value if hasattr(v, "value") else v) for k, v in out.items()}))
+
+
+def test_no_yaml_restates_a_schema_default():
+    """A default lives in one place: the schema. A group yaml holds only what differs."""
+    from ortho_run.config import GROUP_SCHEMAS
+    from ortho_run.store import config_dir, plugin_registries
+
+    regs = plugin_registries()
+    restated = []
+    for group in (*PLUGIN_GROUPS, *GROUP_SCHEMAS):
+        for f in sorted((config_dir() / group).glob("*.yaml")):
+            body = OmegaConf.to_container(OmegaConf.load(f))
+            defaults = body.pop("defaults")
+            target = f"/schema/{group}/{f.stem if group in regs else 'default'}@_here_"
+            assert defaults[0] == target, (f, defaults)
+            schema = regs[group].schema(f.stem) if group in regs else GROUP_SCHEMAS[group]
+            ref = _schema_defaults(schema)
+            restated += [f"{group}/{f.name}: {k}={v!r}" for k, v in body.items()
+                         if k in ref and ref[k] == v]
+    assert not restated, "yaml values equal to their schema default:\n" + "\n".join(restated)
+
+
+def test_every_selectable_plugin_has_a_yaml_and_every_yaml_a_plugin():
+    from ortho_run.store import config_dir, plugin_registries
+
+    for group, reg in plugin_registries().items():
+        assert {p.stem for p in (config_dir() / group).glob("*.yaml")} == set(reg.names()), group
+
+
+def test_schemas_are_not_selectable_options():
+    from conftest import compose
+    from hydra.errors import MissingConfigException
+
+    for ov in ("method=ce_schema", "data=schema", "trainer=schema", "method=schema"):
+        with pytest.raises(MissingConfigException) as e:
+            compose([ov])
+        assert "schema" not in str(e.value).split("Available options")[-1].split("Config search")[0]
+
+
+# ------------------------------------------------------------------ toy plugins of each kind
+@dataclass
+class _ToyDataConfig:
+    pass
+
+
+@pytest.fixture
+def toy_plugins(tmp_path):
+    """One toy plugin per group, registered the way a plugin file does, plus its yaml in a copy
+    of the conf tree: nothing else changes."""
+    from ortho_run.config import DataConfig, MethodConfig, ModelConfig, OptimConfig
+    from ortho_run.datasets.base import SOURCES, DataSet, Split
+    from ortho_run.methods import METHODS, Method, MethodOutput
+    from ortho_run.models import MODELS
+    from ortho_run.optim import OPTIMIZERS, SCHEDULES, torch_groups
+
+    @dataclass
+    class ToyData(DataConfig):
+        n: int = 40
+
+    @SOURCES.register("toy_data", schema=ToyData)
+    def load_toy(cfg):
+        g = torch.Generator().manual_seed(0)
+        y = torch.arange(cfg.n) % 2
+        x = (y[:, None, None, None] * 200 + torch.randint(0, 50, (cfg.n, 1, 4, 4), generator=g))
+        s = Split(y=y, x=x.to(torch.uint8))
+        return DataSet("toy_data", s, s, num_classes=2, channels=1, image_size=4)
+
+    @dataclass
+    class ToyModel(ModelConfig):
+        hidden: int = 5
+
+    @MODELS.register("toy_model", schema=ToyModel)
+    def toy_model(cfg, in_channels, image_size):
+        return nn.Sequential(nn.Flatten(), nn.Linear(in_channels * image_size ** 2, cfg.hidden)), cfg.hidden
+
+    @dataclass
+    class ToyMethodConfig(MethodConfig):
+        name: str = "toy_method"
+        temperature: float = 1.0
+
+    @METHODS.register("toy_method")
+    class ToyMethod(Method):
+        Config = ToyMethodConfig
+
+        def __init__(self, cfg, ctx):
+            super().__init__(cfg, ctx)
+            self.fc = nn.Linear(ctx.feature_dim, ctx.num_classes)
+
+        def forward(self, batch):
+            return MethodOutput(logits=self.fc(batch.features) / self.cfg.temperature)
+
+    @dataclass
+    class ToyOptim(OptimConfig):
+        lr: float = 0.05
+        scheduler: str = "toy_schedule"
+
+    calls = []
+
+    @OPTIMIZERS.register("toy_optim", schema=ToyOptim)
+    def toy_optim(groups, cfg, device):
+        calls.append(sorted(g.role for g in groups))
+        return [torch.optim.SGD(torch_groups(groups, cfg), lr=cfg.lr)]
+
+    @SCHEDULES.register("toy_schedule")
+    def toy_schedule(cfg, step, warm, total, spe):
+        return 1.0 / (1 + step)
+
+    conf = tmp_path / "conf"
+    shutil.copytree(REPO / "conf", conf)
+    for group, name in (("data", "toy_data"), ("model", "toy_model"), ("method", "toy_method"),
+                        ("optim", "toy_optim")):
+        (conf / group / f"{name}.yaml").write_text(
+            f"defaults: [/schema/{group}/{name}@_here_, _self_]\n")
+    yield conf, calls
+    for reg, name in ((SOURCES, "toy_data"), (MODELS, "toy_model"), (METHODS, "toy_method"),
+                      (OPTIMIZERS, "toy_optim"), (SCHEDULES, "toy_schedule")):
+        reg.unregister(name)
+
+
+def test_a_toy_plugin_of_each_kind_is_one_registration_plus_one_yaml(tmp_path, toy_plugins):
+    from hydra import compose, initialize_config_dir
+
+    from ortho_run.runner.run import run
+    from ortho_run.store import register_configs
+
+    conf, calls = toy_plugins
+    register_configs()
+    with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=[
+            "data=toy_data", "model=toy_model", "method=toy_method", "optim=toy_optim",
+            "logger.mode=disabled", "trainer.progress=off", "trainer.max_epochs=3",
+            "data.batch_size=8", "method.temperature=0.5", "model.hidden=6"])
+    s = run(cfg, tmp_path / "run")
+    assert s["status"] == "finished" and s["test/acc1"] == 1.0  # a separable toy task
+    assert calls == [["backbone_1d", "head", "stem"]]  # role-tagged groups reached the optimiser
+    rows = [OmegaConf.to_container(OmegaConf.create(l)) for l in
+            (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    steps = rows[-1]["step"]
+    assert rows[-1]["lr"] == pytest.approx(0.05 / (1 + steps))  # the toy schedule drove the lr
+    assert OmegaConf.load(tmp_path / "run" / "resolved_config.yaml").model.hidden == 6
+
+
+def test_gcr_bases_go_to_the_riemannian_optimiser_by_name():
+    from conftest import compose
+
+    from ortho_run.runner.run import build_job
+
+    cfg = compose(["method=gcr", "experiment=smoke", "logger.mode=disabled"])
+    job = build_job(cfg, Path("/nonexistent"))
+    kinds = [type(o).__name__ for o in job.trainer.optimizers]
+    assert kinds == ["SGD", "GrassmannSGD"]
+    roles = {g["role"] for g in job.trainer.optimizers[0].param_groups}
+    assert roles == {"stem", "hidden", "backbone_1d"}  # the bases are not in SGD (no decay)
+    assert job.trainer.optimizers[1].param_groups[0]["params"][0] is job.net.method.bases
+
+
+# ------------------------------------------------------------------ the import graph
+def _imports(path: Path):
+    """Every ortho_run module a file imports, at module level or inside functions."""
+    tree = ast.parse(path.read_text())
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("ortho_run"):
+            yield node.module
+        elif isinstance(node, ast.Import):
+            yield from (a.name for a in node.names if a.name.startswith("ortho_run"))
+
+
+def test_compat_never_imports_the_runner_and_plugins_never_import_either():
+    pkg = REPO / "ortho_run"
+    for sub, forbidden in (("compat", ("ortho_run.runner", "ortho_run.cli", "ortho_run.bench")),
+                           ("methods", ("ortho_run.runner", "ortho_run.compat")),
+                           ("models", ("ortho_run.runner", "ortho_run.compat",
+                                       "ortho_run.methods")),
+                           ("datasets", ("ortho_run.runner", "ortho_run.compat",
+                                         "ortho_run.methods")),
+                           ("optim", ("ortho_run.runner", "ortho_run.compat",
+                                      "ortho_run.methods"))):
+        for f in (pkg / sub).glob("*.py"):
+            bad = [m for m in _imports(f) if m.startswith(forbidden)]
+            assert not bad, (f, bad)
+    for f in ("assemble.py", "checkpoint.py", "retrieval.py", "store.py", "validate.py"):
+        bad = [m for m in _imports(pkg / f) if m.startswith(("ortho_run.runner", "ortho_run.compat"))]
+        assert not bad, (f, bad)
+
+
+def test_the_runner_hands_compat_a_launch_function_and_compat_calls_only_that(monkeypatch,
+                                                                              tmp_path):
+    """At run time too, compat reaches training only through the function it was given."""
+    import ortho_run.compat.provider as provider
+
+    from conftest import compose
+
+    launched = []
+
+    def fake_launch(cfg, run_dir):
+        launched.append(cfg.tag)
+        raise RuntimeError("stop here")
+
+    cfg = compose(["experiment=compat_smoke", "method=bct", f"cache_dir={tmp_path}"])
+    with pytest.raises(RuntimeError, match="stop here"):
+        provider.CompatService(cfg, provider_needs(), fake_launch, torch.device("cpu"))
+    assert launched == ["old-model"]
+
+
+def provider_needs():
+    from ortho_run.methods import Needs
+
+    return Needs(old_model=True)
