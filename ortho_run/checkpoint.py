@@ -1,8 +1,9 @@
 """Checkpoints: written atomically (temp file, fsync, rename), checked on load.
 
 A process killed at any moment leaves ``last.pt`` either as the previous complete checkpoint
-or the new complete one. ``last.pt`` carries a fingerprint of the model/method config so that
-a checkpoint from another model or method is refused with a clear message.
+or the new complete one. ``last.pt`` carries the run's resolved config: resuming compares it with
+the config of the run that resumes and refuses, listing the keys that differ, when they would
+change what is learned (``trainer.resume=force`` resumes anyway and says so in the summary).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import torch
 from omegaconf import OmegaConf
 
 from ortho_run.errors import CheckpointError
-from ortho_run.io import atomic_torch_save
+from ortho_run.io import atomic_torch_save, remove_stale_temps
 
 FORMAT = "ortho-run/1"
 
@@ -29,20 +30,67 @@ def fingerprint(cfg) -> Dict[str, Any]:
     }
 
 
+#: keys that do not change what a run learns: a resume may differ in them. ``max_epochs`` may
+#: grow (checked separately); the rest is where and how results are reported or computed.
+RESUME_FREE = (
+    "logger", "output_root", "cache_dir", "tag", "objective", "compat.evaluate",
+    "trainer.max_epochs", "trainer.progress", "trainer.device", "trainer.resume",
+    "trainer.eval_every", "trainer.checkpoint_every", "trainer.log_every_steps",
+    "trainer.nonfinite_check_every", "trainer.geometry", "trainer.retrieval",
+    "trainer.tta_flip", "trainer.compile", "trainer.compile_mode", "trainer.channels_last",
+    "data.eval_batch_size", "data.num_workers",
+)
+
+
+def run_config(cfg) -> Dict[str, Any]:
+    return OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
+
+
+def _flat(d: Any, prefix: str = "") -> Dict[str, Any]:
+    if isinstance(d, dict):
+        out: Dict[str, Any] = {}
+        for k, v in d.items():
+            out.update(_flat(v, f"{prefix}{k}."))
+        return out
+    return {prefix[:-1]: d}
+
+
+def config_differences(saved: Dict[str, Any], cfg) -> Dict[str, tuple]:
+    """``{key: (checkpoint value, this run's value)}`` for the keys that change what is
+    learned."""
+    a, b = _flat(saved), _flat(run_config(cfg))
+    free = lambda k: any(k == f or k.startswith(f + ".") for f in RESUME_FREE)  # noqa: E731
+    missing = object()
+    diff = {k: (a.get(k, missing), b.get(k, missing)) for k in sorted(set(a) | set(b))
+            if not free(k) and a.get(k, missing) != b.get(k, missing)}
+    # another plugin (method=..., optim=...): its name says it; its own keys follow from it
+    swapped = [k[:-len(".name")] for k in diff if k.endswith(".name") and k.count(".") == 1]
+    return {k: v for k, v in diff.items()
+            if not any(k.startswith(g + ".") and k != g + ".name" for g in swapped)}
+
+
+def describe_differences(diff: Dict[str, tuple]) -> str:
+    def show(v):
+        plain = (str, int, float, bool, list, dict, type(None))
+        return json.dumps(v) if isinstance(v, plain) else "(absent)"
+
+    return "; ".join(f"{k}={show(b)} (checkpoint: {show(a)})" for k, (a, b) in diff.items())
+
+
 def save(path: Path, state: Dict[str, Any]) -> None:
-    """Atomic write, then remove temp files that killed writers left (one writer per run dir)."""
+    """Atomic write, then remove the temp files of writers that were killed mid-write."""
     state = dict(state, format=FORMAT)
     atomic_torch_save(state, path)
-    for stale in Path(path).parent.glob(f".{Path(path).name}.*.tmp"):
-        stale.unlink(missing_ok=True)
+    remove_stale_temps(path)
 
 
 def resolve_resume(spec: str, run_dir: Path) -> Optional[Path]:
-    """``none`` -> None; ``auto`` -> run_dir's last.pt if present; else a run dir or a file."""
+    """``none`` -> None; ``auto``/``force`` -> run_dir's last.pt if present; else a run dir or a
+    file."""
     spec = str(spec)
     if spec in ("none", "", "null", "false"):
         return None
-    if spec == "auto":
+    if spec in ("auto", "force"):
         p = run_dir / "checkpoints" / "last.pt"
         return p if p.is_file() else None
     p = Path(spec).expanduser()
@@ -50,29 +98,52 @@ def resolve_resume(spec: str, run_dir: Path) -> Optional[Path]:
         p = p / "checkpoints" / "last.pt"
     if not p.is_file():
         raise CheckpointError(f"trainer.resume={spec}: no checkpoint at {p}. Give a run dir "
-                              f"holding checkpoints/last.pt, a .pt file, or trainer.resume=auto.")
+                              f"holding checkpoints/last.pt, a .pt file, trainer.resume=auto or "
+                              f"none.")
     return p
 
 
-def load(path: Path, cfg=None, map_location="cpu") -> Dict[str, Any]:
+def load(path: Path, map_location="cpu") -> Dict[str, Any]:
     try:
         state = torch.load(path, map_location=map_location, weights_only=False)
     except Exception as exc:
         raise CheckpointError(f"{path} cannot be read as a checkpoint ({type(exc).__name__}: "
-                              f"{exc}). It is truncated or not an ortho-run checkpoint; remove it "
-                              f"or point trainer.resume at another one.") from None
+                              f"{str(exc).splitlines()[0] if str(exc) else ''}). It is truncated "
+                              f"or not an ortho-run checkpoint; move it away (or set "
+                              f"trainer.resume=none to start over in this run dir).") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not an ortho-run checkpoint (format "
                               f"{state.get('format') if isinstance(state, dict) else type(state).__name__!r}).")
-    if cfg is not None:
+    return state
+
+
+def check_resume(path: Path, state: Dict[str, Any], cfg) -> Dict[str, tuple]:
+    """Refuse to resume ``state`` under ``cfg`` when that would continue another experiment.
+    Returns the differences accepted by ``trainer.resume=force`` (empty when none)."""
+    saved = state.get("config")
+    if saved is None:  # a checkpoint from before configs were stored: model and method only
         want, got = fingerprint(cfg), state.get("fingerprint")
         if got != want:
             raise CheckpointError(
                 f"{path} was written by another model or method: checkpoint has "
-                f"{json.dumps(got, sort_keys=True)}, this run has {json.dumps(want, sort_keys=True)}. "
-                f"Resume with the config it was trained with (its run dir's .hydra/config.yaml) "
-                f"or start a fresh run dir.")
-    return state
+                f"{json.dumps(got, sort_keys=True)}, this run has "
+                f"{json.dumps(want, sort_keys=True)}. Resume with the config it was trained with "
+                f"(its run dir's resolved_config.yaml) or start a fresh run dir.")
+        return {}
+    diff = config_differences(saved, cfg)
+    if diff and str(cfg.trainer.resume) != "force":
+        raise CheckpointError(
+            f"{path} was written by a run with another config, so resuming it would continue "
+            f"another experiment. Differences: {describe_differences(diff)}. Rerun with the "
+            f"checkpoint's config (its run dir's resolved_config.yaml), give this run another "
+            f"hydra.run.dir (or trainer.resume=none to start over in this dir), or set "
+            f"trainer.resume=force to continue anyway (summary.json records it).")
+    if state.get("epoch", 0) > cfg.trainer.max_epochs:
+        raise CheckpointError(
+            f"{path} is at epoch {state['epoch']}, beyond trainer.max_epochs="
+            f"{cfg.trainer.max_epochs}: a resumed run may train longer, not shorter. Set "
+            f"trainer.max_epochs>={state['epoch']} or start another run dir.")
+    return diff
 
 
 def config_hash(container: Any) -> str:

@@ -39,6 +39,9 @@ def _job_info():
     return Path(hc.runtime.output_dir), multirun, info
 
 
+_STATE = {"crashed": False}  # a task raised an unexpected exception (a bug: exit 1)
+
+
 def task(cfg) -> Any:
     from ortho_run.runner.run import run
 
@@ -56,6 +59,7 @@ def task(cfg) -> Any:
         if multirun:
             log.exception("job %s failed", run_dir)
             return None
+        _STATE["crashed"] = True
         raise
 
 
@@ -63,6 +67,12 @@ def _check_writable(path: Path, key: str) -> None:
     """Fail before Hydra creates anything when the output folder cannot be written."""
     import os
 
+    for part in path.parts:
+        if len(part.encode()) > 255:
+            print(f"ortho-run: error: the output folder {path} has a path component of "
+                  f"{len(part.encode())} bytes ({part[:40]}...); file systems allow 255. "
+                  f"Shorten {key} (or output_root).", file=sys.stderr)
+            sys.exit(2)
     probe = path
     while not probe.exists() and probe != probe.parent:
         probe = probe.parent
@@ -77,19 +87,29 @@ def _check_writable(path: Path, key: str) -> None:
         sys.exit(2)
 
 
+def _check_output_root(config) -> None:
+    if not str(config.get("output_root", "x")).strip():
+        print("ortho-run: error: output_root is empty: set it to a folder (default: outputs)",
+              file=sys.stderr)
+        sys.exit(2)
+
+
 class SweepReport(Callback):
     """Before: the output folder must be writable. After a multirun: list the failed jobs."""
 
     def on_run_start(self, config, **kwargs) -> None:
+        _check_output_root(config)
         _check_writable(Path(config.hydra.run.dir), "hydra.run.dir")
 
     def on_multirun_start(self, config, **kwargs) -> None:
+        _check_output_root(config)
         _check_writable(Path(config.hydra.sweep.dir), "hydra.sweep.dir")
 
     def on_multirun_end(self, config, **kwargs) -> None:
         sweep = Path(config.hydra.sweep.dir)
         failed = []
-        for job in sorted(p for p in sweep.iterdir() if (p / ".hydra").is_dir()):
+        jobs = [p for p in sweep.iterdir() if p.is_dir()] if sweep.is_dir() else []
+        for job in sorted(p for p in jobs if (p / "summary.json").exists() or (p / ".hydra").is_dir()):
             f = job / "summary.json"
             try:
                 s = json.loads(f.read_text())
@@ -121,7 +141,15 @@ def main() -> None:
     register_configs()
     _worker_rank_overrides()
     _FAILED.clear()
-    hydra.main(config_path=str(config_dir()), config_name="config", version_base="1.3")(task)()
+    try:
+        hydra.main(config_path=str(config_dir()), config_name="config",
+                   version_base="1.3")(task)()
+    except SystemExit as exc:
+        # Hydra reports its own errors (an unknown option, a bad override, a config that does
+        # not compose) with exit code 1, outside any task: they are the user's config errors
+        if exc.code == 1 and not _STATE["crashed"]:
+            sys.exit(2)
+        raise
     if _FAILED:
         sys.exit(EXIT_SWEEP_FAILED)
 

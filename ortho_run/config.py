@@ -157,6 +157,8 @@ class LoggerConfig:
     group: Optional[str] = None  # default: the sweep name in multirun
     name: Optional[str] = None  # default: <method>_<data>_s<seed>
     tags: List[str] = field(default_factory=list)
+    # seconds W&B may take to start an online run (then the run goes on offline)
+    init_timeout: float = 60.0
 
 
 @dataclass
@@ -196,7 +198,7 @@ GROUP_SCHEMAS = {
 # (key, check, what it must be): value checks the type system cannot express. A key that the
 # chosen plugin's schema does not have is skipped.
 RANGES = [
-    ("seed", lambda v: 0 <= v < 2**63, "in [0, 2^63)"),
+    ("seed", lambda v: 0 <= v < 2**62, "in [0, 2^62)"),
     ("data.batch_size", lambda v: v >= 1, ">= 1"),
     ("data.eval_batch_size", lambda v: v >= 1, ">= 1"),
     ("data.num_workers", lambda v: v >= 0, ">= 0"),
@@ -219,6 +221,7 @@ RANGES = [
     ("trainer.label_smoothing", lambda v: 0 <= v < 1, "in [0, 1)"),
     ("trainer.grad_clip", lambda v: v is None or v > 0, "> 0 or null"),
     ("trainer.limit_train_batches", lambda v: v is None or v >= 1, ">= 1 or null"),
+    ("logger.init_timeout", lambda v: v > 0, "> 0"),
 ]
 
 

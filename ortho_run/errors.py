@@ -27,6 +27,10 @@ class CheckpointError(OrthoRunError):
     pass
 
 
+class DiskFull(OrthoRunError):
+    """No space left while writing a file (a checkpoint, the summary, a cache entry)."""
+
+
 class TrainingDiverged(OrthoRunError):
     exit_code = EXIT_DIVERGED
 

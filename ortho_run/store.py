@@ -66,7 +66,9 @@ def structured(container, source: str = "config") -> DictConfig:
     except (KeyError, TypeError) as exc:
         raise ConfigError(f"{source}: not an ortho-run run config ({exc})") from None
     except Exception as exc:  # omegaconf's validation errors name the key
-        raise ConfigError(f"{source}: {str(exc).splitlines()[0]}") from None
+        key = getattr(exc, "full_key", None)
+        where = f" (key {key})" if key else ""
+        raise ConfigError(f"{source}: {str(exc).splitlines()[0]}{where}") from None
 
 
 def path_safe(text: str, limit: int = 120) -> str:

@@ -6,6 +6,7 @@ and each chosen plugin schema's own ``checks`` (``[(field, ok, what it must be),
 
 from __future__ import annotations
 
+import logging
 import math
 from typing import Any, Iterator, Tuple
 
@@ -15,6 +16,7 @@ from ortho_run.config import RANGES
 from ortho_run.errors import ConfigError
 
 _ABSENT = object()
+log = logging.getLogger("ortho_run")
 
 
 def _walk(node: Any, prefix: str = "") -> Iterator[Tuple[str, Any]]:
@@ -43,7 +45,7 @@ def _check(cfg, key: str, ok, what: str) -> None:
 def validate(cfg) -> None:
     """Raise ConfigError naming the first bad key."""
     from ortho_run.optim import SCHEDULES
-    from ortho_run.store import plugin_registries
+    from ortho_run.store import plugin_registries, structured
 
     try:
         container = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
@@ -52,6 +54,8 @@ def validate(cfg) -> None:
     regs = plugin_registries()
     for group, reg in regs.items():
         reg.get(str(cfg[group].name))
+    # keys appended with +key=... bypass the schemas at composition: refuse them like a typo
+    structured(container, source="unknown key")
     if str(cfg.optim.scheduler) not in SCHEDULES:
         raise ConfigError(f"optim.scheduler={cfg.optim.scheduler}: use one of "
                           f"{', '.join(SCHEDULES.names())}")
@@ -65,3 +69,7 @@ def validate(cfg) -> None:
             _check(cfg, f"{group}.{field}", ok, what)
     if not str(cfg.output_root).strip():
         raise ConfigError("output_root is empty: set it to a folder (default: outputs)")
+    if cfg.optim.warmup_epochs > cfg.trainer.max_epochs:
+        log.warning("optim.warmup_epochs=%g is longer than the run (trainer.max_epochs=%d): the "
+                    "learning rate never reaches optim.lr=%g", cfg.optim.warmup_epochs,
+                    cfg.trainer.max_epochs, cfg.optim.lr)

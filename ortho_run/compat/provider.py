@@ -22,7 +22,7 @@ from ortho_run.checkpoint import config_hash
 from ortho_run.compat.artifacts import CompatArtifacts, FrozenNet, class_means, embed_all
 from ortho_run.compat.evaluate import compat_matrix
 from ortho_run.errors import ConfigError
-from ortho_run.io import cache_root
+from ortho_run.io import cache_folder
 
 log = logging.getLogger("ortho_run")
 
@@ -74,12 +74,7 @@ def train_or_load(cfg, classes, method: str, launch: Launch, overrides=(), devic
     key_src["trainer"] = {k: v for k, v in key_src["trainer"].items()
                           if k not in ("progress", "resume", "device")}
     key = config_hash(key_src)
-    root = cache_root(cfg.cache_dir) / "models"
-    try:
-        root.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise ConfigError(f"cache_dir={cfg.cache_dir}: cannot create {root} ({exc.strerror}); "
-                          f"set cache_dir (or ORTHO_RUN_CACHE) to a writable folder") from None
+    root = cache_folder(cfg.cache_dir, "models")
     run_dir = root / key
     with FileLock(str(run_dir) + ".lock"):
         summary = run_dir / "summary.json"
@@ -100,9 +95,14 @@ class CompatService:
     set (the runner's, so old and new models see identical batches).
     """
 
-    def __init__(self, cfg, needs, launch: Launch, device):
+    def __init__(self, cfg, needs, launch: Launch, device, num_classes: Optional[int] = None):
         self.cfg, self.needs, self.launch, self.device = cfg, needs, launch, device
         c = cfg.compat
+        if num_classes is not None and not c.old_ckpt:  # checked here, named as the user set it
+            from ortho_run.datasets.base import resolve_classes
+
+            resolve_classes(OmegaConf.to_container(c, resolve=True)["old_classes"], num_classes,
+                            key="compat.old_classes")
         if c.old_ckpt:
             p = Path(c.old_ckpt).expanduser()
             net, old_cfg, n_old = load_run(p if p.is_dir() else p.parent.parent, device)

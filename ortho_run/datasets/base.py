@@ -7,14 +7,17 @@ return (path, label) lists read by a DataLoader.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
 from ortho_run.config import DataConfig
-from ortho_run.errors import ConfigError
+from ortho_run.errors import ConfigError, DataError
 from ortho_run.registry import Registry
+
+log = logging.getLogger("ortho_run")
 
 #: name -> loader(cfg) -> DataSet; each source file registers itself with its schema
 SOURCES: Registry[Callable[[Any], "DataSet"]] = Registry(
@@ -67,26 +70,33 @@ def channel_stats(x: torch.Tensor) -> Tuple[Tuple[float, ...], Tuple[float, ...]
     return tuple(mean.tolist()), tuple(std.tolist())
 
 
-def resolve_classes(spec: Any, num_classes: int) -> Optional[List[int]]:
+def resolve_classes(spec: Any, num_classes: int, key: str = "data.classes"
+                    ) -> Optional[List[int]]:
+    """Class ids selected by ``spec`` (None: all). ``key`` names the option in errors."""
     if spec is None:
         return None
     if isinstance(spec, str):
         half = num_classes // 2
         if spec == "first_half":
-            return list(range(half))
-        if spec == "second_half":
-            return list(range(half, num_classes))
-        if spec == "all":
+            ids = list(range(half))
+        elif spec == "second_half":
+            ids = list(range(half, num_classes))
+        elif spec == "all":
             return None
-        raise ConfigError(f"data.classes={spec!r}: use first_half, second_half, all, null or a "
-                          f"list of class ids")
-    try:
-        ids = sorted({int(c) for c in spec})
-    except (TypeError, ValueError):
-        raise ConfigError(f"data.classes={spec!r}: expected a list of integer class ids") from None
-    bad = [c for c in ids if not 0 <= c < num_classes]
-    if bad or not ids:
-        raise ConfigError(f"data.classes: ids {bad or ids} not in 0..{num_classes - 1}")
+        else:
+            raise ConfigError(f"{key}={spec!r}: use first_half, second_half, all, null or a "
+                              f"list of class ids")
+    else:
+        try:
+            ids = sorted({int(c) for c in spec})
+        except (TypeError, ValueError):
+            raise ConfigError(f"{key}={spec!r}: expected a list of integer class ids") from None
+        bad = [c for c in ids if not 0 <= c < num_classes]
+        if bad or not ids:
+            raise ConfigError(f"{key}: ids {bad or ids} not in 0..{num_classes - 1}")
+    if len(ids) < 2:
+        raise ConfigError(f"{key}={spec!r} selects {len(ids)} class of {num_classes}: a "
+                          f"classifier (and retrieval) needs at least 2 classes")
     return ids
 
 
@@ -135,6 +145,10 @@ def finalize(ds: DataSet, cfg) -> DataSet:
     if len(train) == 0 or len(test) == 0:
         raise ConfigError(f"data set {ds.name!r} has an empty train or test split after "
                           f"data.classes / data.max_train_samples")
+    if len(class_ids) < 2:
+        raise DataError(f"data set {ds.name!r} has {len(class_ids)} class: a classifier (and "
+                        f"retrieval) needs at least 2")
+    _warn_unseen(train, test, names or [str(c) for c in class_ids], ds.name)
     mean, std = ds.mean, ds.std
     if train.x is not None and not mean:
         mean, std = channel_stats(train.x)
@@ -142,9 +156,30 @@ def finalize(ds: DataSet, cfg) -> DataSet:
                    class_names=names, class_ids=class_ids, mean=mean, std=std)
 
 
+def _warn_unseen(train: Split, test: Split, names: Sequence[str], name: str) -> None:
+    """Say so when test classes have no training images (they cannot be learned)."""
+    n = len(names)
+    have = torch.bincount(train.y, minlength=n)[:n]
+    test_n = torch.bincount(test.y, minlength=n)[:n]
+    unseen = [i for i in range(n) if have[i] == 0 and test_n[i] > 0]
+    if unseen:
+        log.warning("%s: %d test class(es) have no training images (%s; %d test images): they "
+                    "count as errors in test accuracy", name, len(unseen),
+                    ", ".join(names[i] for i in unseen[:10]), int(test_n[unseen].sum()))
+
+
 def load_dataset(cfg) -> DataSet:
     """Build the data set named by ``cfg.name`` (a ``DataConfig``)."""
-    return finalize(SOURCES.get(cfg.name)(cfg), cfg)
+    source = SOURCES.get(cfg.name)
+    try:
+        ds = source(cfg)
+    except PermissionError as exc:
+        raise DataError(f"data={cfg.name}: no permission to read {exc.filename}: make it "
+                        f"readable (chmod) or point data.root elsewhere") from None
+    except (IsADirectoryError, NotADirectoryError, FileNotFoundError) as exc:
+        raise DataError(f"data={cfg.name}: {exc.strerror}: {exc.filename}; check data.root")\
+            from None
+    return finalize(ds, cfg)
 
 
 def to_uint8(x: torch.Tensor, lo: float, hi: float) -> torch.Tensor:

@@ -77,13 +77,21 @@ def _read_batch(path: Path, label_key: str) -> Tuple[np.ndarray, np.ndarray]:
     try:
         with open(path, "rb") as f:
             obj = pickle.load(f, encoding="latin1")
-        data = np.asarray(obj["data"], dtype=np.uint8)
+        raw = np.asarray(obj["data"])
         labels = np.asarray(obj[label_key], dtype=np.int64)
     except (pickle.UnpicklingError, EOFError, KeyError, ValueError, TypeError, AttributeError,
             ImportError, IndexError) as exc:
         raise DataError(f"{path} is not a readable CIFAR python batch ({type(exc).__name__}: "
                         f"{exc}). It is truncated or in another format: delete it and extract the "
                         f"python version of the archive again.") from None
+    if raw.dtype != np.uint8 and not (np.issubdtype(raw.dtype, np.integer) and raw.size
+                                      and raw.min() >= 0 and raw.max() <= 255):
+        what = (f"{raw.dtype} values in [{raw.min():.3g}, {raw.max():.3g}]" if raw.size
+                and np.issubdtype(raw.dtype, np.number) else f"dtype {raw.dtype}")
+        raise DataError(f"{path}: 'data' holds {what}; the CIFAR format stores uint8 pixels "
+                        f"0..255 (floats in [0, 1] would all round to black). Write the batch as "
+                        f"uint8 (x * 255).round().astype('uint8') or extract the original files.")
+    data = raw.astype(np.uint8)
     if data.ndim != 2 or data.shape[1] != 3072 or len(data) != len(labels):
         raise DataError(f"{path}: expected 'data' of shape N×3072 and N labels, got "
                         f"{data.shape} and {len(labels)}: delete it and extract it again.")

@@ -8,8 +8,10 @@ Read by the DataLoader pipeline (workers, pinned memory); images are resized/cro
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import ClassVar
 
 import torch
@@ -18,7 +20,8 @@ from omegaconf import MISSING
 from ortho_run.config import Augment, DataConfig, Pipeline, at_least
 from ortho_run.datasets.base import SOURCES, DataSet, Split
 from ortho_run.errors import DataError
-from pathlib import Path
+
+log = logging.getLogger("ortho_run")
 
 
 @dataclass
@@ -30,6 +33,9 @@ class ImageFolderConfig(DataConfig):
     augment: Augment = Augment.crop_flip
     pipeline: Pipeline = Pipeline.loader
     num_workers: int = 8
+    # open every image once at load time and leave out (with a count) those that cannot be
+    # decoded; off: a bad image stops the run naming the file
+    verify_images: bool = False
     checks: ClassVar[list] = at_least(1, "image_size")
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -51,6 +57,33 @@ def _scan(folder: Path, classes=None):
     return classes, samples
 
 
+def check_image(path: str) -> None:
+    """Decode one image fully; DataError naming the file if it cannot be."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as img:
+            img.convert("RGB").load()
+    except Exception as exc:  # UnidentifiedImageError, truncated files, OSError
+        raise DataError(f"cannot decode the image {path} ({type(exc).__name__}: "
+                        f"{str(exc).splitlines()[0] if str(exc) else ''}): remove or replace it, "
+                        f"or set data.verify_images=true to leave out every such file") from None
+
+
+def _verified(samples, split: str):
+    good, bad = [], []
+    for path, label in samples:
+        try:
+            check_image(path)
+            good.append((path, label))
+        except DataError:
+            bad.append(path)
+    if bad:
+        log.warning("imagefolder: left out %d %s image(s) that cannot be decoded, e.g. %s",
+                    len(bad), split, ", ".join(bad[:3]))
+    return good
+
+
 @SOURCES.register("imagefolder", schema=ImageFolderConfig)
 def load_imagefolder(cfg) -> DataSet:
     root = Path(os.path.expanduser(cfg.root))
@@ -61,6 +94,14 @@ def load_imagefolder(cfg) -> DataSet:
                         f"{root}/test/<class>/... (or val/); set data.root to that folder.")
     classes, train = _scan(train_dir)
     _, test = _scan(test_dir, classes)
+    extra = sorted(set(e.name for e in os.scandir(test_dir) if e.is_dir()) - set(classes))
+    if extra:
+        n = sum(len(list((test_dir / c).iterdir())) for c in extra)
+        log.warning("imagefolder: %d class folder(s) of %s have no training folder and are left "
+                    "out of the test split (%s; %d files)", len(extra), test_dir.name,
+                    ", ".join(extra[:10]), n)
+    if cfg.verify_images:
+        train, test = _verified(train, "train"), _verified(test, test_dir.name)
 
     def split(samples):
         return Split(y=torch.tensor([s[1] for s in samples], dtype=torch.long),

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from ortho_run.datasets.base import DataSet, Split
-from ortho_run.errors import ConfigError
+from ortho_run.errors import ConfigError, DataError
 
 
 def epoch_seed(seed: int, epoch: int) -> int:
@@ -137,8 +137,14 @@ class _FileImages(torch.utils.data.Dataset):
     def __getitem__(self, i):
         from PIL import Image
 
-        with open(self.files[i], "rb") as f:
-            img = Image.open(f).convert("RGB")
+        try:
+            with open(self.files[i], "rb") as f:
+                img = Image.open(f).convert("RGB")
+        except Exception as exc:  # runs in a worker: the loader re-raises it by name
+            raise DataError(f"cannot decode the image {self.files[i]} ({type(exc).__name__}: "
+                            f"{str(exc).splitlines()[0] if str(exc) else ''}): remove or replace "
+                            f"it, or set data.verify_images=true to leave out every such "
+                            f"file") from None
         return self.transform(img), int(self.y[i])
 
 
@@ -195,9 +201,16 @@ class TorchLoader:
     def __iter__(self):
         self.gen.manual_seed(epoch_seed(self.seed, self.epoch))
         mf = torch.channels_last if self.channels_last else torch.contiguous_format
-        for i, (x, y) in enumerate(self.dl):
-            if self.limit and i >= self.limit:
-                break
+        it = iter(self.dl)
+        for i in range(len(self)):
+            try:
+                x, y = next(it)
+            except StopIteration:
+                return
+            except DataError as exc:  # from a worker: keep the message, drop the traceback
+                text = str(exc)
+                lines = [ln for ln in text.splitlines() if "cannot decode the image" in ln]
+                raise DataError(lines[-1].split("DataError: ")[-1] if lines else text) from None
             yield (x.to(self.device, non_blocking=True).contiguous(memory_format=mf),
                    y.to(self.device, non_blocking=True))
 

@@ -13,11 +13,12 @@ The new backbone's feature dim must equal the old one's (``model.embed_dim`` on 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 
-from ortho_run.config import Choice
+from ortho_run.config import Choice, at_least
 from ortho_run.errors import ConfigError
 from ortho_run.methods.base import Needs, register
 from ortho_run.methods.ce import CE, CEConfig
@@ -33,6 +34,7 @@ class BCTConfig(CEConfig):
     name: str = "bct"
     alpha: float = 1.0
     influence: Influence = Influence.old_head
+    checks: ClassVar[list] = at_least(0, "alpha")
 
 
 @register("bct")

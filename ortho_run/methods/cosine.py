@@ -7,12 +7,13 @@ GCR's gain partly comes from normalisation and the scale s; this row makes the c
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ortho_run.config import MethodConfig
+from ortho_run.config import MethodConfig, positive
 from ortho_run.methods.base import Method, MethodOutput, register, row_orthogonality
 
 
@@ -20,6 +21,7 @@ from ortho_run.methods.base import Method, MethodOutput, register, row_orthogona
 class CosineConfig(MethodConfig):
     name: str = "cosine"
     scale: float = 16.0
+    checks: ClassVar[list] = positive("scale")
 
 
 @register("cosine")

@@ -23,15 +23,15 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass
-from typing import Optional
+from typing import ClassVar, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ortho_run.config import Choice, MethodConfig
+from ortho_run.config import Choice, MethodConfig, at_least, positive
 from ortho_run.errors import ConfigError
-from ortho_run.io import atomic_torch_save, cache_root
+from ortho_run.io import atomic_torch_save, cache_folder
 from ortho_run.methods.base import Method, MethodOutput, register, row_orthogonality
 
 log = logging.getLogger(__name__)
@@ -54,6 +54,10 @@ class EBVConfig(MethodConfig):
     gen_seed: int = 0
     below_welch: BelowWelch = BelowWelch.error
     welch_margin: float = 0.05  # with use_bound: α = bound·(1 + margin)
+    checks: ClassVar[list] = (
+        positive("tau", "gen_lr") + at_least(1, "dim", "gen_steps") + at_least(0, "gen_tol")
+        + [("alpha", lambda v: 0 <= v < 1, "in [0, 1)"),
+           ("welch_margin", lambda v: v >= 0, ">= 0")])
 
 
 def welch_bound(n: int, d: int) -> float:
@@ -88,8 +92,7 @@ def cached_ebv(n: int, d: int, alpha: float, lr: float, steps: int, tol: float, 
                cache_dir: str, device="cpu") -> Tensor:
     from filelock import FileLock
 
-    root = cache_root(cache_dir) / "ebv"
-    root.mkdir(parents=True, exist_ok=True)
+    root = cache_folder(cache_dir, "ebv")
     key = f"N{n}_d{d}_a{alpha:g}_lr{lr:g}_steps{steps}_tol{tol:g}_s{seed}"
     path = root / f"{key}.pt"
     with FileLock(str(path) + ".lock"):
@@ -112,7 +115,7 @@ class EBV(Method):
 
     def __init__(self, cfg, ctx):
         super().__init__(cfg, ctx)
-        n, d = ctx.num_classes, cfg.dim or ctx.num_classes
+        n, d = ctx.num_classes, cfg.dim if cfg.dim is not None else ctx.num_classes
         alpha = cfg.alpha
         bound = welch_bound(n, d)
         if alpha < bound:

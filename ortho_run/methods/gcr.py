@@ -31,12 +31,13 @@ S → SQ), but adds a dependency and uses a different retraction from the paper'
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ortho_run.config import Choice, MethodConfig
+from ortho_run.config import Choice, MethodConfig, at_least, positive
 from ortho_run.methods.base import Method, MethodOutput, register
 from ortho_run.optim import ParamGroup
 from ortho_run.optim.grassmann import orthonormalize
@@ -56,6 +57,9 @@ class GCRConfig(MethodConfig):
     momentum: float = 0.9
     retraction: Retraction = Retraction.geodesic
     reorth_every: int = 5
+    checks: ClassVar[list] = (positive("scale", "head_lr_scale") + at_least(1, "k")
+                              + at_least(0, "reorth_every")
+                              + [("momentum", lambda v: 0 <= v < 1, "in [0, 1)")])
 
 
 @register("gcr")

@@ -20,12 +20,13 @@ space is reported too (``compat/raw_old/*``), and ‖WWᵀ − I‖_F at the end
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ortho_run.config import MethodConfig
+from ortho_run.config import MethodConfig, at_least, positive
 from ortho_run.methods.base import Method, MethodOutput, Needs, register
 
 
@@ -40,6 +41,8 @@ class LambdaOrthConfig(MethodConfig):
     w3: float = 0.1  # L_C
     temperature: float = 0.1
     strict: bool = False
+    checks: ClassVar[list] = (positive("alpha", "temperature")
+                              + at_least(0, "lambda_", "weight", "w1", "w2", "w3"))
 
 
 def lambda_penalty(w: Tensor, lam: float, alpha: float) -> Tensor:

@@ -16,13 +16,14 @@ s_p = 1 is the plain form. Retrieval uses ĥ before T: all dims new/new, the fir
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.parametrizations import orthogonal
 
-from ortho_run.config import MethodConfig
+from ortho_run.config import MethodConfig, at_least, positive
 from ortho_run.errors import ConfigError
 from ortho_run.methods.base import Method, MethodOutput, Needs, register, row_orthogonality
 
@@ -36,6 +37,7 @@ class OCAConfig(MethodConfig):
     c: float = 5.0
     p_scale: float = 1.0
     bias: bool = True
+    checks: ClassVar[list] = positive("p_scale") + at_least(0, "extra_dims", "a", "b", "c")
 
 
 @register("oca")

@@ -17,13 +17,13 @@ separately (users report L_OPL plateauing near 0.5: see which of the two moves).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict
+from typing import ClassVar, Dict
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ortho_run.config import Choice
+from ortho_run.config import Choice, at_least
 from ortho_run.methods.ce import CE, CEConfig
 from ortho_run.methods.base import register
 
@@ -42,6 +42,7 @@ class OPLConfig(CEConfig):
     abs_mode: AbsMode = AbsMode.per_element
     eps: float = 1e-6
     gather: bool = False  # all-gather features across data-parallel ranks
+    checks: ClassVar[list] = at_least(0, "gamma", "lambda_", "eps")
 
 
 class _OPLTerms(torch.autograd.Function):

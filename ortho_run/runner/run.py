@@ -25,12 +25,13 @@ from ortho_run.assemble import build_net
 from ortho_run.datasets import load_dataset
 from ortho_run.datasets.loaders import build_loader, choose_pipeline
 from ortho_run.errors import OrthoRunError, Preempted, TrainingDiverged
-from ortho_run.io import atomic_path, atomic_write_json
+from ortho_run.io import atomic_write_json, dumps
 from ortho_run.methods import METHODS
 from ortho_run.retrieval import retrieval_metrics
 from ortho_run.runner.env import (device_name, git_commit, package_versions, pick_device,
                                   seed_everything)
 from ortho_run.runner.evaluate import feature_geometry
+from ortho_run.runner.rundir import RunDir
 from ortho_run.runner.sinks import MetricsFile, WandbSink
 from ortho_run.runner.trainer import Dist, Trainer
 from ortho_run.validate import validate
@@ -70,11 +71,15 @@ def run_name(cfg) -> str:
 
 
 class _Signals:
-    """SIGTERM/SIGINT → the trainer checkpoints at the next batch and exits with code 75."""
+    """SIGTERM/SIGINT: before training, stop at once (exit 75); during training, the trainer
+    checkpoints at the next batch and exits with 75; during the shutdown (summary, W&B finish),
+    and for every signal after the first, nothing: the shutdown always completes."""
 
     def __init__(self):
         self.trainer: Optional[Trainer] = None
         self.prev = {}
+        self.received: Optional[int] = None
+        self.shutting_down = False
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
@@ -83,6 +88,11 @@ class _Signals:
         return self
 
     def _handle(self, signum, frame):
+        first = self.received is None
+        self.received = self.received or signum
+        if not first or self.shutting_down:
+            log.warning("signal %d received again: finishing the shutdown first", signum)
+            return
         if self.trainer is None:
             raise Preempted(f"stopped by signal {signum} before training started")
         self.trainer.request_stop(signum)
@@ -104,15 +114,13 @@ def _shared_run_dir(run_dir: Path, dist: Dist) -> Path:
 
 
 def run(cfg, run_dir: Path, sweep: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
-    validate(cfg)  # before anything is written
+    """One job. Nothing in ``run_dir`` is written until the pre-flight (config, data, model,
+    compat needs, resume compatibility) has passed; a refused run leaves an existing run dir
+    byte-identical and removes one it created (a sweep job keeps it for its failure summary)."""
+    validate(cfg)
     dist = init_distributed(cfg.trainer.device)
     run_dir = _shared_run_dir(Path(run_dir), dist)
     main = dist.is_main
-    if main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        with atomic_path(run_dir / "resolved_config.yaml") as tmp:
-            tmp.write_text(OmegaConf.to_yaml(cfg, resolve=True))
-    container = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
     facts: Dict[str, Any] = {
         "method": cfg.method.name, "data": cfg.data.name, "model": cfg.model.name,
         "seed": cfg.seed, "tag": cfg.tag, "run_dir": str(run_dir), **git_commit(),
@@ -120,56 +128,109 @@ def run(cfg, run_dir: Path, sweep: Optional[Dict[str, Any]] = None) -> Dict[str,
     }
     if sweep:
         facts.update(sweep)
-    metrics = MetricsFile(run_dir / "metrics.jsonl")
-    wb = WandbSink(cfg.logger, run_dir, container, run_name(cfg),
-                   cfg.logger.group or (sweep or {}).get("sweep"), enabled=main)
     summary: Dict[str, Any] = {"status": "running", **facts}
     t_start = time.time()
+    sinks: Dict[str, Any] = {}
 
     def emit(row):
         if main:
-            metrics.write(row)
-            wb.log({k: v for k, v in row.items() if k != "step"}, step=row.get("step"))
+            sinks["metrics"].write(row)
+            sinks["wandb"].log({k: v for k, v in row.items() if k != "step"}, step=row.get("step"))
             log.info(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                               for k, v in row.items()))
 
-    exit_code = 0
-    try:
-        with _Signals() as sig:
-            summary.update(_train_and_evaluate(cfg, run_dir, dist, emit, sig, metrics, facts))
-        summary["status"] = "finished"
-        return summary
-    except OrthoRunError as exc:
-        exit_code = exc.exit_code
-        summary["status"] = {TrainingDiverged: "diverged", Preempted: "preempted"}.get(
-            type(exc), "failed")
-        if isinstance(exc, Preempted):
-            exc.args = (f"{exc} Resume with: {resume_command(run_dir, sweep)}",)
-            summary["resume_command"] = resume_command(run_dir, sweep)
-        summary["error"] = str(exc)
-        raise
-    except BaseException as exc:
-        exit_code = 1
-        summary["status"] = "failed"
-        summary["error"] = f"{type(exc).__name__}: {exc}"
-        summary["traceback"] = traceback.format_exc()
-        raise
-    finally:
-        for k, v in facts.items():  # facts learned during the run (device, pipeline, sizes)
-            summary.setdefault(k, v)
-        summary["time/total_s"] = time.time() - t_start
+    with _Signals() as sig, RunDir(run_dir, enabled=main) as rd:
+        try:  # pre-flight: every check that can refuse the run, before any write
+            job, forced = _prepare(cfg, run_dir, dist, emit)
+        except BaseException as exc:
+            in_sweep = bool(sweep and "job_num" in sweep)
+            rd.refused(keep_dir=in_sweep)
+            if main and in_sweep and rd.created:
+                summary.update(status="failed", error=_error_text(exc))
+                _write_summary(summary, run_dir)
+            raise
+        exit_code = 0
         if main:
-            try:
-                atomic_write_json(summary, run_dir / "summary.json")
-            except OSError as exc:
-                log.error("could not write %s: %s", run_dir / "summary.json", exc)
-            wb.summary({k: v for k, v in summary.items() if isinstance(v, (int, float, str))})
-        wb.finish(exit_code)
-        if dist.world_size > 1:
-            import torch.distributed as tdist
+            rd.write_config(cfg)
+            sinks["metrics"] = MetricsFile(run_dir / "metrics.jsonl")
+            if job.resumed:
+                sinks["metrics"].truncate_after(job.trainer.state.epoch)
+            _write_summary(summary, run_dir)  # a stale summary never outlives this run's start
+        container = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
+        wb = sinks["wandb"] = WandbSink(cfg.logger, run_dir, container, run_name(cfg),
+                                        cfg.logger.group or (sweep or {}).get("sweep"),
+                                        enabled=main)
+        if forced:
+            summary["resume_forced"] = {k: [a if isinstance(a, (int, float, str, bool, list, type(None)))
+                                            else None, b] for k, (a, b) in forced.items()}
+            log.warning("trainer.resume=force: resuming despite %s", ckpt.describe_differences(forced))
+        try:
+            sig.trainer = job.trainer
+            summary.update(_train_and_evaluate(cfg, job, dist, facts))
+            summary["status"] = "finished"
+            return summary
+        except OrthoRunError as exc:
+            exit_code = exc.exit_code
+            summary["status"] = {TrainingDiverged: "diverged", Preempted: "preempted"}.get(
+                type(exc), "failed")
+            if isinstance(exc, Preempted):
+                exc.args = (f"{exc} Resume with: {resume_command(run_dir, sweep)}",)
+                summary["resume_command"] = resume_command(run_dir, sweep)
+            summary["error"] = str(exc)
+            raise
+        except BaseException as exc:
+            exit_code = 1
+            summary["status"] = "failed"
+            summary["error"] = _error_text(exc)
+            summary["traceback"] = traceback.format_exc()
+            raise
+        finally:
+            sig.shutting_down = True  # later signals wait for the summary and W&B finish
+            for k, v in facts.items():  # facts learned during the run (device, pipeline, sizes)
+                summary.setdefault(k, v)
+            summary["time/total_s"] = time.time() - t_start
+            if main:
+                _write_summary(summary, run_dir)
+                wb.summary(summary)
+            wb.finish(exit_code)
+            if dist.world_size > 1:
+                import torch.distributed as tdist
 
-            if tdist.is_initialized():
-                tdist.destroy_process_group()
+                if tdist.is_initialized():
+                    tdist.destroy_process_group()
+
+
+def _error_text(exc: BaseException) -> str:
+    return str(exc) if isinstance(exc, OrthoRunError) else f"{type(exc).__name__}: {exc}"
+
+
+def _write_summary(summary: Dict[str, Any], run_dir: Path) -> None:
+    """summary.json, atomically; on a full disk, at least no stale status survives."""
+    f = run_dir / "summary.json"
+    try:
+        atomic_write_json(summary, f)
+    except OSError as exc:
+        log.error("could not write %s: %s", f, exc)
+        try:  # a few bytes in place of the old file: its "finished" must not stand
+            f.unlink(missing_ok=True)
+            f.write_text(dumps({"status": summary.get("status"), "error": summary.get("error")}))
+        except OSError:
+            pass
+
+
+def _prepare(cfg, run_dir: Path, dist: Dist, emit):
+    """Build the job and load the checkpoint it resumes from, checking that it may."""
+    job = build_job(cfg, run_dir, dist, emit)
+    forced: Dict[str, tuple] = {}
+    path = ckpt.resolve_resume(cfg.trainer.resume, run_dir)
+    if path is not None:
+        state = ckpt.load(path)
+        forced = ckpt.check_resume(path, state, cfg)
+        job.trainer.load_state_dict(state)
+        job.resumed = True
+        log.info("resumed from %s at epoch %d batch %d", path, job.trainer.state.epoch,
+                 job.trainer.state.batch)
+    return job, forced
 
 
 @dataclass
@@ -181,6 +242,7 @@ class Job:
     device: torch.device
     pipeline: str
     compat: object = None  # the CompatService, when the method declared compat needs
+    resumed: bool = False
 
 
 def build_job(cfg, run_dir: Path, dist: Dist = Dist(), emit=lambda row: None) -> Job:
@@ -214,7 +276,8 @@ def build_job(cfg, run_dir: Path, dist: Dist = Dist(), emit=lambda row: None) ->
 
         # the service trains what it needs through ``run`` (handed in: compat never imports
         # the runner); the old model sees the new task's data through the same loaders
-        service = CompatService(cfg, needs, launch=run, device=device)
+        service = CompatService(cfg, needs, launch=run, device=device,
+                                num_classes=ds.num_classes)
         artifacts = service.artifacts(
             ds, lambda split: build_loader(ds, split, cfg.data, device, False, cfg.seed, pipeline))
         old_embed = service.old_embed()
@@ -230,18 +293,9 @@ def build_job(cfg, run_dir: Path, dist: Dist = Dist(), emit=lambda row: None) ->
     return Job(trainer, ds, net, evals, device, pipeline, service)
 
 
-def _train_and_evaluate(cfg, run_dir, dist, emit, sig, metrics, facts) -> Dict[str, Any]:
+def _train_and_evaluate(cfg, job: Job, dist, facts) -> Dict[str, Any]:
     t = cfg.trainer
-    job = build_job(cfg, run_dir, dist, emit)
     trainer, ds, net, evals, service = job.trainer, job.ds, job.net, job.evals, job.compat
-    resume = ckpt.resolve_resume(t.resume, run_dir)
-    if resume is not None:
-        trainer.load_state_dict(ckpt.load(resume, cfg))
-        log.info("resumed from %s at epoch %d batch %d", resume, trainer.state.epoch,
-                 trainer.state.batch)
-        if dist.is_main:
-            metrics.truncate_after(trainer.state.epoch)
-    sig.trainer = trainer
     facts.update(pipeline=job.pipeline, device=device_name(job.device),
                  num_classes=ds.num_classes, train_size=len(ds.train), test_size=len(ds.test))
 

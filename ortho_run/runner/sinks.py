@@ -59,7 +59,9 @@ class WandbSink:
     def __init__(self, cfg, run_dir: Path, config: Dict[str, Any], name: str,
                  group: Optional[str], enabled: bool = True):
         self.run = None
-        self.mode = os.environ.get("WANDB_MODE") or str(cfg.mode)
+        # the config decides: logger/wandb.yaml reads WANDB_MODE as its default, so the
+        # environment counts unless the user set logger.mode (or logger=none) explicitly
+        self.mode = str(cfg.mode)
         if not enabled or self.mode == "disabled":
             return
         try:
@@ -77,8 +79,8 @@ class WandbSink:
                   reinit="finish_previous")
         for mode in dict.fromkeys([self.mode, "offline"]):
             try:
-                self.run = wandb.init(mode=mode, settings=wandb.Settings(init_timeout=60,
-                                                                          silent=True), **kw)
+                self.run = wandb.init(mode=mode, settings=wandb.Settings(
+                    init_timeout=cfg.init_timeout, silent=True), **kw)
                 if mode != self.mode:
                     self._warn(f"W&B {self.mode} init failed; logging offline instead")
                 self.mode = mode

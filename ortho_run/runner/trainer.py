@@ -73,6 +73,7 @@ class Trainer:
         self.shape = dict(shape or {})
         # plain dataclasses: the hot loop reads these every step (OmegaConf lookups are slow)
         self.cfg, self.tcfg = cfg, OmegaConf.to_object(cfg.trainer)
+        self.config = ckpt.run_config(cfg)
         self.net, self.device, self.run_dir = net, device, run_dir
         self.train_loader, self.eval_loaders = train_loader, eval_loaders
         self.emit, self.dist = emit, dist
@@ -119,6 +120,7 @@ class Trainer:
     def state_dict(self) -> dict:
         s = self.state
         return {
+            "config": self.config,  # compared on resume
             "fingerprint": ckpt.fingerprint(self.cfg),
             "shape": self.shape,
             "net": self.net.state_dict(),
