@@ -47,7 +47,7 @@ def task(cfg) -> Any:
 
     run_dir, multirun, info = _job_info()
     try:
-        summary = run(cfg, run_dir, sweep=info)
+        summary = run(cfg, run_dir, sweep=info, existing=_STATE.get("existing"))
         value = summary.get(cfg.objective)  # what a sweeper (Optuna) optimises
         return float(value) if isinstance(value, (int, float)) else None
     except OrthoRunError as exc:
@@ -87,6 +87,13 @@ def _check_writable(path: Path, key: str) -> None:
         sys.exit(2)
 
 
+def _deepest_existing(path: Path) -> Path:
+    probe = path.absolute()
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    return probe
+
+
 def _check_output_root(config) -> None:
     if not str(config.get("output_root", "x")).strip():
         print("ortho-run: error: output_root is empty: set it to a folder (default: outputs)",
@@ -100,6 +107,7 @@ class SweepReport(Callback):
     def on_run_start(self, config, **kwargs) -> None:
         _check_output_root(config)
         _check_writable(Path(config.hydra.run.dir), "hydra.run.dir")
+        _STATE["existing"] = _deepest_existing(Path(config.hydra.run.dir))
 
     def on_multirun_start(self, config, **kwargs) -> None:
         _check_output_root(config)

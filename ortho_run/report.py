@@ -38,8 +38,12 @@ def collect(dirs: List[Path]):
                 continue
             try:
                 s = json.loads(f.read_text())
-            except (OSError, json.JSONDecodeError) as exc:
+            except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
                 problems.append((str(f.parent), f"unreadable summary.json ({exc})"))
+                continue
+            if not isinstance(s, dict):
+                problems.append((str(f.parent), f"summary.json is not a JSON object "
+                                                  f"({type(s).__name__})"))
                 continue
             if s.get("status") != "finished":
                 problems.append((str(f.parent), f"status {s.get('status')}: "
@@ -175,7 +179,14 @@ def main(argv=None) -> None:
     p.add_argument("--metrics", nargs="*", default=None)
     p.add_argument("--no-plots", action="store_true")
     a = p.parse_args(argv)
-    table, problems, files, out = report(a.dirs, a.out, a.metrics, not a.no_plots)
+    dirs = []
+    for d in a.dirs:
+        if d.is_file() and d.name == "summary.json":
+            d = d.parent
+        if not d.is_dir():
+            p.error(f"{d} is not a folder: give run dirs or sweep dirs (they hold summary.json)")
+        dirs.append(d)
+    table, problems, files, out = report(dirs, a.out, a.metrics, not a.no_plots)
     n = sum(max((v["n"] for v in row.values()), default=0) for row in table.values())
     print(f"{n} finished runs in {len(table)} groups; {len(problems)} left out")
     print((out / "report.md").read_text())

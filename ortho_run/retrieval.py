@@ -1,8 +1,8 @@
 """Retrieval metrics: query = gallery = the test split, each query's own item excluded.
 
-Cosine similarity, ranking by decreasing similarity with ties broken by gallery index (a stable
-sort), CMC top-k (a correct item among the first k) and mAP over the full ranking. Computed in
-query blocks, so a 50k gallery fits in memory. Where query and gallery dims differ, both are
+Cosine similarity, ranking by decreasing similarity; CMC top-k (a correct item among the first
+k, ties broken by gallery index) and tie-aware mAP over the full ranking, both over the queries
+that have a relevant item. Computed in query blocks, so a 50k gallery fits in memory. Where query and gallery dims differ, both are
 truncated to the smaller dim and renormalised.
 """
 
@@ -23,7 +23,15 @@ def align_dims(q: Tensor, g: Tensor):
 @torch.no_grad()
 def retrieval_metrics(query: Tensor, gallery: Tensor, labels: Tensor, ks: Sequence[int] = (1, 5),
                       block: int = 256, same_items: bool = True) -> Dict[str, float]:
-    """CMC@k and mAP. ``same_items``: query i and gallery i are the same item (excluded)."""
+    """CMC@k and mAP. ``same_items``: query i and gallery i are the same item (excluded).
+
+    mAP is tie-aware, as scikit-learn's ``average_precision_score`` (which the BT²/openBCT
+    evaluation calls) defines it: gallery items with equal similarity form one threshold, and
+    AP = Σ over distinct thresholds of (recall gain) × (precision at that threshold), so the
+    order of tied items cannot change it. CMC@k counts a hit when a relevant item is among the
+    first k (ties broken by gallery index) and is averaged over the queries that have at least
+    one relevant item, as in that evaluation; mAP likewise.
+    """
     q, g = align_dims(query, gallery)
     labels = labels.to(q.device)
     n = len(q)
@@ -34,22 +42,37 @@ def retrieval_metrics(query: Tensor, gallery: Tensor, labels: Tensor, ks: Sequen
         sim = q[s:e] @ g.t()
         if same_items:
             sim[torch.arange(e - s), torch.arange(s, e)] = float("-inf")
-        order = torch.sort(sim, dim=1, descending=True, stable=True).indices
+        sim, order = torch.sort(sim, dim=1, descending=True, stable=True)
         rel = (labels[order] == labels[s:e, None])
         if same_items:  # the excluded self sits last; drop that column
-            rel = rel[:, :-1]
+            rel, sim = rel[:, :-1], sim[:, :-1]
+        n_rel = rel.sum(dim=1)
+        valid = n_rel > 0
         for k in ks:
             hits[k] += float(rel[:, :k].any(dim=1).sum())
-        n_rel = rel.sum(dim=1)
-        ranks = torch.arange(1, rel.shape[1] + 1, device=q.device)
-        prec = rel.cumsum(dim=1) / ranks
-        ap = (prec * rel).sum(dim=1) / n_rel.clamp_min(1)
-        valid = n_rel > 0
-        ap_sum += float(ap[valid].sum())
+        ap_sum += float(tie_aware_ap(sim, rel)[valid].sum())
         n_valid += int(valid.sum())
-    out = {f"cmc{k}": hits[k] / n for k in ks}
+    out = {f"cmc{k}": hits[k] / max(n_valid, 1) for k in ks}
     out["map"] = ap_sum / max(n_valid, 1)
     return out
+
+
+def tie_aware_ap(sorted_scores: Tensor, rel: Tensor) -> Tensor:
+    """Average precision per row of scores sorted in decreasing order (``rel``: relevance in
+    that order), with tied scores as one threshold (scikit-learn's definition); 0 for a row
+    without a relevant item."""
+    cum = rel.cumsum(dim=1).double()
+    width = rel.shape[1]
+    # the last position of each run of equal scores is where a threshold "closes"
+    last = torch.ones_like(rel)
+    last[:, :-1] = sorted_scores[:, :-1] != sorted_scores[:, 1:]
+    at_end = torch.where(last, cum, torch.zeros_like(cum))
+    before = torch.cummax(at_end, dim=1).values  # relevant items up to the latest threshold
+    before = torch.cat([torch.zeros_like(before[:, :1]), before[:, :-1]], dim=1)
+    gain = torch.where(last, cum - before, torch.zeros_like(cum))  # relevant in this tie group
+    ranks = torch.arange(1, width + 1, device=rel.device, dtype=torch.float64)
+    n_rel = cum[:, -1] if width else torch.zeros(len(rel), dtype=torch.float64)
+    return (gain * cum / ranks).sum(dim=1) / n_rel.clamp_min(1)
 
 
 def compatibility_summary(matrix: Dict[str, Dict[str, float]]) -> Dict[str, float]:

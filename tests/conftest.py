@@ -35,7 +35,7 @@ def run_inprocess(tmp_path, overrides=(), name="run"):
 
 
 def cli(args, cwd, env=None, timeout=600):
-    e = dict(os.environ, WANDB_MODE="disabled", **(env or {}))
+    e = {**os.environ, "WANDB_MODE": "disabled", **(env or {})}
     return subprocess.run([sys.executable, "-m", "ortho_run", *args], cwd=cwd, env=e,
                           capture_output=True, text=True, timeout=timeout)
 

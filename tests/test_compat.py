@@ -14,25 +14,26 @@ from ortho_run.retrieval import multistep_scores, retrieval_metrics
 
 
 def brute_force(q, g, labels, ks=(1, 5)):
-    """Per query: rank the other items by cosine (ties: lower index first)."""
+    """Per query: rank the other items by cosine (ties: lower index first) for CMC; AP from
+    scikit-learn's average_precision_score on the similarities (tie-aware); both over the
+    queries with at least one relevant item."""
+    from sklearn.metrics import average_precision_score
+
     q, g = F.normalize(q.double(), dim=1), F.normalize(g.double(), dim=1)
     n = len(q)
     hits = {k: 0 for k in ks}
     aps = []
     for i in range(n):
         others = [j for j in range(n) if j != i]
-        order = sorted(others, key=lambda j: (-float(q[i] @ g[j]), j))
-        rel = [int(labels[j] == labels[i]) for j in order]
+        sims = [float(q[i] @ g[j]) for j in others]
+        rel = [int(labels[j] == labels[i]) for j in others]
+        if not sum(rel):
+            continue
+        order = sorted(range(len(others)), key=lambda t: (-sims[t], others[t]))
         for k in ks:
-            hits[k] += int(any(rel[:k]))
-        if sum(rel):
-            found, prec = 0, []
-            for r, x in enumerate(rel, 1):
-                if x:
-                    found += 1
-                    prec.append(found / r)
-            aps.append(sum(prec) / sum(rel))
-    out = {f"cmc{k}": hits[k] / n for k in ks}
+            hits[k] += int(any(rel[t] for t in order[:k]))
+        aps.append(average_precision_score(rel, sims))
+    out = {f"cmc{k}": hits[k] / len(aps) for k in ks}
     out["map"] = sum(aps) / len(aps)
     return out
 
@@ -45,7 +46,7 @@ def test_cmc_and_map_match_brute_force_with_ties(seed):
     emb[5] = emb[3]  # exact ties
     emb[17] = emb[3] * 2.0  # same direction, another norm: a cosine tie
     labels = torch.randint(0, 4, (n,), generator=g)
-    labels[9] = 99  # a query with no relevant item
+    labels[9] = 99  # a query with no relevant item: left out of both means
     got = retrieval_metrics(emb, emb, labels, block=7)
     ref = brute_force(emb, emb, labels)
     for k in ref:
@@ -54,6 +55,30 @@ def test_cmc_and_map_match_brute_force_with_ties(seed):
     got2 = retrieval_metrics(other, emb, labels)
     ref2 = brute_force(other[:, :6], emb, labels)
     assert got2["map"] == pytest.approx(ref2["map"], abs=1e-6)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_map_is_tie_aware_like_sklearn_under_heavy_ties(seed):
+    """Embeddings drawn from 6 directions only: every query sees large groups of exactly equal
+    similarities, where an index-ordered AP would depend on the gallery order. Directions have
+    1, 4 or 16 entries of ±1 in 16 dims (norms 1, 2, 4), so every cosine is a short dyadic
+    fraction: exact in float32 and float64 whatever the summation order."""
+    g = torch.Generator().manual_seed(seed)
+    dirs = torch.zeros(6, 16)
+    for r, k in enumerate((1, 4, 16, 4, 16, 1)):
+        idx = torch.randperm(16, generator=g)[:k]
+        dirs[r, idx] = torch.randint(0, 2, (k,), generator=g).float() * 2 - 1
+    pick = torch.randint(0, 6, (60,), generator=g)
+    emb = dirs[pick] * 2.0 ** torch.randint(0, 3, (60, 1), generator=g)  # equal cosines
+    labels = torch.randint(0, 3, (60,), generator=g)
+    got = retrieval_metrics(emb, emb, labels, block=11)
+    ref = brute_force(emb, emb, labels)
+    assert got["map"] == pytest.approx(ref["map"], abs=1e-9)
+    assert got["cmc1"] == pytest.approx(ref["cmc1"], abs=1e-9)
+    # and reordering the gallery (a permutation of the items) leaves mAP unchanged
+    perm = torch.randperm(60, generator=g)
+    assert retrieval_metrics(emb[perm], emb[perm], labels[perm])["map"] == pytest.approx(
+        got["map"], abs=1e-9)
 
 
 def test_multistep_ac_am():

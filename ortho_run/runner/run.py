@@ -99,7 +99,9 @@ class _Signals:
 
     def __exit__(self, *exc):
         for s, h in self.prev.items():
-            signal.signal(s, h)
+            # after a stop request the process is on its way out: later signals must not turn
+            # its exit into a KeyboardInterrupt traceback (or a death by signal)
+            signal.signal(s, signal.SIG_IGN if self.received is not None else h)
 
 
 def _shared_run_dir(run_dir: Path, dist: Dist) -> Path:
@@ -113,11 +115,13 @@ def _shared_run_dir(run_dir: Path, dist: Dist) -> Path:
     return Path(box[0])
 
 
-def run(cfg, run_dir: Path, sweep: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+def run(cfg, run_dir: Path, sweep: Optional[Dict[str, Any]] = None,
+        existing: Optional[Path] = None) -> Dict[str, Any]:
     """One job. Nothing in ``run_dir`` is written until the pre-flight (config, data, model,
     compat needs, resume compatibility) has passed; a refused run leaves an existing run dir
-    byte-identical and removes one it created (a sweep job keeps it for its failure summary)."""
-    validate(cfg)
+    byte-identical and removes one it created (a sweep job keeps it for its failure summary),
+    with the parent folders created for it up to ``existing`` (the deepest folder that existed
+    before the command started)."""
     dist = init_distributed(cfg.trainer.device)
     run_dir = _shared_run_dir(Path(run_dir), dist)
     main = dist.is_main
@@ -139,8 +143,9 @@ def run(cfg, run_dir: Path, sweep: Optional[Dict[str, Any]] = None) -> Dict[str,
             log.info(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                               for k, v in row.items()))
 
-    with _Signals() as sig, RunDir(run_dir, enabled=main) as rd:
+    with _Signals() as sig, RunDir(run_dir, enabled=main, existing=existing) as rd:
         try:  # pre-flight: every check that can refuse the run, before any write
+            validate(cfg)
             job, forced = _prepare(cfg, run_dir, dist, emit)
         except BaseException as exc:
             in_sweep = bool(sweep and "job_num" in sweep)

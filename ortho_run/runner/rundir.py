@@ -37,9 +37,10 @@ class RunDirBusy(ConfigError):
 class RunDir:
     """Lock (for the run's lifetime), snapshot, and the refusal path of one run dir."""
 
-    def __init__(self, path: Path, enabled: bool = True):
+    def __init__(self, path: Path, enabled: bool = True, existing: Optional[Path] = None):
         self.path = Path(path)
         self.enabled = enabled
+        self.existing = Path(existing).resolve() if existing else None
         self.created = False
         self._fd: Optional[int] = None
         self._files: Dict[str, Optional[Tuple[bytes, int, Tuple[float, float]]]] = {}
@@ -111,6 +112,13 @@ class RunDir:
         if self.created and not keep_dir:
             self._unlock()
             shutil.rmtree(self.path, ignore_errors=True)
+            parent = self.path.resolve().parent
+            while self.existing and parent != self.existing and self.existing in parent.parents:
+                try:
+                    parent.rmdir()  # only if empty: made for this run by Hydra
+                except OSError:
+                    break
+                parent = parent.parent
             return
         for rel, saved in self._files.items():
             f = self.path / rel

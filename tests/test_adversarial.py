@@ -1,0 +1,478 @@
+"""Adversarial cases, by class of fault: nothing silently mixed, nothing overwritten, and a
+user's mistake is one paragraph with exit code 2, never a traceback.
+
+In-process cases assert the OrthoRunError's exit code and message (the CLI prints exactly that
+message and exits with that code); the CLI cases (slow layer) check the process itself.
+"""
+
+import errno
+import json
+import logging
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import cli, compose, run_inprocess
+from ortho_run.errors import (EXIT_PREEMPTED, CheckpointError, ConfigError, DataError, DiskFull,
+                              OrthoRunError)
+
+SMOKE = ["experiment=smoke", "trainer.max_epochs=1", "data.max_train_samples=128"]
+
+
+def tree(d: Path) -> dict:
+    """Every file under ``d`` with its bytes and mode: what must stay identical."""
+    return {str(p.relative_to(d)): (p.read_bytes(), p.stat().st_mode)
+            for p in sorted(Path(d).rglob("*")) if p.is_file()}
+
+
+def refused(tmp_path, overrides, name="run", exc=OrthoRunError, match=None):
+    with pytest.raises(exc, match=match) as e:
+        run_inprocess(tmp_path, overrides, name=name)
+    assert e.value.exit_code == 2, e.value
+    return str(e.value)
+
+
+@pytest.fixture
+def finished(tmp_path):
+    """A finished smoke run in tmp_path/run, and a snapshot of its dir."""
+    run_inprocess(tmp_path, SMOKE)
+    return tmp_path / "run", tree(tmp_path / "run")
+
+
+# ---------------------------------------------------------------- 1. resume continues another
+@pytest.mark.parametrize("change,keys", [
+    (["optim.lr=0.001", "seed=5"], ["optim.lr=0.001", "seed=5"]),
+    (["data=synthetic"], ['data.name="synthetic"']),
+    (["optim=adamw"], ['optim.name="adamw"']),
+    (["method=opl"], ['method.name="opl"']),
+    (["data.augment=flip"], ['data.augment="flip"']),
+    (["model.width=8"], ["model.width=8"]),
+])
+def test_resume_with_another_config_is_refused_listing_the_keys(tmp_path, finished, change, keys):
+    run_dir, before = finished
+    msg = refused(tmp_path, [*SMOKE, *change], exc=CheckpointError)
+    assert "another config" in msg and "trainer.resume=force" in msg
+    for k in keys:
+        assert k in msg, (k, msg)
+    assert "'step'" not in msg
+    assert tree(run_dir) == before  # and the finished run is untouched
+
+
+def test_resume_force_continues_and_says_so(tmp_path, finished):
+    run_dir, _ = finished
+    s = run_inprocess(tmp_path, [*SMOKE, "trainer.max_epochs=2", "optim.lr=0.05",
+                                 "trainer.resume=force"])
+    assert s["status"] == "finished" and s["epoch"] == 2
+    assert s["resume_forced"] == {"optim.lr": [0.1, 0.05]}
+    assert json.loads((run_dir / "summary.json").read_text())["resume_forced"]
+
+
+def test_resume_may_grow_max_epochs_and_change_reporting_keys(tmp_path, finished):
+    s = run_inprocess(tmp_path, [*SMOKE, "trainer.max_epochs=2", "trainer.eval_every=2",
+                                 "tag=more", "trainer.geometry=false"])
+    assert s["status"] == "finished" and s["epoch"] == 2
+    rows = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1, 2]
+
+
+def test_resume_cannot_shrink_max_epochs(tmp_path):
+    run_inprocess(tmp_path, [*SMOKE, "trainer.max_epochs=2"])
+    before = tree(tmp_path / "run")
+    refused(tmp_path, [*SMOKE, "trainer.max_epochs=1"], exc=CheckpointError,
+            match="beyond trainer.max_epochs=1")
+    assert tree(tmp_path / "run") == before
+
+
+# ---------------------------------------------------------------- 2. a refused run overwrites
+@pytest.mark.parametrize("damage", ["zero_bytes", "truncated", "garbage"])
+def test_a_broken_checkpoint_is_refused_and_the_dir_kept(tmp_path, finished, damage):
+    run_dir, _ = finished
+    f = run_dir / "checkpoints" / "last.pt"
+    data = f.read_bytes()
+    f.write_bytes({"zero_bytes": b"", "truncated": data[: len(data) // 2],
+                   "garbage": b"\x00not a checkpoint" * 10}[damage])
+    before = tree(run_dir)
+    refused(tmp_path, SMOKE, exc=CheckpointError, match="cannot be read as a checkpoint")
+    assert tree(run_dir) == before
+
+
+@pytest.mark.parametrize("bad", ["data.batch_size=0", "method=ebv", "optim.lr=-1",
+                                 "data.classes=[3]"])
+def test_a_refused_run_in_a_finished_dir_changes_nothing(tmp_path, finished, bad):
+    run_dir, before = finished
+    extra = ["method.dim=0"] if bad == "method=ebv" else []
+    refused(tmp_path, [*SMOKE, bad, *extra])
+    assert tree(run_dir) == before
+    assert json.loads((run_dir / "summary.json").read_text())["status"] == "finished"
+
+
+def test_a_refused_run_creates_no_run_dir(tmp_path):
+    refused(tmp_path, [*SMOKE, "data.batch_size=0"], name="new")
+    refused(tmp_path, [*SMOKE, "data.classes=[3]"], name="new2")  # refused after data loading
+    assert not (tmp_path / "new").exists() and not (tmp_path / "new2").exists()
+
+
+# ---------------------------------------------------------------- 3. two processes, one run dir
+def test_a_run_dir_in_use_is_refused_naming_the_process(tmp_path):
+    from ortho_run.runner.rundir import RunDir, RunDirBusy
+
+    with RunDir(tmp_path / "run"):
+        msg = refused(tmp_path, SMOKE, exc=RunDirBusy)
+    assert f"process {os.getpid()}" in msg and "in use" in msg
+    assert run_inprocess(tmp_path, SMOKE)["status"] == "finished"  # free again afterwards
+
+
+def test_checkpoint_saving_leaves_a_live_writers_temp_file_alone(tmp_path):
+    from ortho_run.checkpoint import save
+
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        d = tmp_path / "checkpoints"
+        d.mkdir()
+        mine = d / f".last.pt.{live.pid}.abc.tmp"
+        dead = d / ".last.pt.999999999.abc.tmp"
+        mine.write_bytes(b"half")
+        dead.write_bytes(b"half")
+        save(d / "last.pt", {"x": 1})
+        assert mine.exists() and not dead.exists()
+    finally:
+        live.kill()
+
+
+# ---------------------------------------------------------------- 4. full disks
+@pytest.fixture
+def disk_full(monkeypatch):
+    import ortho_run.io as io
+
+    real = io.torch.save
+
+    def save(obj, f, *a, **k):
+        if str(f).endswith(".tmp") and "last.pt" in str(f):
+            raise RuntimeError("[enforce fail at inline_container.cc:778] . PytorchStreamWriter "
+                               "failed writing file data/0: file write failed")
+        return real(obj, f, *a, **k)
+
+    monkeypatch.setattr(io.torch, "save", save)
+
+
+def test_a_full_disk_during_a_checkpoint_is_one_paragraph_and_a_true_summary(tmp_path, disk_full):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "summary.json").write_text('{"status": "finished"}')  # a stale one
+    msg = refused(tmp_path, [*SMOKE, "trainer.resume=none"], exc=DiskFull)
+    assert "no space left writing" in msg and "last.pt" in msg
+    s = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert s["status"] == "failed" and "no space left" in s["error"]
+
+
+def test_a_full_disk_for_the_summary_leaves_no_stale_status(tmp_path, finished, monkeypatch):
+    import ortho_run.runner.run as runmod
+
+    def full(obj, path):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(runmod, "atomic_write_json", full)
+    run_inprocess(tmp_path, [*SMOKE, "trainer.max_epochs=2"])
+    s = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert s["status"] == "finished" and set(s) == {"status", "error"}  # the truth, in few bytes
+
+
+# ---------------------------------------------------------------- 5. a user's mistake
+def _imagefolder(root: Path, bad=None, extra_test_class=False):
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split in ("train", "test"):
+        for c in ("a", "b"):
+            (root / split / c).mkdir(parents=True)
+            for i in range(6):
+                arr = (rng.random((12, 12, 3)) * 255).astype("uint8")
+                Image.fromarray(arr).save(root / split / c / f"{i}.png")
+    if bad == "fake":
+        (root / "train" / "a" / "fake.jpg").write_text("this is not an image")
+    if bad == "truncated":
+        data = (root / "train" / "b" / "0.png").read_bytes()
+        (root / "train" / "b" / "cut.png").write_bytes(data[: len(data) // 3])
+    if extra_test_class:
+        (root / "test" / "c").mkdir()
+        Image.fromarray(np.zeros((12, 12, 3), "uint8")).save(root / "test" / "c" / "0.png")
+
+
+IMAGEFOLDER = ["data=imagefolder", "data.image_size=8", "data.batch_size=4", "data.num_workers=0",
+               "trainer.max_epochs=1", "logger.mode=disabled"]
+
+
+@pytest.mark.parametrize("bad,workers", [("fake", 0), ("truncated", 0), ("fake", 2)])
+def test_an_undecodable_image_is_named(tmp_path, bad, workers):
+    _imagefolder(tmp_path / "imgs", bad)
+    msg = refused(tmp_path, [*IMAGEFOLDER, f"data.root={tmp_path}/imgs",
+                             f"data.num_workers={workers}"], exc=DataError)
+    assert "cannot decode the image" in msg and ("fake.jpg" in msg or "cut.png" in msg)
+    assert "data.verify_images=true" in msg and "Traceback" not in msg
+
+
+def test_verify_images_leaves_bad_files_out_with_a_count(tmp_path, caplog):
+    _imagefolder(tmp_path / "imgs", "fake")
+    with caplog.at_level(logging.WARNING, logger="ortho_run"):
+        s = run_inprocess(tmp_path, [*IMAGEFOLDER, f"data.root={tmp_path}/imgs",
+                                     "data.verify_images=true"])
+    assert s["status"] == "finished" and s["train_size"] == 12
+    assert "left out 1 train image" in caplog.text
+
+
+def test_a_test_only_class_is_reported(tmp_path, caplog):
+    _imagefolder(tmp_path / "imgs", extra_test_class=True)
+    with caplog.at_level(logging.WARNING, logger="ortho_run"):
+        run_inprocess(tmp_path, [*IMAGEFOLDER, f"data.root={tmp_path}/imgs"])
+    assert "have no training folder" in caplog.text and "c" in caplog.text
+
+
+def test_an_unreadable_data_dir_is_named(tmp_path, monkeypatch):
+    from ortho_run.datasets.base import SOURCES
+
+    def denied(cfg):
+        raise PermissionError(errno.EACCES, "Permission denied", f"{tmp_path}/locked")
+
+    monkeypatch.setitem(SOURCES._items, "digits", denied)
+    msg = refused(tmp_path, SMOKE, exc=DataError)
+    assert f"{tmp_path}/locked" in msg and "permission" in msg
+
+
+def test_an_unwritable_cache_dir_is_named(tmp_path):
+    (tmp_path / "file").write_text("x")
+    msg = refused(tmp_path, [*SMOKE, "method=ebv", "method.gen_steps=10",
+                             f"cache_dir={tmp_path}/file"], exc=ConfigError)
+    assert "cache_dir=" in msg and "writable" in msg
+
+
+def test_an_old_model_on_other_images_is_explained(tmp_path):
+    run_inprocess(tmp_path, [*SMOKE, "model.embed_dim=32"], name="digits_run")  # 1 channel
+    msg = refused(tmp_path, ["experiment=compat_smoke", "data=synthetic", "trainer.max_epochs=1",
+                             f"compat.old_ckpt={tmp_path}/digits_run", "method=oca"],
+                  exc=ConfigError)
+    assert "1-channel" in msg and "3" in msg
+
+
+def test_a_bad_old_override_names_the_option(tmp_path):
+    msg = refused(tmp_path, ["experiment=compat_smoke", "method=bct", "trainer.max_epochs=1",
+                             'compat.old_overrides=["model.nope=3"]', f"cache_dir={tmp_path}/c"],
+                  exc=ConfigError)
+    assert "compat.old_overrides" in msg and "nope" in msg
+
+
+def test_old_classes_errors_name_compat_old_classes(tmp_path):
+    msg = refused(tmp_path, ["experiment=compat_smoke", "method=bct", "compat.old_classes=[99]",
+                             f"cache_dir={tmp_path}/c"], exc=ConfigError)
+    assert msg.startswith("compat.old_classes") and "data.classes" not in msg
+
+
+@pytest.mark.parametrize("override,key", [
+    ("method.dim=-5", "method.dim"), ("method.dim=0", "method.dim"),
+    ("method.tau=0", "method.tau"), ("method.alpha=1.5", "method.alpha"),
+])
+def test_meaningless_ebv_values_are_refused(tmp_path, override, key):
+    msg = refused(tmp_path, [*SMOKE, "method=ebv", override], exc=ConfigError)
+    assert msg.startswith(key)
+
+
+@pytest.mark.parametrize("override,key", [
+    ("seed=99999999999999999999999", "seed"),
+    ("seed=-1", "seed"),
+    ("data=synthetic", "data.image_size"),
+    ("optim.lr=inf", "optim.lr"),
+    ("optim.lr=nan", "optim.lr"),
+    ("method=opl", "method.gamma"),
+    ("method=cosine", "method.scale"),
+    ("method=gcr", "method.k"),
+    ("data.classes=[3]", "data.classes"),
+    ("data.classes=[]", "data.classes"),
+    ("+data.nme=3", "data.nme"),
+    ("+trainer.max_epoch=3", "trainer.max_epoch"),
+    ("optim.scheduler=poly", "optim.scheduler"),
+    ("logger.init_timeout=0", "logger.init_timeout"),
+    ("data.color_jitter=2", "data.color_jitter"),
+])
+def test_bad_values_are_refused_naming_the_key(tmp_path, override, key):
+    extra = {"data=synthetic": ["data.image_size=0"], "method=opl": ["method.gamma=nan"],
+             "method=cosine": ["method.scale=0"], "method=gcr": ["method.k=0"]}.get(override, [])
+    msg = refused(tmp_path, [*SMOKE, override, *extra], exc=ConfigError)
+    assert key in msg, msg
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_float_cifar_batch_is_refused(tmp_path):
+    from ortho_run.datasets.cifar import write_cifar
+
+    x = np.random.default_rng(0).integers(0, 255, (50, 3, 32, 32)).astype(np.uint8)
+    y = np.arange(50) % 10
+    write_cifar(str(tmp_path / "c"), "cifar10", x, y, x, y, [str(i) for i in range(10)])
+    f = tmp_path / "c" / "cifar-10-batches-py" / "data_batch_1"
+    with open(f, "rb") as fh:
+        obj = pickle.load(fh, encoding="latin1")
+    obj["data"] = obj["data"].astype(np.float32) / 255.0
+    with open(f, "wb") as fh:
+        pickle.dump(obj, fh)
+    msg = refused(tmp_path, [*SMOKE, "data=cifar10", f"data.root={tmp_path}/c"], exc=DataError)
+    assert "float32" in msg and "uint8" in msg and "data_batch_1" in msg
+
+
+def test_a_warm_up_longer_than_the_run_is_said(tmp_path, caplog):
+    with caplog.at_level(logging.WARNING, logger="ortho_run"):
+        run_inprocess(tmp_path, [*SMOKE, "optim.warmup_epochs=3"])
+    assert "longer than the run" in caplog.text
+
+
+def test_report_lists_a_list_summary_and_refuses_a_plain_file(tmp_path):
+    from ortho_run.report import collect, main
+
+    run_inprocess(tmp_path, SMOKE, name="good")
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "summary.json").write_text("[1, 2]")
+    runs, problems = collect([tmp_path])
+    assert len(runs) == 1 and any("bad" in d and "not a JSON object" in why
+                                  for d, why in problems)
+    (tmp_path / "notes.txt").write_text("x")
+    with pytest.raises(SystemExit) as e:
+        main([str(tmp_path / "notes.txt"), "--no-plots"])
+    assert e.value.code == 2
+
+
+# ---------------------------------------------------------------- 7. W&B settings
+def test_explicit_logger_mode_beats_the_environment(tmp_path, monkeypatch):
+    import ortho_run.runner.sinks as sinks
+
+    started = []
+    monkeypatch.setenv("WANDB_MODE", "online")
+    monkeypatch.setattr(sinks, "_have_wandb_key", lambda: True)
+    import wandb
+
+    monkeypatch.setattr(wandb, "init", lambda **kw: started.append(kw) or None)
+    cfg = compose([*SMOKE, "logger.mode=disabled"])
+    assert str(cfg.logger.mode) == "disabled"
+    sinks.WandbSink(cfg.logger, tmp_path, {}, "n", None)
+    assert started == []
+    cfg = compose([*SMOKE, "logger=wandb"])  # no explicit mode: the environment counts
+    sink = sinks.WandbSink(cfg.logger, tmp_path, {}, "n", None)
+    assert sink.mode == "online" and started[0]["mode"] == "online"
+
+
+def test_wandb_start_up_timeout_is_configurable(tmp_path, monkeypatch):
+    import wandb
+
+    import ortho_run.runner.sinks as sinks
+
+    seen = []
+    monkeypatch.setattr(wandb, "init", lambda **kw: seen.append(kw["settings"]) or None)
+    cfg = compose(["logger=wandb", "logger.mode=offline", "logger.init_timeout=7"])
+    sinks.WandbSink(cfg.logger, tmp_path, {}, "n", None)
+    assert seen[0].init_timeout == 7
+
+
+# ---------------------------------------------------------------- 8. file modes
+@pytest.mark.parametrize("umask,mode", [(0o022, 0o644), (0o027, 0o640)])
+def test_run_files_get_the_mode_a_plain_open_gives(tmp_path, umask, mode):
+    import ortho_run.io as io
+
+    old = os.umask(umask)
+    io._UMASK = None
+    try:
+        run_inprocess(tmp_path, SMOKE)
+        run_inprocess(tmp_path, [*SMOKE, "trainer.max_epochs=2"])  # a resume rewrites metrics
+    finally:
+        os.umask(old)
+        io._UMASK = None
+    d = tmp_path / "run"
+    for f in ("summary.json", "resolved_config.yaml", "checkpoints/last.pt", "metrics.jsonl"):
+        assert (d / f).stat().st_mode & 0o777 == mode, f
+
+
+# ---------------------------------------------------------------- the CLI (slow layer)
+@pytest.mark.slow
+def test_cli_refusals_leave_a_finished_dir_byte_identical(tmp_path):
+    run_dir = tmp_path / "run"
+    r = cli([*SMOKE, f"hydra.run.dir={run_dir}"], cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    before = tree(run_dir)
+    assert ".hydra/config.yaml" in before and "run.log" in before
+    for bad in (["method=opl"], ["data.batch_size=0"], ["optim.lr=0.5"], ["method.bogus=1"],
+                ["+data.nme=3"], ["trainer.resume=/nonexistent"]):
+        r = cli([*SMOKE, *bad, f"hydra.run.dir={run_dir}"], cwd=tmp_path)
+        assert r.returncode == 2, (bad, r.stderr[-1500:])
+        assert "Traceback" not in r.stderr, bad
+        assert tree(run_dir) == before, bad
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("args,needle", [
+    (["method=bogus"], "bogus"),
+    (["optim.milestones=[ten,20]"], "milestones"),
+    (["+data.nme=3"], "data.nme"),
+    (["data.batch_size=0"], "data.batch_size"),
+    (["output_root="], "output_root is empty"),
+    (["hydra.run.dir=" + "x" * 300], "255"),
+])
+def test_cli_user_mistakes_exit_2_without_a_traceback_or_a_run_dir(tmp_path, args, needle):
+    r = cli([*SMOKE, f"output_root={tmp_path}/out", *args], cwd=tmp_path, timeout=120)
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert needle in r.stderr and "Traceback" not in r.stderr
+    assert sorted(os.listdir(tmp_path)) == []
+    assert not any(p.name.startswith("20") for p in Path("/").iterdir())
+
+
+@pytest.mark.slow
+def test_cli_second_process_in_a_run_dir_exits_2_naming_the_first(tmp_path):
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time; from ortho_run.runner.rundir import RunDir\n"
+        "with RunDir(sys.argv[1]):\n    print('locked', flush=True); time.sleep(60)"),
+        str(tmp_path / "run")], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        r = cli([*SMOKE, f"hydra.run.dir={tmp_path}/run"], cwd=tmp_path)
+        assert r.returncode == 2 and f"process {holder.pid}" in r.stderr, r.stderr[-1500:]
+        assert "Traceback" not in r.stderr
+    finally:
+        holder.kill()
+
+
+@pytest.mark.slow
+def test_cli_repeated_sigint_never_interrupts_the_shutdown(tmp_path):
+    run_dir = tmp_path / "run"
+    env = dict(os.environ, WANDB_MODE="disabled")
+    p = subprocess.Popen([sys.executable, "-m", "ortho_run", "experiment=smoke",
+                          "trainer.max_epochs=50", "data.max_train_samples=1024",
+                          f"hydra.run.dir={run_dir}"], env=env, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True)
+    t0 = time.time()
+    while not (run_dir / "metrics.jsonl").exists() and time.time() - t0 < 120:
+        time.sleep(0.05)
+    for _ in range(40):  # a burst: some land while the first one is being handled
+        p.send_signal(signal.SIGINT)
+        time.sleep(0.01)
+    out, err = p.communicate(timeout=120)
+    assert p.returncode == EXIT_PREEMPTED, err[-2000:]
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err
+    assert "Resume with: ortho-run" in err
+    assert json.loads((run_dir / "summary.json").read_text())["status"] == "preempted"
+
+
+@pytest.mark.slow
+def test_nested_old_model_never_touches_the_main_wandb_run(tmp_path):
+    """A compat run with W&B on: the main run's history and summary hold its metrics, and the
+    cached old model has no W&B run of its own."""
+    env = {"WANDB_MODE": "offline", "WANDB_SILENT": "true"}
+    r = cli(["experiment=compat_smoke", "method=bct", "trainer.max_epochs=2", "logger=wandb",
+             f"cache_dir={tmp_path}/cache", f"hydra.run.dir={tmp_path}/run"], cwd=tmp_path,
+            env=env)
+    assert r.returncode == 0, r.stderr[-2000:]
+    runs = list((tmp_path / "run" / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert len(runs) == 1  # one W&B run: the main one
+    records = runs[0].read_bytes()  # W&B's offline record log (history and summary rows)
+    assert records.count(b"train/loss") >= 2 and b"compat/new_old/cmc1" in records
+    assert not list((tmp_path / "cache").rglob("wandb"))
