@@ -169,6 +169,9 @@ class CompatConfig:
     old_classes: Any = "first_half"  # the old model's class subset when it is trained here
     old_method: str = "ce"
     old_overrides: List[str] = field(default_factory=list)  # dotlist applied to the old config
+    # train the old model on L2-normalised features with a bias-free head (BT²/OCA's
+    # ``norm_feature: True``); its method must have norm_feature (ce does)
+    old_norm_feature: bool = False
     evaluate: bool = True
 
 

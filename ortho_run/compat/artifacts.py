@@ -42,7 +42,7 @@ class CompatArtifacts:
     num_old_classes: int
     class_means: Optional[Tensor] = None  # C_new × d_old: mean raw old feature per class
     unit_class_means: Optional[Tensor] = None  # C_new × d_old: mean of unit old features
-    old_head: Optional[Tuple[Tensor, Optional[Tensor]]] = None  # (W, b) of the old classifier
+    old_head: Optional[object] = None  # the old classifier (a methods.LinearHead)
 
 
 @torch.no_grad()

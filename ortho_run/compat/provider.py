@@ -33,7 +33,8 @@ OLD_SEED_OFFSET = 10_007
 Launch = Callable[[object, Path], object]
 
 
-def old_config(cfg, classes, method: str, overrides=(), seed_offset: int = 1):
+def old_config(cfg, classes, method: str, overrides=(), seed_offset: int = 1,
+               norm_feature: bool = False):
     """The config that trains the old (or an independent) model: the same data, model, optim
     and trainer; ``method`` composed from its yaml and schema, exactly as ``method=<name>``
     would give it on the command line."""
@@ -45,6 +46,11 @@ def old_config(cfg, classes, method: str, overrides=(), seed_offset: int = 1):
                           f"a method that trains alone (ce, cosine, opl, ...)")
     base = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
     base["method"] = OmegaConf.to_container(load_option("method", method), enum_to_str=True)
+    if norm_feature:  # the old model of the BT²/OCA protocol
+        if "norm_feature" not in base["method"]:
+            raise ConfigError(f"compat.old_norm_feature=true: compat.old_method={method} has no "
+                              f"norm_feature option; use compat.old_method=ce")
+        base["method"]["norm_feature"] = True
     base["data"]["classes"] = classes
     # Another seed: an old model is trained at another time, from another init. With the same
     # seed the "independent" spaces would share their initialisation and partly align.
@@ -64,11 +70,11 @@ def old_config(cfg, classes, method: str, overrides=(), seed_offset: int = 1):
 
 
 def train_or_load(cfg, classes, method: str, launch: Launch, overrides=(), device=None,
-                  seed_offset: int = 1):
+                  seed_offset: int = 1, norm_feature: bool = False):
     """A trained model for (cfg with these classes and method), from the cache or trained now."""
     from filelock import FileLock
 
-    sub = old_config(cfg, classes, method, overrides, seed_offset)
+    sub = old_config(cfg, classes, method, overrides, seed_offset, norm_feature)
     key_src = {k: v for k, v in OmegaConf.to_container(sub, resolve=True, enum_to_str=True).items()
                if k not in VOLATILE}
     key_src["trainer"] = {k: v for k, v in key_src["trainer"].items()
@@ -108,7 +114,8 @@ class CompatService:
             net, old_cfg, n_old = load_run(p if p.is_dir() else p.parent.parent, device)
         else:
             net, old_cfg, n_old, _ = train_or_load(cfg, c.old_classes, c.old_method, launch,
-                                                   c.old_overrides, device)
+                                                   c.old_overrides, device,
+                                                   norm_feature=c.old_norm_feature)
         self.old = FrozenNet(net, old_cfg)
         self.num_old_classes = n_old
         self._old_gallery: Optional[tuple] = None

@@ -33,12 +33,14 @@ class DeviceLoader:
     def __init__(self, split: Split, batch_size: int, device: torch.device, mean: Sequence[float],
                  std: Sequence[float], train: bool, augment: str = "none", padding: int = 4,
                  seed: int = 0, drop_last: Optional[bool] = None, channels_last: bool = False,
-                 rank: int = 0, world_size: int = 1, limit_batches: Optional[int] = None):
+                 rank: int = 0, world_size: int = 1, limit_batches: Optional[int] = None,
+                 color_jitter: float = 0.0):
         if split.x is None:
             raise ConfigError("data.pipeline=resident needs an array data set (digits, synthetic, "
                               "cifar*); image folders use data.pipeline=loader")
         self.device = torch.device(device)
         self.train, self.augment, self.pad = train, str(augment), padding if train else 0
+        self.jitter = color_jitter if train else 0.0
         if self.augment != "crop_flip":
             self.pad = 0
         x = split.x
@@ -104,8 +106,41 @@ class DeviceLoader:
             bi = idx[i * self.batch_size:(i + 1) * self.batch_size]
             xb = self._augment(bi, gen) if self.train else self.x[bi]
             memory_format = torch.channels_last if self.channels_last else torch.contiguous_format
-            xb = ((xb.float() - self.mean) * self.inv_std).contiguous(memory_format=memory_format)
+            xb = xb.float()
+            if self.jitter:
+                xb = color_jitter(xb, jitter_factors(len(xb), self.jitter, gen, self.device))
+            xb = ((xb - self.mean) * self.inv_std).contiguous(memory_format=memory_format)
             yield xb, self.y[bi]
+
+
+LUMA = (0.2989, 0.587, 0.114)  # ITU-R 601-2, as torchvision's rgb_to_grayscale
+
+
+def jitter_factors(n: int, strength: float, gen, device) -> Tensor:
+    """Per image: brightness, contrast and saturation factors, uniform in [1 − s, 1 + s]."""
+    lo, hi = max(0.0, 1.0 - strength), 1.0 + strength
+    return torch.rand(n, 3, device=device, generator=gen) * (hi - lo) + lo
+
+
+def color_jitter(x: Tensor, factors: Tensor) -> Tensor:
+    """Brightness, contrast and saturation jitter of float images in [0, 255] (B×C×H×W), as
+    torchvision's ``adjust_brightness``/``adjust_contrast``/``adjust_saturation`` with the given
+    per-image factors, in that order (torchvision's ColorJitter draws the order per image; a
+    fixed order keeps this a few batched ops). Grey images get brightness and contrast only."""
+    def blend(img, other, f):
+        return (f[:, None, None, None] * img + (1 - f[:, None, None, None]) * other).clamp(0, 255)
+
+    def gray(img):
+        if img.shape[1] == 1:
+            return img
+        w = torch.tensor(LUMA, device=img.device, dtype=img.dtype).view(1, 3, 1, 1)
+        return (img * w).sum(1, keepdim=True)
+
+    x = blend(x, torch.zeros_like(x[:, :1]), factors[:, 0])
+    x = blend(x, gray(x).mean(dim=(1, 2, 3), keepdim=True), factors[:, 1])
+    if x.shape[1] == 3:
+        x = blend(x, gray(x), factors[:, 2])
+    return x
 
 
 class _ArrayImages(torch.utils.data.Dataset):
@@ -149,7 +184,7 @@ class _FileImages(torch.utils.data.Dataset):
 
 
 def standard_transform(train: bool, augment: str, padding: int, image_size: int, mean, std,
-                       files: bool):
+                       files: bool, color_jitter: float = 0.0):
     from torchvision import transforms as T
 
     ops = []
@@ -160,6 +195,8 @@ def standard_transform(train: bool, augment: str, padding: int, image_size: int,
         ops.append(T.RandomCrop(image_size, padding=padding))
     if train and augment in ("flip", "crop_flip"):
         ops.append(T.RandomHorizontalFlip())
+    if train and color_jitter:
+        ops.append(T.ColorJitter(color_jitter, color_jitter, color_jitter))
     ops += [T.ToTensor(), T.Normalize(mean, std)]
     return T.Compose(ops)
 
@@ -169,9 +206,10 @@ class TorchLoader:
                  train: bool, augment: str = "none", padding: int = 4, image_size: int = 32,
                  seed: int = 0, num_workers: int = 4, channels_last: bool = False,
                  rank: int = 0, world_size: int = 1, limit_batches: Optional[int] = None,
-                 drop_last: Optional[bool] = None):
+                 drop_last: Optional[bool] = None, color_jitter: float = 0.0):
         files = split.x is None
-        tf = standard_transform(train, str(augment), padding, image_size, mean, std, files)
+        tf = standard_transform(train, str(augment), padding, image_size, mean, std, files,
+                                color_jitter)
         ds = _FileImages(split.files, split.y, tf) if files else _ArrayImages(split.x, split.y, tf)
         self.device = torch.device(device)
         self.seed, self.epoch, self.limit = seed, 0, limit_batches
@@ -238,7 +276,8 @@ def build_loader(ds: DataSet, split: Split, cfg, device, train: bool, seed: int,
     common = dict(batch_size=bs, device=device, mean=ds.mean, std=ds.std, train=train,
                   augment=str(cfg.augment), padding=cfg.crop_padding, seed=seed,
                   channels_last=channels_last, rank=rank, world_size=world_size,
-                  limit_batches=limit_batches if train else None)
+                  limit_batches=limit_batches if train else None,
+                  color_jitter=cfg.color_jitter if train else 0.0)
     if pipeline == "resident":
         return DeviceLoader(split, **common)
     return TorchLoader(split, image_size=ds.image_size, num_workers=cfg.num_workers, **common)

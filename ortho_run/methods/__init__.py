@@ -4,7 +4,8 @@ Adding a method = one file here (a ``Method`` subclass decorated with ``@registe
 yaml in ``conf/method/``; nothing else changes.
 """
 
-from ortho_run.methods.base import (METHODS, Batch, Method, MethodContext, MethodOutput, Needs,
-                                    register)
+from ortho_run.methods.base import (METHODS, Batch, LinearHead, Method, MethodContext,
+                                    MethodOutput, Needs, register)
 
-__all__ = ["METHODS", "Batch", "Method", "MethodContext", "MethodOutput", "Needs", "register"]
+__all__ = ["METHODS", "Batch", "LinearHead", "Method", "MethodContext", "MethodOutput", "Needs",
+           "register"]

@@ -11,7 +11,7 @@ interface.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
@@ -49,6 +49,14 @@ class MethodOutput:
     extras: Dict[str, Tensor] = field(default_factory=dict)  # method-private tensors for loss()
 
 
+class LinearHead(NamedTuple):
+    """logits = W·x + b, with x the feature or (``unit_features``) the L2-normalised feature."""
+
+    weight: Tensor
+    bias: Optional[Tensor]
+    unit_features: bool = False
+
+
 @dataclass(frozen=True)
 class Needs:
     """What a method asks of the compatibility service (nothing, for most methods).
@@ -61,7 +69,7 @@ class Needs:
     old_model: bool = False  # evaluated against a frozen old model (the compatibility matrix)
     old_embedding: bool = False  # ``batch.old``: the old model's embedding of each batch
     class_means: bool = False  # the old model's per-class feature means, over all classes
-    old_head: bool = False  # the old model's linear classifier (W, b) for the classes it saw
+    old_head: bool = False  # the old model's linear classifier (a LinearHead) for its classes
     independent_backbone: bool = False  # the backbone is an independently trained new model,
     #                                     loaded and kept frozen
     extra_dims: Optional[int] = None  # the new feature dim must be d_old + extra_dims
@@ -136,9 +144,9 @@ class Method(nn.Module):
         too."""
         return {"new": out.embedding if out.embedding is not None else batch.features}
 
-    def classifier(self) -> Optional[Tuple[Tensor, Optional[Tensor]]]:
-        """(W, b) of a linear classifier on the features, if the method has one (a later
-        model's BCT influence loss reuses it as the old head)."""
+    def classifier(self) -> Optional["LinearHead"]:
+        """The method's linear classifier, if it has one (a later model's BCT influence loss
+        reuses it as the old head)."""
         return None
 
     # --- optimisation ---------------------------------------------------------------

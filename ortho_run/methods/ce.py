@@ -1,19 +1,28 @@
-"""``ce``: the baseline — a linear head with bias on the penultimate feature, softmax CE."""
+"""``ce``: the baseline — a linear head with bias on the penultimate feature, softmax CE.
+
+``norm_feature=true`` is the head of the BT²/OCA code's models (``norm_feature: True`` in their
+configs): the feature is L2-normalised before a linear head, which is then bias-free unless
+``bias`` says otherwise (``bias`` null: with bias on raw features, without on unit features).
+The compatibility presets train their old models this way (``compat.old_norm_feature``).
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
+import torch.nn.functional as F
 from torch import nn
 
 from ortho_run.config import MethodConfig
-from ortho_run.methods.base import Method, MethodOutput, register, row_orthogonality
+from ortho_run.methods.base import LinearHead, Method, MethodOutput, register, row_orthogonality
 
 
 @dataclass
 class CEConfig(MethodConfig):
     name: str = "ce"
-    bias: bool = True
+    bias: Optional[bool] = None  # null: True on raw features, False with norm_feature
+    norm_feature: bool = False  # L2-normalise the feature before the head (BT²/OCA models)
 
 
 @register("ce")
@@ -22,13 +31,24 @@ class CE(Method):
 
     def __init__(self, cfg, ctx):
         super().__init__(cfg, ctx)
-        self.fc = nn.Linear(ctx.feature_dim, ctx.num_classes, bias=cfg.bias)
+        self.unit = self.head_on_unit_features()
+        bias = self.cfg.bias if self.cfg.bias is not None else not self.unit
+        self.fc = nn.Linear(ctx.feature_dim, ctx.num_classes, bias=bias)
+
+    def head_on_unit_features(self) -> bool:
+        return bool(self.cfg.norm_feature)
+
+    def head_input(self, features):
+        return F.normalize(features, dim=1) if self.unit else features
 
     def forward(self, batch):
-        return MethodOutput(logits=self.fc(batch.features))
+        return MethodOutput(logits=self.fc(self.head_input(batch.features)))
+
+    def embeddings(self, out, batch):
+        return {"new": self.head_input(batch.features)}
 
     def classifier(self):
-        return self.fc.weight, self.fc.bias
+        return LinearHead(self.fc.weight, self.fc.bias, self.unit)
 
     def diagnostics(self):
         return row_orthogonality(self.fc.weight)

@@ -3,13 +3,24 @@
 Old and new backbones are both frozen and independently trained (the new one is the cached
 ``ce`` model on all classes, loaded into this run's backbone); only adapters learn:
 
-- backward adapter B(h) = Wh + b (new → old), regularised by
-  L_λ = σ(α(‖WWᵀ − I‖_F − λ))·‖WWᵀ − I‖_F: only deviations beyond λ are penalised (λ = 0 is
-  soft orthogonality, λ = ∞ an unconstrained affine map). ``strict=true``: B = exp(P) with P
-  skew-symmetric (exactly orthogonal; needs d_new = d_old);
-- on L2-normalised embeddings h (the protocol's), L_B = ‖B(h_new) − h_old‖²; forward adapter F (old → new), L_F = ‖F(h_old) − B(h_new)‖²;
+- backward adapter B(h) = Wh + b (new → old, W ∈ R^{d_old×d_new}), regularised by
+  L_λ = σ(α(‖G − I‖_F − λ))·‖G − I‖_F: only deviations beyond λ are penalised (λ = 0 is
+  soft orthogonality, λ = ∞ an unconstrained affine map). G is the Gram matrix on the smaller
+  side, WWᵀ when d_old ≤ d_new (B has orthonormal rows: a co-isometry onto the old space) and
+  WᵀW when d_new < d_old (orthonormal columns: an isometric embedding of the new space), the
+  one that can reach I for a rectangular W; for d_new = d_old both are the paper's WWᵀ.
+  W starts at the (rectangular) identity. ``strict=true``: B = exp(P) with P skew-symmetric
+  (exactly orthogonal; needs d_new = d_old);
+- on L2-normalised embeddings h (the protocol's), L_B = ‖B(h_new) − h_old‖²; a forward adapter
+  F of the old embeddings into the adapted space (d_old → d_old), L_F = ‖F(h_old) − B(h_new)‖²;
 - supervised contrastive terms L_C on (F(h_old), B(h_new)) and (F(h_old), h_old);
 - L = w1·L_F + w2·L_B + w3·L_C + weight·L_λ.
+
+Every term lives in the old space, so the old and new models may have different dims (the
+paper's headline maps a ResNet-18 space to a ViT-L/16 one): the new dim is the independent
+model's (``model.embed_dim``), the old one the old model's (e.g.
+``compat.old_overrides=[model.embed_dim=16]``). With equal dims this is the same computation as
+the paper's equal-dim form.
 
 α, w1..w3 and the contrastive temperature are not published: our defaults (α = 5, w1 = w2 = 1,
 w3 = 0.1, temperature 0.1) are sweepable. The retrieval embedding is B(h_new); the raw h_new
@@ -45,9 +56,16 @@ class LambdaOrthConfig(MethodConfig):
                               + at_least(0, "lambda_", "weight", "w1", "w2", "w3"))
 
 
+def orth_deviation(w: Tensor) -> Tensor:
+    """‖G − I‖_F with G the smaller Gram matrix of W (WWᵀ for a wide or square W, WᵀW for a
+    tall one): zero exactly when W has orthonormal rows (wide) or columns (tall)."""
+    g = w @ w.t() if w.shape[0] <= w.shape[1] else w.t() @ w
+    return torch.linalg.matrix_norm(g - torch.eye(len(g), device=w.device, dtype=w.dtype))
+
+
 def lambda_penalty(w: Tensor, lam: float, alpha: float) -> Tensor:
-    """σ(α(‖WWᵀ − I‖_F − λ))·‖WWᵀ − I‖_F."""
-    dev = torch.linalg.matrix_norm(w @ w.t() - torch.eye(w.shape[0], device=w.device, dtype=w.dtype))
+    """σ(α(‖G − I‖_F − λ))·‖G − I‖_F, G the smaller Gram matrix of W."""
+    dev = orth_deviation(w)
     return torch.sigmoid(alpha * (dev - lam)) * dev
 
 
@@ -88,13 +106,14 @@ class LambdaOrth(Method):
 
     def __init__(self, cfg, ctx):
         super().__init__(cfg, ctx)
-        d_old = self.require_old_dim("L_F compares F(h_old) with B(h_new)")
-        d_new = ctx.feature_dim
+        d_old, d_new = self.compat.old_dim, ctx.feature_dim
+        if self.cfg.strict:
+            self.require_old_dim("method.strict=true makes B an exact rotation")
         self.backward_adapter = SkewExp(d_old) if self.cfg.strict else nn.Linear(d_new, d_old)
         if not self.cfg.strict:
             nn.init.eye_(self.backward_adapter.weight)
             nn.init.zeros_(self.backward_adapter.bias)
-        self.forward_adapter = nn.Linear(d_old, d_new)
+        self.forward_adapter = nn.Linear(d_old, d_old)
 
     def forward(self, batch):
         h_new = F.normalize(batch.features.float(), dim=1)  # the protocol's L2-normalised embeddings
@@ -123,5 +142,4 @@ class LambdaOrth(Method):
     @torch.no_grad()
     def diagnostics(self):
         w = self.backward_adapter.weight.detach().float()
-        dev = torch.linalg.matrix_norm(w @ w.t() - torch.eye(len(w), device=w.device))
-        return {"b_orth_dev": float(dev)}
+        return {"b_orth_dev": float(orth_deviation(w))}

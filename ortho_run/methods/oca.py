@@ -2,15 +2,18 @@
 
 The new backbone outputs d_old + k dims (``model.embed_dim``), normalised: ĥ. An orthogonal
 layer T(ĥ) = Qĥ + c (Q ∈ O(d_old + k) through ``torch.nn.utils.parametrizations.orthogonal``;
-the bias c is kept by the official code: ``bias``) feeds the new classifier. The first d_old
-dims of ĥ are tied to the old space by the frozen pseudo-classifier P (old class means, unit
-rows):
+the official code keeps the bias c: ``bias``) feeds the new classifier W_new, bias-free as in
+the official code (``fc_bias``). The first d_old dims of ĥ are tied to the old space by the
+frozen pseudo-classifier P:
 
     L = a·CE(W_new T(ĥ), y) + b·CE(s_p · norm(ĥ[:d_old]) Pᵀ, y) + c·(1 − cos(P_y, ĥ[:d_old]))
 
-a, b, c = 5, 10, 5 are what the official code hard-codes (its YAML's 1, 10, 5 are ignored);
-s_p = 1 is the plain form. Retrieval uses ĥ before T: all dims new/new, the first d_old new/old
-(the evaluator truncates and renormalises).
+P follows the official code by default (``pseudo=unit_mean``): the per-class mean of the old
+model's *unit* features, not renormalised, so its rows have norm below 1 and set the alignment
+logits' scale; ``pseudo=renormalized`` uses unit rows instead. The cosine term normalises P_y
+itself either way. a, b, c = 5, 10, 5 are what the official code hard-codes (its YAML's 1, 10,
+5 are ignored); s_p = 1 is the plain form. Retrieval uses ĥ before T: all dims new/new, the
+first d_old new/old (the evaluator truncates and renormalises).
 """
 
 from __future__ import annotations
@@ -23,9 +26,14 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.parametrizations import orthogonal
 
-from ortho_run.config import MethodConfig, at_least, positive
+from ortho_run.config import Choice, MethodConfig, at_least, positive
 from ortho_run.errors import ConfigError
 from ortho_run.methods.base import Method, MethodOutput, Needs, register, row_orthogonality
+
+
+class Pseudo(Choice):
+    unit_mean = "unit_mean"  # mean of the old unit features per class (official)
+    renormalized = "renormalized"  # the same rows scaled to unit norm
 
 
 @dataclass
@@ -36,7 +44,9 @@ class OCAConfig(MethodConfig):
     b: float = 10.0
     c: float = 5.0
     p_scale: float = 1.0
-    bias: bool = True
+    bias: bool = True  # the orthogonal layer's bias c (official: kept)
+    fc_bias: bool = False  # the new classifier's bias (official: none)
+    pseudo: Pseudo = Pseudo.unit_mean
     checks: ClassVar[list] = positive("p_scale") + at_least(0, "extra_dims", "a", "b", "c")
 
 
@@ -58,8 +68,11 @@ class OCA(Method):
                               f"{d_old + self.cfg.extra_dims} (it is {d})")
         self.d_old = d_old
         self.transform = orthogonal(nn.Linear(d, d, bias=self.cfg.bias))
-        self.fc = nn.Linear(d, ctx.num_classes)
-        self.register_buffer("pseudo", F.normalize(art.class_means.detach().clone(), dim=1))
+        self.fc = nn.Linear(d, ctx.num_classes, bias=self.cfg.fc_bias)
+        p = art.unit_class_means.detach().clone()
+        if str(self.cfg.pseudo) == "renormalized":
+            p = F.normalize(p, dim=1)
+        self.register_buffer("pseudo", p)
 
     def forward(self, batch):
         h = F.normalize(batch.features.float(), dim=1)
@@ -70,7 +83,7 @@ class OCA(Method):
         ce = self.ce(out.logits, targets)
         h_old = F.normalize(h[:, : self.d_old], dim=1)
         align_ce = self.ce(self.cfg.p_scale * h_old @ self.pseudo.t(), targets)
-        cos = (h_old * self.pseudo[targets]).sum(1).mean()
+        cos = F.cosine_similarity(h_old, self.pseudo[targets], dim=1).mean()
         loss = self.cfg.a * ce + self.cfg.b * align_ce + self.cfg.c * (1 - cos)
         return {"loss": loss, "ce": ce, "align_ce": align_ce, "align_cos": cos}
 
