@@ -63,10 +63,22 @@ def backbone_groups(backbone: nn.Module) -> List[ParamGroup]:
 
 
 def torch_groups(groups: List[ParamGroup], cfg) -> List[dict]:
-    """torch param-group dicts (lr and weight decay resolved; the role kept for inspection)."""
-    return [{"params": list(g.params), "lr": cfg.lr * g.lr_scale, "role": g.role,
-             "weight_decay": cfg.weight_decay if g.weight_decay is None else g.weight_decay}
-            for g in groups if g.params]
+    """torch param-group dicts, lr and weight decay resolved. Groups whose settings are equal
+    share one torch group (its ``role`` lists theirs, e.g. ``stem+hidden``): a fused optimiser
+    launches its kernels per group, so a split that changes nothing would only cost launches."""
+    out: List[dict] = []
+    for g in groups:
+        if not g.params:
+            continue
+        lr = cfg.lr * g.lr_scale
+        wd = cfg.weight_decay if g.weight_decay is None else g.weight_decay
+        same = next((t for t in out if t["lr"] == lr and t["weight_decay"] == wd), None)
+        if same is not None:
+            same["params"] += list(g.params)
+            same["role"] += f"+{g.role}"
+        else:
+            out.append({"params": list(g.params), "lr": lr, "weight_decay": wd, "role": g.role})
+    return out
 
 
 def build_optimizers(groups: List[ParamGroup], cfg, device: torch.device
