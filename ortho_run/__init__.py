@@ -1,3 +1,3 @@
 """ortho-run: train and compare orthogonality methods on one reproducible pipeline."""
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"

@@ -14,7 +14,10 @@ Prints img/s and the ratios (2)/(1), (2)/(3), method/ce, and writes them as JSON
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -90,6 +93,25 @@ def top_level_aten_calls(events) -> list:
             and (e.cpu_parent is None or not e.cpu_parent.name.startswith("aten::"))]
 
 
+@contextlib.contextmanager
+def quiet_native_stderr(enabled: bool = True):
+    """Silence what the profiler's C++ side prints to fd 2 on a machine without a GPU
+    (``gpuGetDeviceCount failed``, ``USDT ... profiler_start``) around the benchmark's table."""
+    if not enabled:
+        yield
+        return
+    sys.stderr.flush()
+    saved = os.dup(2)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+
+
 def count_launches(args, job, steps: int = 4) -> float:
     """Work items the host issues per training step: CUDA kernel launches on a GPU, top-level
     non-view ATen calls on a CPU. The loop is launch-bound, so this is what a method adds."""
@@ -98,7 +120,7 @@ def count_launches(args, job, steps: int = 4) -> float:
     tr = job.trainer
     cuda = job.device.type == "cuda"
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
-    with prof_ctx(activities=acts) as prof:
+    with quiet_native_stderr(enabled=not cuda), prof_ctx(activities=acts) as prof:
         tr.train_epoch(limit=steps)
     events = prof.events()
     if cuda:

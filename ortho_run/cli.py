@@ -15,7 +15,7 @@ import json
 import logging
 import sys
 from pathlib import Path
-from typing import Any, List
+from typing import Any, Dict, List
 
 from hydra.experimental.callback import Callback
 
@@ -48,6 +48,7 @@ def task(cfg) -> Any:
     run_dir, multirun, info = _job_info()
     try:
         summary = run(cfg, run_dir, sweep=info, existing=_STATE.get("existing"))
+        print(result_line(summary) if multirun else result_block(summary), flush=True)
         value = summary.get(cfg.objective)  # what a sweeper (Optuna) optimises
         return float(value) if isinstance(value, (int, float)) else None
     except OrthoRunError as exc:
@@ -61,6 +62,52 @@ def task(cfg) -> Any:
             return None
         _STATE["crashed"] = True
         raise
+
+
+def _fmt(v) -> str:
+    return f"{v:.4f}" if isinstance(v, float) else str(v)
+
+
+def headline(s: dict) -> List[str]:
+    """The metrics a user looks for first: accuracy, or the compatibility matrix."""
+    lines = []
+    acc = [f"{k} {_fmt(s[k])}" for k in ("test/acc1", "test/acc5", "val/best_acc1") if k in s]
+    if acc:
+        lines.append("  ".join(acc))
+    if "compat/old_old/cmc1" in s:
+        pairs = [p for p in ("old_old", "new_old", "new_new", "raw_old") if f"compat/{p}/cmc1" in s]
+        lines.append("CMC@1 / mAP  " + "  ".join(
+            f"{p.replace('_', '/')} {s[f'compat/{p}/cmc1']:.3f} / {s[f'compat/{p}/map']:.3f}"
+            for p in pairs))
+        verdict = lambda k: "passes" if s.get(k) == 1.0 else "fails"  # noqa: E731
+        lines.append(f"ECC (new/old beats old/old): {verdict('compat/ecc')} on top-1, "
+                     f"{verdict('compat/ecc_map')} on mAP")
+    return lines
+
+
+def wandb_line(s: dict) -> str:
+    w = s.get("wandb") or {}
+    mode = w.get("mode", "disabled")
+    if mode == "online":
+        return f"W&B: {w.get('url') or 'online run ' + str(w.get('id'))}"
+    if mode == "offline":  # a resumed run adds a folder with the same run id: sync them all
+        where = f"{s.get('run_dir')}/wandb/offline-run-*"
+        return f"W&B: offline run {w.get('id')} in {where}; upload it with: wandb sync {where}"
+    return "W&B: off (logger.mode=disabled)"
+
+
+def result_block(s: dict) -> str:
+    """The block that ends a run on the terminal."""
+    rule = "-" * 72
+    head = (f"ortho-run: {s.get('status')}: {s.get('method')} on {s.get('data')} "
+            f"({s.get('model')}, seed {s.get('seed')}, {s.get('epoch')} epochs)")
+    return "\n".join([rule, head, *headline(s), f"run dir: {s.get('run_dir')}", wandb_line(s),
+                      rule])
+
+
+def result_line(s: dict) -> str:
+    return (f"ortho-run: job {s.get('job_num')} {s.get('status')}: "
+            + "; ".join(headline(s)[:1] or ["-"]) + f"  ({s.get('run_dir')})")
 
 
 def _check_writable(path: Path, key: str) -> None:
@@ -116,19 +163,40 @@ class SweepReport(Callback):
     def on_multirun_end(self, config, **kwargs) -> None:
         sweep = Path(config.hydra.sweep.dir)
         failed = []
+        counts: Dict[str, int] = {"finished": 0, "failed": 0, "diverged": 0}
         jobs = [p for p in sweep.iterdir() if p.is_dir()] if sweep.is_dir() else []
         for job in sorted(p for p in jobs if (p / "summary.json").exists() or (p / ".hydra").is_dir()):
             f = job / "summary.json"
             try:
                 s = json.loads(f.read_text())
-                if s.get("status") != "finished":
-                    failed.append(f"{job.name}: {s.get('status')}: {str(s.get('error', ''))[:300]}")
-            except (OSError, json.JSONDecodeError):
+                status = str(s.get("status"))
+                if status != "finished":
+                    failed.append(f"{job.name}: {status}: {str(s.get('error', ''))[:300]}")
+            except (OSError, json.JSONDecodeError, AttributeError):
+                status = "failed"
                 failed.append(f"{job.name}: no readable summary.json")
+            counts[status] = counts.get(status, 0) + 1
         _FAILED.extend(failed)
         if failed:
             print(f"ortho-run: {len(failed)} job(s) of the sweep in {sweep} failed:\n  "
                   + "\n  ".join(failed), file=sys.stderr)
+        print("-" * 72 + f"\northo-run sweep: {sum(counts.values())} jobs in {sweep}: "
+              + ", ".join(f"{n} {k}" for k, n in counts.items())
+              + f"\nnext: ortho-report {sweep}\n" + "-" * 72, flush=True)
+
+
+def _hide_schemas_from_completion() -> None:
+    """Tab completion offers the user's groups only: the schemas (``schema/...``, referenced by
+    the group yamls) are not options."""
+    from hydra.plugins.completion_plugin import CompletionPlugin
+
+    query = CompletionPlugin._query_config_groups
+
+    def visible(self, word, config_name, words):
+        matches, exact = query(self, word, config_name, words)
+        return [m for m in matches if not m.lstrip("+~").startswith("schema")], exact
+
+    CompletionPlugin._query_config_groups = visible
 
 
 def _worker_rank_overrides() -> None:
@@ -144,9 +212,28 @@ def _worker_rank_overrides() -> None:
 
 
 def main() -> None:
+    try:
+        _main()
+        sys.stdout.flush()
+    except BrokenPipeError:  # `ortho-run --help | head`: the reader left; nothing to report
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(0)
+
+
+def _main() -> None:
     import hydra
 
+    if "--version" in sys.argv[1:] or "-V" in sys.argv[1:]:
+        from ortho_run import __version__
+
+        print(f"ortho-run {__version__}")
+        return
     register_configs()
+    if any(a in ("-sc", "--shell-completion") or a.startswith("--shell-completion=")
+           for a in sys.argv[1:]):
+        _hide_schemas_from_completion()
     _worker_rank_overrides()
     _FAILED.clear()
     try:

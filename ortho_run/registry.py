@@ -114,8 +114,3 @@ class Registry(Generic[T]):
     def __contains__(self, name: str) -> bool:
         self.discover()
         return name in self._items
-
-
-def check_name(registry: "Registry", name: Any) -> None:
-    """ConfigError naming the key when ``name`` is not a registered plugin."""
-    registry.get(str(name))

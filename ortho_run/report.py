@@ -1,10 +1,14 @@
 """``ortho-report DIR...``: tables and plots from the run dirs of runs and sweeps.
 
 Reads every ``summary.json`` under the given folders, groups runs by their overrides other than
-the seed (and output/logging keys), and writes ``report.md`` and ``report.csv`` (mean ± std and
-n per group for each metric) plus PNG plots: each metric per group with error bars, and training
-curves from ``metrics.jsonl``. Runs that did not finish, or whose files cannot be read, are
-listed in the report, never silently dropped.
+the seed (and output/logging keys), and writes ``report.md`` (a table and a legend of its
+metrics) and ``report.csv`` (mean, std and n per group and metric) plus PNG plots: each metric
+per group with error bars, and training curves from ``metrics.jsonl``. Runs that did not
+finish, or whose files cannot be read, are listed in the report, never silently dropped.
+
+By default the table shows a readable set: test accuracy (and the best validation accuracy when
+a validation split exists), the old/new retrieval matrix and ECC for compatibility runs, and
+the main geometry. ``--metrics`` picks the columns, ``--all`` shows every numeric metric.
 """
 
 from __future__ import annotations
@@ -13,29 +17,70 @@ import argparse
 import csv
 import json
 import statistics
+import textwrap
 from collections import defaultdict
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, List, Optional
 
-DEFAULT_METRICS = ["test/acc1", "test/acc5"]
-AUTO_PREFIXES = ("compat/", "geometry/")
-IGNORED_KEYS = ("seed", "output_root", "logger.", "trainer.progress", "hydra.", "cache_dir")
+from ortho_run.naming import group_key
+
+ACCURACY = ["test/acc1", "val/best_acc1"]
+CACHE_TAGS = ("old-model", "independent-model")
+COMPAT = [f"compat/{p}/{m}" for m in ("cmc1", "map") for p in ("old_old", "new_old", "new_new")]
+COMPAT += ["compat/ecc", "compat/ecc_map"]
+GEOMETRY = ["geometry/class_mean_abs_cos", "geometry/intra_class_cos"]
+
+#: what each metric is (prefix match on the part after the first "/" where it is a pattern)
+LEGEND = {
+    "test/acc1": "top-1 accuracy on the test split after the last epoch",
+    "test/acc5": "top-5 accuracy on the test split after the last epoch",
+    "test/loss": "cross-entropy on the test split after the last epoch",
+    "val/best_acc1": "best top-1 accuracy on the held-out validation split (the epoch of "
+                     "checkpoints/best.pt; data.val_fraction)",
+    "compat/*/cmc1": "CMC top-1 of <query model>_<gallery model> retrieval on the test split "
+                     "(query = gallery, self excluded, cosine), over queries with a relevant "
+                     "item; old_old is the reference the new model must beat",
+    "compat/*/cmc5": "CMC top-5, as cmc1",
+    "compat/*/map": "mean average precision (tie-aware, scikit-learn's definition), as cmc1",
+    "compat/ecc": "1 when new/old CMC top-1 beats old/old (the empirical compatibility "
+                  "criterion); the mean is the share of runs that pass",
+    "compat/ecc_map": "the same criterion on mAP",
+    "compat/ecc_cmc1": "the same criterion on CMC top-1",
+    "compat/ecc_cmc5": "the same criterion on CMC top-5",
+    "geometry/class_mean_abs_cos": "mean |cos| between the class means of the test embeddings "
+                                   "(0: orthogonal class means)",
+    "geometry/intra_class_cos": "mean cosine between test embeddings of the same class",
+    "geometry/effective_rank": "effective rank of the centred test embeddings (Roy & Vetterli)",
+    "geometry/classifier_orth_err": "for linear heads (ce, cosine, opl, bct, oca; ebv's fixed "
+                                    "basis): ‖ŴŴᵀ − I‖_F of the row-normalised class vectors; "
+                                    "for gcr: the largest ‖SᵀS − I‖_F over the class bases "
+                                    "(orthonormality of each basis, another quantity)",
+    "geometry/classifier_mean_abs_cos": "mean |cos| between the class vectors of the head",
+    "geometry/subspace_mean_cos2": "gcr: mean squared cosine of the principal angles between "
+                                   "two classes' subspaces",
+    "geometry/basis_max_abs_cos": "ebv: the largest |cos| between two basis vectors",
+    "geometry/b_orth_dev": "lambda_orth: ‖G − I‖_F of the backward adapter (G its smaller "
+                           "Gram matrix)",
+    "geometry/transform_orth_err": "oca: ‖QQᵀ − I‖_F of the orthogonal layer",
+    "retrieval/*": "retrieval of the test split against itself (trainer.retrieval)",
+}
 
 
-def group_key(summary: dict) -> str:
-    ovs = [o for o in summary.get("overrides", [])
-           if not any(o.split("=")[0].lstrip("+~").startswith(k) for k in IGNORED_KEYS)]
-    if not ovs:
-        ovs = [f"method={summary.get('method')}", f"data={summary.get('data')}"]
-    return " ".join(sorted(ovs))
+def describe(metric: str) -> str:
+    if metric in LEGEND:
+        return LEGEND[metric]
+    head, _, rest = metric.partition("/")
+    tail = rest.rsplit("/", 1)[-1]
+    for pattern in (f"{head}/*/{tail}", f"{head}/*"):
+        if pattern in LEGEND:
+            return LEGEND[pattern]
+    return "see summary.json and the method's docstring"
 
 
 def collect(dirs: List[Path]):
     runs, problems = [], []
     for d in dirs:
         for f in sorted(Path(d).rglob("summary.json")):
-            if "models" in f.parts and ".cache" in str(f):
-                continue
             try:
                 s = json.loads(f.read_text())
             except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
@@ -44,6 +89,8 @@ def collect(dirs: List[Path]):
             if not isinstance(s, dict):
                 problems.append((str(f.parent), f"summary.json is not a JSON object "
                                                   f"({type(s).__name__})"))
+                continue
+            if s.get("tag") in CACHE_TAGS:  # a cached old/independent model, not a result
                 continue
             if s.get("status") != "finished":
                 problems.append((str(f.parent), f"status {s.get('status')}: "
@@ -65,7 +112,8 @@ def aggregate(runs: List[dict], metrics: List[str]) -> Dict[str, Dict[str, dict]
     for g, rs in sorted(groups.items()):
         row = {}
         for m in metrics:
-            vals = [float(r[m]) for r in rs if isinstance(r.get(m), (int, float))]
+            vals = [float(r[m]) for r in rs if isinstance(r.get(m), (int, float))
+                    and not isinstance(r.get(m), bool)]
             if vals:
                 row[m] = {"mean": statistics.fmean(vals),
                           "std": statistics.stdev(vals) if len(vals) > 1 else 0.0,
@@ -74,12 +122,25 @@ def aggregate(runs: List[dict], metrics: List[str]) -> Dict[str, Dict[str, dict]
     return table
 
 
-def pick_metrics(runs, requested):
+def _numeric(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def pick_metrics(runs, requested: Optional[List[str]] = None, every: bool = False) -> List[str]:
+    """``requested`` as given; ``every``: every numeric metric; else the readable default."""
     if requested:
-        return requested
-    extra = sorted({k for r in runs for k in r if k.startswith(AUTO_PREFIXES)
-                    and isinstance(r[k], (int, float))})
-    return DEFAULT_METRICS + extra
+        return list(requested)
+    have = {k for r in runs for k, v in r.items() if "/" in k and _numeric(v)}
+    if every:
+        return sorted(have)
+    shown = [m for m in ACCURACY + COMPAT + GEOMETRY if m in have]
+    return shown or ["test/acc1"]
+
+
+def cell(stats: dict) -> str:
+    if stats["n"] == 1:
+        return f"{stats['mean']:.4f} (n=1)"
+    return f"{stats['mean']:.4f} ± {stats['std']:.4f} (n={stats['n']})"
 
 
 def write_tables(table, metrics, problems, out: Path):
@@ -95,12 +156,33 @@ def write_tables(table, metrics, problems, out: Path):
     lines = ["# ortho-run report", "", "| group | " + " | ".join(shown) + " |",
              "|---|" + "---|" * len(shown)]
     for g, row in table.items():
-        cells = [f"{row[m]['mean']:.4f} ± {row[m]['std']:.4f} (n={row[m]['n']})" if m in row
-                 else "" for m in shown]
+        cells = [cell(row[m]) if m in row else "" for m in shown]
         lines.append(f"| {g} | " + " | ".join(cells) + " |")
+    lines += ["", "Each cell: mean ± sample std over the runs of the group (seeds), and n; a "
+                  "group of one run shows its value alone.", "", "## Metrics", ""]
+    by_text: Dict[str, List[str]] = {}
+    for m in shown:
+        by_text.setdefault(describe(m), []).append(m)
+    lines += [", ".join(f"`{m}`" for m in ms).join(["- ", f": {text}"])
+              for text, ms in by_text.items()]
     if problems:
         lines += ["", "## Runs left out", ""] + [f"- `{d}`: {why}" for d, why in problems]
     (out / "report.md").write_text("\n".join(lines) + "\n")
+
+
+def split_labels(groups: List[str]):
+    """(the overrides all groups share, each group's own overrides): plot labels show what
+    differs, the title what is shared."""
+    tokens = [g.split() for g in groups]
+    shared = set(tokens[0]).intersection(*tokens[1:]) if tokens else set()
+    if len(groups) == 1:
+        shared = set()
+    own = [" ".join(t for t in ts if t not in shared) or "(all runs)" for ts in tokens]
+    return " ".join(t for t in tokens[0] if t in shared) if tokens else "", own
+
+
+def _title(ax, text: str, width: int = 60) -> None:
+    ax.set_title("\n".join(textwrap.wrap(text, width)) or text, fontsize=9)
 
 
 def plot(table, metrics, runs, out: Path) -> List[Path]:
@@ -108,6 +190,7 @@ def plot(table, metrics, runs, out: Path) -> List[Path]:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     files = []
     groups = list(table)
@@ -115,56 +198,80 @@ def plot(table, metrics, runs, out: Path) -> List[Path]:
         rows = [(g, table[g][m]) for g in groups if m in table[g]]
         if not rows:
             continue
-        fig, ax = plt.subplots(figsize=(max(4, 1.2 * len(rows) + 2), 4))
+        shared, own = split_labels([g for g, _ in rows])
+        fig, ax = plt.subplots(figsize=(max(5, 1.3 * len(rows) + 2.5), 4.5))
         ax.bar(range(len(rows)), [r["mean"] for _, r in rows],
                yerr=[r["std"] for _, r in rows], capsize=4, color="tab:blue")
-        ax.set_xticks(range(len(rows)), [f"{g}\n(n={r['n']})" for g, r in rows], rotation=20,
-                      ha="right", fontsize=8)
+        ax.set_xticks(range(len(rows)), ["\n".join(textwrap.wrap(label, 28)) + f"\n(n={r['n']})"
+                                         for label, (_, r) in zip(own, rows)], fontsize=8)
+        ax.set_xlabel("group (the overrides that differ)")
         ax.set_ylabel(m)
-        ax.set_title(f"{m}: mean ± std over seeds")
+        _title(ax, f"{m}: mean ± std over seeds" + (f" | {shared}" if shared else ""))
         fig.tight_layout()
         f = out / f"{m.replace('/', '_')}.png"
         fig.savefig(f, dpi=120)
         plt.close(fig)
         files.append(f)
-    # training curves: mean over seeds per group
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    files.append(plot_curves(runs, out, plt, MaxNLocator))
+    return files
+
+
+def _series(paths, key):
+    series = defaultdict(list)
+    for p in paths:
+        try:
+            for line in p.read_text().splitlines():
+                row = json.loads(line)
+                if key in row and _numeric(row[key]):
+                    series[row["epoch"]].append(row[key])
+        except (OSError, json.JSONDecodeError):
+            continue
+    return series
+
+
+def plot_curves(runs, out: Path, plt, MaxNLocator) -> Path:
+    """Training curves, mean over seeds per group: the loss the methods share (``train/ce``) when
+    every group logs it, else each method's own objective (labelled as such), and test/acc1."""
     by_group = defaultdict(list)
     for r in runs:
         by_group[group_key(r)].append(Path(r["_dir"]) / "metrics.jsonl")
-    for g, paths in sorted(by_group.items()):
-        for ax, key in zip(axes, ("train/loss", "test/acc1")):
-            series = defaultdict(list)
-            for p in paths:
-                try:
-                    for line in p.read_text().splitlines():
-                        row = json.loads(line)
-                        if key in row and isinstance(row[key], (int, float)):
-                            series[row["epoch"]].append(row[key])
-                except (OSError, json.JSONDecodeError):
-                    continue
-            if series:
+    names = sorted(by_group)
+    shared, own = split_labels(names) if names else ("", [])
+    common_ce = all(_series(by_group[g], "train/ce") for g in names)
+    loss_key = "train/ce" if common_ce else "train/loss"
+    panels = [(loss_key, "training cross-entropy" if common_ce else
+               "training loss: each method's own objective (not comparable across methods)"),
+              ("test/acc1", "test top-1 accuracy")]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
+    for i, (g, label) in enumerate(zip(names, own)):
+        for ax, (key, _) in zip(axes, panels):
+            series = _series(by_group[g], key)
+            if series:  # one colour per group on both panels
                 xs = sorted(series)
-                ax.plot(xs, [statistics.fmean(series[x]) for x in xs], marker=".", label=g)
-    for ax, key in zip(axes, ("train/loss", "test/acc1")):
+                ax.plot(xs, [statistics.fmean(series[x]) for x in xs], marker=".", label=label,
+                        color=f"C{i % 10}")
+    for ax, (key, what) in zip(axes, panels):
         ax.set_xlabel("epoch")
         ax.set_ylabel(key)
-        ax.set_title(f"{key} (mean over seeds)")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        _title(ax, f"{what} (mean over seeds)", 50)
         ax.grid(alpha=0.3)
-    axes[1].legend(fontsize=7)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
+    if shared:
+        fig.suptitle("\n".join(textwrap.wrap(shared, 110)), fontsize=8)
     fig.tight_layout()
     f = out / "curves.png"
     fig.savefig(f, dpi=120)
     plt.close(fig)
-    files.append(f)
-    return files
+    return f
 
 
-def report(dirs, out=None, metrics=None, plots: bool = True):
+def report(dirs, out=None, metrics=None, plots: bool = True, every: bool = False):
     """Write report.md / report.csv (and PNGs) for the runs under ``dirs``; return the table."""
     runs, problems = collect([Path(d) for d in dirs])
     out = Path(out or dirs[0])
-    metrics = pick_metrics(runs, metrics)
+    metrics = pick_metrics(runs, metrics, every)
     table = aggregate(runs, metrics)
     write_tables(table, metrics, problems, out)
     files = plot(table, metrics, runs, out) if plots and runs else []
@@ -174,10 +281,14 @@ def report(dirs, out=None, metrics=None, plots: bool = True):
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(prog="ortho-report", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("dirs", nargs="+", type=Path, help="run or sweep folders")
+    p.add_argument("dirs", nargs="+", type=Path, help="run or sweep folders (or a summary.json)")
     p.add_argument("--out", type=Path, default=None, help="where to write (default: first DIR)")
-    p.add_argument("--metrics", nargs="*", default=None)
-    p.add_argument("--no-plots", action="store_true")
+    p.add_argument("--metrics", nargs="+", default=None, metavar="METRIC",
+                   help="the table's columns, e.g. --metrics test/acc1 compat/new_old/cmc1 "
+                        "geometry/effective_rank (any numeric key of summary.json)")
+    p.add_argument("--all", action="store_true", dest="every",
+                   help="every numeric metric of the runs (wide)")
+    p.add_argument("--no-plots", action="store_true", help="tables only")
     a = p.parse_args(argv)
     dirs = []
     for d in a.dirs:
@@ -186,7 +297,7 @@ def main(argv=None) -> None:
         if not d.is_dir():
             p.error(f"{d} is not a folder: give run dirs or sweep dirs (they hold summary.json)")
         dirs.append(d)
-    table, problems, files, out = report(dirs, a.out, a.metrics, not a.no_plots)
+    table, problems, files, out = report(dirs, a.out, a.metrics, not a.no_plots, a.every)
     n = sum(max((v["n"] for v in row.values()), default=0) for row in table.values())
     print(f"{n} finished runs in {len(table)} groups; {len(problems)} left out")
     print((out / "report.md").read_text())

@@ -33,6 +33,8 @@ def register_configs() -> None:
     from hydra.core.config_store import ConfigStore
 
     OmegaConf.register_new_resolver("path_safe", path_safe, replace=True)
+    OmegaConf.register_new_resolver("ortho_groups", help_groups, replace=True)
+    OmegaConf.register_new_resolver("ortho_version", version, replace=True)
     cs = ConfigStore.instance()
     cs.store(name="config_schema", node=RunConfig)
     for group, schema in GROUP_SCHEMAS.items():
@@ -69,6 +71,31 @@ def structured(container, source: str = "config") -> DictConfig:
         key = getattr(exc, "full_key", None)
         where = f" (key {key})" if key else ""
         raise ConfigError(f"{source}: {str(exc).splitlines()[0]}{where}") from None
+
+
+#: the groups --help lists, in order, with their default option
+HELP_GROUPS = (("data", "digits"), ("model", "small_cnn"), ("method", "ce"), ("optim", "sgd"),
+               ("trainer", "default"), ("logger", "wandb"), ("experiment", None))
+LAUNCHERS = ("basic", "local_parallel", "slurm", "joblib", "submitit_local", "submitit_slurm")
+
+
+def help_groups() -> str:
+    """The user-facing groups and their options, read from conf/ (schemas are not options)."""
+    lines = []
+    for group, default in HELP_GROUPS:
+        opts = sorted(p.stem for p in (config_dir() / group).glob("*.yaml"))
+        if default in opts:
+            opts.remove(default)
+            opts.insert(0, default)
+        lines.append(f"  {group:<16} {', '.join(opts)}")
+    lines.append(f"  {'hydra/launcher':<16} {', '.join(LAUNCHERS)}  (with -m)")
+    return "\n".join(lines)
+
+
+def version() -> str:
+    from ortho_run import __version__
+
+    return __version__
 
 
 def path_safe(text: str, limit: int = 120) -> str:

@@ -353,7 +353,8 @@ def test_explicit_logger_mode_beats_the_environment(tmp_path, monkeypatch):
     monkeypatch.setattr(sinks, "_have_wandb_key", lambda: True)
     import wandb
 
-    monkeypatch.setattr(wandb, "init", lambda **kw: started.append(kw) or None)
+    run = type("Run", (), {"id": "r1", "settings": None, "url": None})()
+    monkeypatch.setattr(wandb, "init", lambda **kw: started.append(kw) or run)
     cfg = compose([*SMOKE, "logger.mode=disabled"])
     assert str(cfg.logger.mode) == "disabled"
     sinks.WandbSink(cfg.logger, tmp_path, {}, "n", None)
@@ -369,7 +370,8 @@ def test_wandb_start_up_timeout_is_configurable(tmp_path, monkeypatch):
     import ortho_run.runner.sinks as sinks
 
     seen = []
-    monkeypatch.setattr(wandb, "init", lambda **kw: seen.append(kw["settings"]) or None)
+    run = type("Run", (), {"id": "r1", "settings": None, "url": None})()
+    monkeypatch.setattr(wandb, "init", lambda **kw: seen.append(kw["settings"]) or run)
     cfg = compose(["logger=wandb", "logger.mode=offline", "logger.init_timeout=7"])
     sinks.WandbSink(cfg.logger, tmp_path, {}, "n", None)
     assert seen[0].init_timeout == 7
@@ -476,3 +478,9 @@ def test_nested_old_model_never_touches_the_main_wandb_run(tmp_path):
     records = runs[0].read_bytes()  # W&B's offline record log (history and summary rows)
     assert records.count(b"train/loss") >= 2 and b"compat/new_old/cmc1" in records
     assert not list((tmp_path / "cache").rglob("wandb"))
+
+
+def test_a_validation_fraction_that_holds_out_nothing_is_refused(tmp_path):
+    msg = refused(tmp_path, [*SMOKE, "data=synthetic", "data.train_per_class=3",
+                             "data.val_fraction=0.1"], exc=ConfigError)
+    assert msg.startswith("data.val_fraction=0.1 holds out no image")

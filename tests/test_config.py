@@ -140,7 +140,7 @@ def test_every_experiment_preset_trains_a_step(tmp_path, preset):
           "data.batch_size=8", "data.eval_batch_size=64", f"cache_dir={tmp_path}/cache"]
     if base.data.name in REAL_CLASSES:
         ov += ["data=synthetic", f"data.num_classes={REAL_CLASSES[base.data.name]}",
-               "data.image_size=32", "data.train_per_class=1", "data.test_per_class=1"]
+               "data.image_size=32", "data.train_per_class=10", "data.test_per_class=1"]
     if base.method.name == "ebv":
         ov.append("method.gen_steps=200")
     s = run(compose(ov), tmp_path / "run")

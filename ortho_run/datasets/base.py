@@ -137,6 +137,10 @@ def finalize(ds: DataSet, cfg) -> DataSet:
         raise ConfigError(f"data.val_fraction={cfg.val_fraction} must be in [0, 1)")
     if cfg.val_fraction > 0:
         keep, held = stratified_holdout(train.y, cfg.val_fraction, cfg.split_seed)
+        if len(held) == 0:
+            raise ConfigError(f"data.val_fraction={cfg.val_fraction} holds out no image: each "
+                              f"class has too few training images ({len(train)} in all) for "
+                              f"that fraction; raise it or set data.val_fraction=0")
         train, val = train.select(keep), train.select(held)
     if cfg.max_train_samples is not None and cfg.max_train_samples < len(train):
         gen = torch.Generator().manual_seed(cfg.split_seed + 1)

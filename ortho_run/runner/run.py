@@ -25,7 +25,8 @@ from ortho_run.assemble import build_net
 from ortho_run.datasets import load_dataset
 from ortho_run.datasets.loaders import build_loader, choose_pipeline
 from ortho_run.errors import OrthoRunError, Preempted, TrainingDiverged
-from ortho_run.io import atomic_write_json, dumps
+from ortho_run import naming
+from ortho_run.io import atomic_write_json, cache_root, dumps
 from ortho_run.methods import METHODS
 from ortho_run.retrieval import retrieval_metrics
 from ortho_run.runner.env import (device_name, git_commit, package_versions, pick_device,
@@ -66,8 +67,9 @@ def resume_command(run_dir: Path, sweep: Optional[Dict[str, Any]]) -> str:
                      shlex.quote(f"hydra.run.dir={run_dir}")])
 
 
-def run_name(cfg) -> str:
-    return cfg.logger.name or f"{cfg.method.name}_{cfg.data.name}_s{cfg.seed}"
+def run_name(cfg, sweep: Optional[Dict[str, Any]] = None) -> str:
+    return cfg.logger.name or naming.run_name(cfg.method.name, cfg.data.name, cfg.seed,
+                                              (sweep or {}).get("overrides", ()))
 
 
 class _Signals:
@@ -141,7 +143,7 @@ def run(cfg, run_dir: Path, sweep: Optional[Dict[str, Any]] = None,
             sinks["metrics"].write(row)
             sinks["wandb"].log({k: v for k, v in row.items() if k != "step"}, step=row.get("step"))
             log.info(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
-                              for k, v in row.items()))
+                              for k, v in row.items()), extra={"epoch_row": True})
 
     with _Signals() as sig, RunDir(run_dir, enabled=main, existing=existing) as rd:
         try:  # pre-flight: every check that can refuse the run, before any write
@@ -162,9 +164,15 @@ def run(cfg, run_dir: Path, sweep: Optional[Dict[str, Any]] = None,
                 sinks["metrics"].truncate_after(job.trainer.state.epoch)
             _write_summary(summary, run_dir)  # a stale summary never outlives this run's start
         container = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
-        wb = sinks["wandb"] = WandbSink(cfg.logger, run_dir, container, run_name(cfg),
+        container["cache_dir"] = str(cache_root(cfg.cache_dir))
+        overrides = list((sweep or {}).get("overrides", []))
+        container["run"] = {k: facts.get(k) for k in ("git_commit", "git_dirty", "versions",
+                                                       "world_size", "tag")}
+        container["run"]["overrides"] = overrides
+        wb = sinks["wandb"] = WandbSink(cfg.logger, run_dir, container, run_name(cfg, sweep),
                                         cfg.logger.group or (sweep or {}).get("sweep"),
-                                        enabled=main)
+                                        enabled=main, tags=naming.relevant_overrides(overrides))
+        summary["wandb"] = wb.info
         if forced:
             summary["resume_forced"] = {k: [a if isinstance(a, (int, float, str, bool, list, type(None)))
                                             else None, b] for k, (a, b) in forced.items()}

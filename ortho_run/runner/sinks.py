@@ -7,6 +7,7 @@ import logging
 import netrc
 import os
 import sys
+import uuid
 import warnings
 from pathlib import Path
 from typing import Any, Dict, Optional
@@ -57,8 +58,9 @@ class WandbSink:
     """A W&B run that can never kill training: every failure turns it off with one warning."""
 
     def __init__(self, cfg, run_dir: Path, config: Dict[str, Any], name: str,
-                 group: Optional[str], enabled: bool = True):
+                 group: Optional[str], enabled: bool = True, tags=()):
         self.run = None
+        self.info: Dict[str, Any] = {"mode": "disabled"}
         # the config decides: logger/wandb.yaml reads WANDB_MODE as its default, so the
         # environment counts unless the user set logger.mode (or logger=none) explicitly
         self.mode = str(cfg.mode)
@@ -67,16 +69,24 @@ class WandbSink:
         try:
             import wandb
         except ImportError:
-            self._warn("wandb is not installed (pip install 'ortho-run[wandb]'); W&B logging off")
+            self._warn("wandb is not installed (pip install wandb); W&B logging off")
             return
         self.wandb = wandb
         if self.mode == "online" and not _have_wandb_key():
             self._warn("logger.mode=online but no W&B API key found (WANDB_API_KEY or "
                        "~/.netrc): logging offline instead; `wandb sync` uploads it later")
             self.mode = "offline"
+        # one experiment is one W&B run: a resumed run continues the W&B run of its run dir
+        id_file = Path(run_dir) / "wandb" / "ortho-run-id"
+        try:
+            run_id = id_file.read_text().strip() or None
+        except OSError:
+            run_id = None
+        all_tags = list(dict.fromkeys([*cfg.tags, *tags]))[:64]
         kw = dict(project=cfg.project, entity=cfg.entity, group=group, name=name,
-                  tags=list(cfg.tags) or None, config=config, dir=str(run_dir),
-                  reinit="finish_previous")
+                  tags=[t[:64] for t in all_tags] or None, config=config, dir=str(run_dir),
+                  reinit="finish_previous", resume="allow",
+                  id=run_id or uuid.uuid4().hex[:12])
         for mode in dict.fromkeys([self.mode, "offline"]):
             try:
                 self.run = wandb.init(mode=mode, settings=wandb.Settings(
@@ -84,6 +94,14 @@ class WandbSink:
                 if mode != self.mode:
                     self._warn(f"W&B {self.mode} init failed; logging offline instead")
                 self.mode = mode
+                try:
+                    id_file.parent.mkdir(parents=True, exist_ok=True)
+                    id_file.write_text(self.run.id)
+                except OSError:
+                    pass
+                self.info = {"mode": mode, "id": self.run.id,
+                             "dir": str(getattr(self.run.settings, "sync_dir", "") or ""),
+                             "url": getattr(self.run, "url", None) if mode == "online" else None}
                 return
             except Exception as exc:  # network, auth, service start
                 err = exc
@@ -106,8 +124,9 @@ class WandbSink:
     def summary(self, values: Dict[str, Any]) -> None:
         if self.run is None:
             return
-        try:
-            self.run.summary.update(values)
+        try:  # numbers and strings; lists and dicts (overrides, versions) are in the config
+            self.run.summary.update({k: v for k, v in values.items()
+                                     if isinstance(v, (int, float, str)) and v is not None})
         except Exception as exc:
             self._warn(f"W&B summary failed ({exc})")
 
@@ -121,21 +140,59 @@ class WandbSink:
         self.run = None
 
 
-class Progress:
-    """tqdm bar on a TTY (or when forced), silent otherwise."""
+class RunProgress:
+    """One bar for the whole run (epoch k/N, overall ETA, running loss) on a TTY, or when
+    forced; silent otherwise. While it shows, the plain per-epoch log lines stay off the
+    console (they still go to run.log)."""
 
-    def __init__(self, mode: str, total: int, desc: str):
+    def __init__(self, mode: str, epochs: int, batches: int, epoch: int, batch: int = 0):
         on = mode == "on" or (mode == "auto" and sys.stderr.isatty())
         self.bar = None
+        self.epochs = epochs
+        self._filter = None
         if on:
             from tqdm import tqdm
 
-            self.bar = tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True)
+            self.bar = tqdm(total=epochs * batches, initial=epoch * batches + batch,
+                            desc=f"epoch {epoch + 1}/{epochs}", dynamic_ncols=True,
+                            unit="batch", smoothing=0.1)
+            self._filter = _EpochLineFilter()
+            for h in _console_handlers():
+                h.addFilter(self._filter)
+
+    @property
+    def on(self) -> bool:
+        return self.bar is not None
+
+    def epoch(self, k: int) -> None:
+        if self.bar is not None:
+            self.bar.set_description(f"epoch {k + 1}/{self.epochs}", refresh=False)
 
     def update(self, n: int = 1) -> None:
         if self.bar is not None:
             self.bar.update(n)
 
+    def loss(self, value: float) -> None:
+        if self.bar is not None:
+            self.bar.set_postfix_str(f"loss {value:.4g}", refresh=False)
+
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
+            self.bar = None
+        for h in _console_handlers():
+            h.removeFilter(self._filter)
+
+
+class _EpochLineFilter(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not getattr(record, "epoch_row", False)
+
+
+def _console_handlers():
+    seen = []
+    for lg in (logging.getLogger(), logging.getLogger("ortho_run")):
+        for h in lg.handlers:
+            if isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler):
+                seen.append(h)
+    return seen

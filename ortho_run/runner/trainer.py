@@ -26,7 +26,7 @@ from ortho_run.optim import backbone_groups, build_optimizers, build_scheduler
 from ortho_run.runner.env import rng_state, set_rng_state
 from ortho_run.runner.evaluate import evaluate
 from ortho_run.runner.guards import NonFiniteGuard, StopRequest
-from ortho_run.runner.sinks import Progress
+from ortho_run.runner.sinks import RunProgress
 
 log = logging.getLogger("ortho_run")
 
@@ -107,6 +107,7 @@ class Trainer:
         self.guard = NonFiniteGuard(self.tcfg.nonfinite_check_every, device,
                                     self.ckpt_dir / "last.pt")
         self.state = TrainState()
+        self.progress: Optional[RunProgress] = None  # the run's bar, while fit() runs
 
     # --- helpers ----------------------------------------------------------------------
     def autocast(self):
@@ -192,8 +193,9 @@ class Trainer:
         skipped = 0
         start = st.batch
         n_batches = len(loader) if limit is None else min(len(loader), start + limit)
-        bar = Progress(str(t.progress) if self.dist.is_main else "off", n_batches - start,
-                       f"epoch {epoch + 1}/{t.max_epochs}")
+        bar = self.progress
+        if bar is not None:
+            bar.epoch(epoch)
         t0 = time.perf_counter()
         n_imgs = 0
         for i, (x, y) in enumerate(loader):
@@ -217,18 +219,20 @@ class Trainer:
             self.guard.record(st.step, parts["loss"])
             if self.guard.due(st.step):
                 self.guard.check(st.step, epoch, names, acc)
+                if bar is not None and bar.on:  # a host read only when a bar shows it
+                    n_seen, loss_sum = acc[:2].tolist()
+                    bar.loss(loss_sum / max(n_seen, 1.0))
             if t.log_every_steps > 0 and st.step % t.log_every_steps == 0 and self.dist.is_main:
                 self.emit({"epoch": epoch + (i + 1) / len(loader), "step": st.step,
                            **{f"train/{k}_step": float(v) for k, v in parts.items()},
                            "lr": self.optimizers[0].param_groups[0]["lr"]})
-            bar.update()
+            if bar is not None:
+                bar.update()
             if self.stop.requested:
                 if acc is not None:
                     vals = acc.tolist()
                     st.sums = {"_n": vals[0], **dict(zip(names, vals[1:]))}
-                bar.close()
                 self._preempt()
-        bar.close()
         names = names or []
         if self.guard.enabled:
             self.guard.check(st.step, epoch, names, acc, partial=True)
@@ -244,6 +248,8 @@ class Trainer:
         row["time/train_img_per_s"] = n_imgs * self.dist.world_size / max(dt, 1e-9)
         if skipped:
             row["train/skipped_steps"] = skipped
+        if bar is not None and names:
+            bar.loss(row["train/loss"])
         st.epoch, st.batch, st.sums = epoch + 1, 0, {}
         return row
 
@@ -270,6 +276,17 @@ class Trainer:
         epoch's row and, with ``collect_final``, its evaluation's embeddings."""
         t = self.tcfg
         collected: Collected = {}
+        self.progress = RunProgress(str(t.progress) if self.dist.is_main else "off",
+                                    t.max_epochs, len(self.train_loader), self.state.epoch,
+                                    self.state.batch)
+        try:
+            return self._fit(collect_final, collected)
+        finally:
+            self.progress.close()
+            self.progress = None
+
+    def _fit(self, collect_final: bool, collected: Collected) -> Tuple[dict, Collected]:
+        t = self.tcfg
         while self.state.epoch < t.max_epochs:
             row = self.train_epoch()
             last = self.state.epoch == t.max_epochs
