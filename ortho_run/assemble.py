@@ -14,7 +14,6 @@ from omegaconf import OmegaConf
 from torch import nn
 
 from ortho_run.checkpoint import load as load_checkpoint
-from ortho_run.config import RunConfig
 from ortho_run.errors import CheckpointError
 from ortho_run.methods import METHODS, Batch, MethodContext, MethodOutput
 from ortho_run.models import build_backbone

@@ -106,8 +106,10 @@ def result_block(s: dict) -> str:
 
 
 def result_line(s: dict) -> str:
-    return (f"ortho-run: job {s.get('job_num')} {s.get('status')}: "
-            + "; ".join(headline(s)[:1] or ["-"]) + f"  ({s.get('run_dir')})")
+    """One line per sweep job: the compatibility matrix for a compat run, else accuracy."""
+    lines = headline(s)
+    main = next((ln for ln in lines if ln.startswith("CMC@1")), lines[0] if lines else "-")
+    return f"ortho-run: job {s.get('job_num')} {s.get('status')}: {main}  ({s.get('run_dir')})"
 
 
 def _check_writable(path: Path, key: str) -> None:

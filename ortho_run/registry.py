@@ -18,7 +18,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import pkgutil
-from typing import Any, Callable, Dict, Generic, Iterable, List, Optional, TypeVar
+from typing import Callable, Dict, Generic, Iterable, List, Optional, TypeVar
 
 from ortho_run.errors import ConfigError
 

@@ -18,7 +18,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from conftest import cli, compose, run_inprocess
 from ortho_run.errors import (EXIT_PREEMPTED, CheckpointError, ConfigError, DataError, DiskFull,
