@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 
-def _compose(args, method: str, pipeline: str):
+def _compose(args, method: str, pipeline: str, extra=()):
     from hydra import compose, initialize_config_dir
 
     from ortho_run.store import config_dir, register_configs
@@ -44,7 +44,7 @@ def _compose(args, method: str, pipeline: str):
         ov.append(f"data.root={args.data_root}")
     if method == "ebv":
         ov.append("method.gen_steps=20000")
-    ov += args.override
+    ov += args.override + list(extra)
     with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
         return compose(config_name="config", overrides=ov)
 
@@ -54,10 +54,11 @@ def _sync(device):
         torch.cuda.synchronize(device)
 
 
-def build(args, method: str, pipeline: str, tmp: Path):
+def build(args, method: str, pipeline: str, tmp: Path, extra=()):
     from ortho_run.runner.run import build_job
 
-    job = build_job(_compose(args, method, pipeline), tmp / f"{method}_{pipeline}")
+    name = "_".join([method, pipeline, *(e.replace("=", "-") for e in extra)])
+    job = build_job(_compose(args, method, pipeline, extra), tmp / name)
     job.trainer.train_epoch(limit=args.warmup)  # warm-up: cuDNN autotuning, compilation
     return job
 
@@ -178,6 +179,12 @@ def main(argv=None):
                    help="with --compile: default|reduce_overhead (CUDA graphs)|max_autotune|"
                         "max_autotune_no_cudagraphs")
     p.add_argument("--methods", default="ce,opl,gcr,ebv")
+    p.add_argument("--optims", default="",
+                   help="optimisers to time against sgd on method ce, e.g. sgd,muon,normuon,"
+                        "root,auon,auon_hybrid (the tiny mode times them all)")
+    p.add_argument("--regularizers", default="",
+                   help="regularisers to time against none on method ce, e.g. "
+                        "none,soft_orth,srip,conv_orth,orthogonal (the tiny mode times them all)")
     p.add_argument("--num-classes", type=int, default=10)
     p.add_argument("--image-size", type=int, default=32)
     p.add_argument("--train-per-class", type=int, default=5000)
@@ -194,6 +201,8 @@ def main(argv=None):
         args.model, args.data, args.batch = "small_cnn", "digits", 64
         args.steps, args.warmup, args.workers = min(args.steps, 8), min(args.warmup, 2), 0
         args.rounds = min(args.rounds, 2)
+        args.optims = args.optims or "sgd,muon,normuon,root,auon,auon_hybrid"
+        args.regularizers = args.regularizers or "none,soft_orth,srip,conv_orth,orthogonal"
 
     res = {"args": vars(args)}
     with tempfile.TemporaryDirectory() as tmp:
@@ -216,6 +225,8 @@ def main(argv=None):
                 res["methods"][m]["launches_per_step"] = count_launches(args, jobs[m])
         res["runner"] = res["methods"]["ce"]
         del jobs
+        res["optims"] = _variants(args, tmp, "optim", args.optims, "sgd")
+        res["regularizers"] = _variants(args, tmp, "regularizer", args.regularizers, "none")
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
         if not args.skip_loader:
@@ -240,9 +251,45 @@ def main(argv=None):
         launches = (f"   {r['launches_per_step']:.0f} {'launches' if 'cuda' in r['device'] else 'ATen calls'}/step"
                     if "launches_per_step" in r else "")
         print(f"    {m:8s} {r['step_ms']:8.2f} ms/step   vs ce = {r['step_time_vs_ce']:.3f}{launches}")
+    for kind, base in (("optims", "sgd"), ("regularizers", "none")):
+        for name, r in res[kind].items():
+            if "skipped" in r:
+                print(f"    {kind[:-1]} {name:12s} skipped: {r['skipped']}")
+            else:
+                print(f"    {kind[:-1]} {name:12s} {r['step_ms']:8.2f} ms/step   vs {base} = "
+                      f"{r['step_time_vs_' + base]:.3f}")
     if args.json:
         Path(args.json).write_text(json.dumps(res, indent=2))
     return res
+
+
+def _variants(args, tmp: Path, group: str, names: str, base: str) -> dict:
+    """Step time of method ce with each ``group`` option against ``base`` (interleaved rounds,
+    median), on the same model, batch and data."""
+    from ortho_run.errors import OrthoRunError
+
+    names = [n for n in names.split(",") if n]
+    if not names:
+        return {}
+    if base not in names:
+        names.insert(0, base)
+    jobs, out = {}, {}
+    for n in names:
+        try:
+            jobs[n] = build(args, "ce", "resident", tmp, extra=[f"{group}={n}"])
+        except OrthoRunError as exc:  # e.g. a hard constraint on a model without linear layers
+            out[n] = {"skipped": str(exc).split(";")[0]}
+    rounds = {n: [] for n in jobs}
+    for r in range(args.rounds):
+        for n, job in jobs.items():
+            rounds[n].append(timed_epoch(args, job, 1 + r))
+    for n, rs in rounds.items():
+        out[n] = _median(rs)
+    ref = out[base]["step_ms"]
+    for n, r in out.items():
+        if "step_ms" in r:
+            r[f"step_time_vs_{base}"] = r["step_ms"] / ref
+    return {n: out[n] for n in names}
 
 
 if __name__ == "__main__":

@@ -181,6 +181,7 @@ class RunConfig:
     model: Any = MISSING  # a model's schema (ortho_run/models/)
     method: Any = MISSING  # a method's schema (ortho_run/methods/)
     optim: Any = MISSING  # an optimiser's schema (ortho_run/optim/)
+    regularizer: Any = MISSING  # a regulariser's schema (ortho_run/regularizers/)
     trainer: TrainerConfig = MISSING
     logger: LoggerConfig = MISSING
     compat: CompatConfig = field(default_factory=CompatConfig)

@@ -23,8 +23,10 @@ def plugin_registries() -> Dict[str, object]:
     from ortho_run.methods import METHODS
     from ortho_run.models import MODELS
     from ortho_run.optim import OPTIMIZERS
+    from ortho_run.regularizers import REGULARIZERS
 
-    return {"data": SOURCES, "model": MODELS, "method": METHODS, "optim": OPTIMIZERS}
+    return {"data": SOURCES, "model": MODELS, "method": METHODS, "optim": OPTIMIZERS,
+            "regularizer": REGULARIZERS}
 
 
 def register_configs() -> None:
@@ -62,6 +64,9 @@ def structured(container, source: str = "config") -> DictConfig:
     base = OmegaConf.structured(RunConfig)
     try:
         for group, reg in plugin_registries().items():
+            if group not in container and group in OPTIONAL_GROUPS:  # an older run's config
+                container = OmegaConf.merge(OmegaConf.create(container),
+                                            {group: {"name": OPTIONAL_GROUPS[group]}})
             name = container[group]["name"]
             base[group] = OmegaConf.structured(reg.schema(str(name)))
         return OmegaConf.merge(base, container)
@@ -75,7 +80,10 @@ def structured(container, source: str = "config") -> DictConfig:
 
 #: the groups --help lists, in order, with their default option
 HELP_GROUPS = (("data", "digits"), ("model", "small_cnn"), ("method", "ce"), ("optim", "sgd"),
-               ("trainer", "default"), ("logger", "wandb"), ("experiment", None))
+               ("regularizer", "none"), ("trainer", "default"), ("logger", "wandb"),
+               ("experiment", None))
+#: groups that runs saved before they existed lack: their option then
+OPTIONAL_GROUPS = {"regularizer": "none"}
 LAUNCHERS = ("basic", "local_parallel", "slurm", "joblib", "submitit_local", "submitit_slurm")
 
 

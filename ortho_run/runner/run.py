@@ -28,6 +28,7 @@ from ortho_run.errors import OrthoRunError, Preempted, TrainingDiverged
 from ortho_run import naming
 from ortho_run.io import atomic_write_json, cache_root, dumps
 from ortho_run.methods import METHODS
+from ortho_run.regularizers import build_regularizer
 from ortho_run.retrieval import retrieval_metrics
 from ortho_run.runner.env import (device_name, git_commit, package_versions, pick_device,
                                   seed_everything)
@@ -256,6 +257,7 @@ class Job:
     pipeline: str
     compat: object = None  # the CompatService, when the method declared compat needs
     resumed: bool = False
+    regularizer: object = None
 
 
 def build_job(cfg, run_dir: Path, dist: Dist = Dist(), emit=lambda row: None) -> Job:
@@ -300,10 +302,12 @@ def build_job(cfg, run_dir: Path, dist: Dist = Dist(), emit=lambda row: None) ->
     if needs.independent_backbone:
         net.backbone.load_state_dict(service.independent_backbone())
         net.backbone.requires_grad_(False)
+    regularizer = build_regularizer(cfg.regularizer, net.backbone)  # before the optimisers
     if channels_last:
         net = net.to(memory_format=torch.channels_last)
-    trainer = Trainer(cfg, net, train_loader, evals, device, run_dir, emit, dist, shape)
-    return Job(trainer, ds, net, evals, device, pipeline, service)
+    trainer = Trainer(cfg, net, train_loader, evals, device, run_dir, emit, dist, shape,
+                      regularizer=regularizer)
+    return Job(trainer, ds, net, evals, device, pipeline, service, regularizer=regularizer)
 
 
 def _train_and_evaluate(cfg, job: Job, dist, facts) -> Dict[str, Any]:
@@ -335,6 +339,8 @@ def _train_and_evaluate(cfg, job: Job, dist, facts) -> Dict[str, Any]:
     # the method's own parameters (head orthogonality, λ-orth's ‖WWᵀ − I‖_F): no data pass, so
     # always reported, also with trainer.geometry=false
     out.update({f"geometry/{k}": v for k, v in net.method.diagnostics().items()})
+    if job.regularizer is not None:
+        out.update({f"geometry/{k}": v for k, v in job.regularizer.diagnostics().items()})
     if trainer.state.best is not None:
         out["val/best_acc1"] = trainer.state.best
     return out

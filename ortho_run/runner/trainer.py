@@ -68,7 +68,7 @@ class Trainer:
 
     def __init__(self, cfg, net: Net, train_loader, eval_loaders: Dict[str, object],
                  device: torch.device, run_dir: Path, emit: Callable[[dict], None],
-                 dist: Dist = Dist(), shape: Optional[dict] = None):
+                 dist: Dist = Dist(), shape: Optional[dict] = None, regularizer=None):
         #: what rebuilds the net without the data set (channels, image_size, num_classes, dims)
         self.shape = dict(shape or {})
         # plain dataclasses: the hot loop reads these every step (OmegaConf lookups are slow)
@@ -104,6 +104,10 @@ class Trainer:
             self.train_net = torch.compile(self.train_net, mode=mode)
             self.loss_fn = torch.compile(net.method.loss, mode=mode)
         self.skip_bad = str(self.tcfg.on_nonfinite) == "skip"
+        #: an orthogonality regulariser of the backbone adds ``weight × penalty`` as part "reg"
+        self.regularizer = regularizer if regularizer is not None and regularizer.adds_loss \
+            else None
+        self.reg_weight = float(cfg.regularizer.weight) if self.regularizer is not None else 0.0
         self.guard = NonFiniteGuard(self.tcfg.nonfinite_check_every, device,
                                     self.ckpt_dir / "last.pt")
         self.state = TrainState()
@@ -158,6 +162,9 @@ class Trainer:
         with self.autocast():
             batch, out = self.train_net(x, y)
             parts = self.loss_fn(out, batch)
+        if self.regularizer is not None:  # in full precision, outside autocast
+            reg = self.regularizer.penalty()
+            parts = dict(parts, loss=parts["loss"] + self.reg_weight * reg, reg=reg)
         loss = parts["loss"]
         for o in self.optimizers:
             o.zero_grad(set_to_none=True)
