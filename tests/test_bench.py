@@ -18,6 +18,10 @@ def test_bench_tiny_measures_all_four_quantities(tmp_path, capsys):
     assert saved["methods"]["ce"]["step_time_vs_ce"] == 1.0
     assert {"opl", "gcr", "ebv"} <= saved["methods"].keys()
     assert saved["standard"]["pipeline"] == "loader" and saved["runner"]["pipeline"] == "resident"
+    assert saved["optims"]["sgd"]["step_time_vs_sgd"] == 1.0
+    assert {"muon", "normuon", "root", "auon", "auon_hybrid"} <= saved["optims"].keys()
+    assert saved["regularizers"]["none"]["step_time_vs_none"] == 1.0
+    assert "skipped" in saved["regularizers"]["orthogonal"]  # small_cnn has no linear layer
     printed = capsys.readouterr().out
     assert "(2)/(1)" in printed and "(2)/(3)" in printed and "vs ce" in printed
     # host work per step is counted; a method's head and loss add calls on top of ce's
