@@ -165,7 +165,9 @@ def measure_ceiling(args, job):
 def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m ortho_run.bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="resnet18_cifar")
+    p.add_argument("--model", default=None,
+                   help="any model option, e.g. resnet18_cifar (default; small_cnn with --tiny) "
+                        "or timm with the override model.arch=NAME")
     p.add_argument("--data", default="synthetic")
     p.add_argument("--data-root", default=None)
     p.add_argument("--batch", type=int, default=512)
@@ -198,12 +200,13 @@ def main(argv=None):
     p.add_argument("override", nargs="*", help="extra Hydra overrides")
     args = p.parse_args(argv)
     if args.tiny:
-        args.model, args.data, args.batch = "small_cnn", "digits", 64
+        args.model, args.data, args.batch = args.model or "small_cnn", "digits", 64
         args.steps, args.warmup, args.workers = min(args.steps, 8), min(args.warmup, 2), 0
         args.rounds = min(args.rounds, 2)
         args.optims = args.optims or "sgd,muon,normuon,root,auon,auon_hybrid"
         args.regularizers = args.regularizers or "none,soft_orth,srip,conv_orth,orthogonal"
 
+    args.model = args.model or "resnet18_cifar"
     res = {"args": vars(args)}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)

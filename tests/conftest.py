@@ -8,6 +8,9 @@ from pathlib import Path
 
 os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("WANDB_SILENT", "true")
+# no test reaches a network: hubs answer from their caches at once instead of timing out
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 # caches (EBV matrices, old models) go to a fresh folder, never the user's ~/.cache
 os.environ["ORTHO_RUN_CACHE"] = tempfile.mkdtemp(prefix="ortho-run-test-cache-")
 

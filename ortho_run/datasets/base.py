@@ -26,11 +26,14 @@ SOURCES: Registry[Callable[[Any], "DataSet"]] = Registry(
 
 @dataclass
 class Split:
-    """One split: either ``x`` (uint8 N×C×H×W) or ``files`` (paths), and int64 labels ``y``."""
+    """One split: ``x`` (uint8 N×C×H×W), ``files`` (paths) or ``records`` (an indexable of
+    images, read lazily: a Hugging Face or torchvision data set too large to decode into
+    memory), and int64 labels ``y``."""
 
     y: torch.Tensor
     x: Optional[torch.Tensor] = None
     files: Optional[List[str]] = None
+    records: Optional[Any] = None
 
     def __len__(self) -> int:
         return len(self.y)
@@ -41,7 +44,21 @@ class Split:
             y=self.y[idx],
             x=None if self.x is None else self.x[idx],
             files=None if self.files is None else [self.files[i] for i in idx.tolist()],
+            records=None if self.records is None else Subset(self.records, idx.tolist()),
         )
+
+
+class Subset:
+    """Records ``items[indices[i]]``."""
+
+    def __init__(self, items, indices: List[int]):
+        self.items, self.indices = items, indices
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int):
+        return self.items[self.indices[i]]
 
 
 @dataclass
@@ -156,6 +173,9 @@ def finalize(ds: DataSet, cfg) -> DataSet:
     mean, std = ds.mean, ds.std
     if train.x is not None and not mean:
         mean, std = channel_stats(train.x)
+    elif not mean:  # images read lazily: ImageNet's statistics (grey: a mid-grey centre)
+        mean, std = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)) if ds.channels == 3 \
+            else ((0.5,) * ds.channels, (0.25,) * ds.channels)
     return replace(ds, train=train, test=test, val=val, num_classes=len(class_ids),
                    class_names=names, class_ids=class_ids, mean=mean, std=std)
 

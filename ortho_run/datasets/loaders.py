@@ -162,6 +162,21 @@ class _ArrayImages(torch.utils.data.Dataset):
         return self.transform(img), int(self.y[i])
 
 
+class _RecordImages(torch.utils.data.Dataset):
+    """Images read lazily from an indexable (a Hugging Face or torchvision data set)."""
+
+    def __init__(self, records, y: Tensor, transform, mode: str = "RGB"):
+        self.records, self.y, self.transform, self.mode = records, y.numpy(), transform, mode
+
+    def __len__(self):
+        return len(self.y)
+
+    def __getitem__(self, i):
+        from ortho_run.datasets.records import to_pil
+
+        return self.transform(to_pil(self.records[i]).convert(self.mode)), int(self.y[i])
+
+
 class _FileImages(torch.utils.data.Dataset):
     def __init__(self, files, y: Tensor, transform):
         self.files, self.y, self.transform = files, y.numpy(), transform
@@ -206,11 +221,15 @@ class TorchLoader:
                  train: bool, augment: str = "none", padding: int = 4, image_size: int = 32,
                  seed: int = 0, num_workers: int = 4, channels_last: bool = False,
                  rank: int = 0, world_size: int = 1, limit_batches: Optional[int] = None,
-                 drop_last: Optional[bool] = None, color_jitter: float = 0.0):
+                 drop_last: Optional[bool] = None, color_jitter: float = 0.0,
+                 image_mode: str = "RGB"):
         files = split.x is None
         tf = standard_transform(train, str(augment), padding, image_size, mean, std, files,
                                 color_jitter)
-        ds = _FileImages(split.files, split.y, tf) if files else _ArrayImages(split.x, split.y, tf)
+        if split.records is not None:
+            ds = _RecordImages(split.records, split.y, tf, image_mode)
+        else:
+            ds = _FileImages(split.files, split.y, tf) if files else _ArrayImages(split.x, split.y, tf)
         self.device = torch.device(device)
         self.seed, self.epoch, self.limit = seed, 0, limit_batches
         self.channels_last = channels_last
@@ -280,4 +299,5 @@ def build_loader(ds: DataSet, split: Split, cfg, device, train: bool, seed: int,
                   color_jitter=cfg.color_jitter if train else 0.0)
     if pipeline == "resident":
         return DeviceLoader(split, **common)
-    return TorchLoader(split, image_size=ds.image_size, num_workers=cfg.num_workers, **common)
+    return TorchLoader(split, image_size=ds.image_size, num_workers=cfg.num_workers,
+                       image_mode="L" if ds.channels == 1 else "RGB", **common)

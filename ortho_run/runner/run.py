@@ -13,7 +13,7 @@ import signal
 import threading
 import time
 import traceback
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Dict, Optional
 
@@ -258,6 +258,7 @@ class Job:
     compat: object = None  # the CompatService, when the method declared compat needs
     resumed: bool = False
     regularizer: object = None
+    data_config: object = None  # the backbone's own input normalisation, when it has one
 
 
 def build_job(cfg, run_dir: Path, dist: Dist = Dist(), emit=lambda row: None) -> Job:
@@ -274,13 +275,6 @@ def build_job(cfg, run_dir: Path, dist: Dist = Dist(), emit=lambda row: None) ->
     ds = load_dataset(cfg.data)
     pipeline = choose_pipeline(str(cfg.data.pipeline), ds, device)
     channels_last = bool(t.channels_last and device.type == "cuda")
-    loader_kw = dict(pipeline=pipeline, channels_last=channels_last, rank=dist.rank,
-                     world_size=dist.world_size)
-    train_loader = build_loader(ds, ds.train, cfg.data, device, True, cfg.seed,
-                                limit_batches=t.limit_train_batches, **loader_kw)
-    evals = {"test": build_loader(ds, ds.test, cfg.data, device, False, cfg.seed, **loader_kw)}
-    if ds.val is not None:
-        evals["val"] = build_loader(ds, ds.val, cfg.data, device, False, cfg.seed, **loader_kw)
 
     shape = {"channels": ds.channels, "image_size": ds.image_size,
              "num_classes": ds.num_classes, "embed_dim": cfg.model.embed_dim}
@@ -303,11 +297,24 @@ def build_job(cfg, run_dir: Path, dist: Dist = Dist(), emit=lambda row: None) ->
         net.backbone.load_state_dict(service.independent_backbone())
         net.backbone.requires_grad_(False)
     regularizer = build_regularizer(cfg.regularizer, net.backbone)  # before the optimisers
+    # a pretrained backbone brings its own input normalisation (and size, for file data)
+    data_config = getattr(net.backbone.body, "ortho_data_config", None)
+    if data_config:
+        ds = replace(ds, mean=tuple(data_config["mean"]), std=tuple(data_config["std"]),
+                     image_size=ds.image_size if ds.is_array else data_config["input_size"][-1])
+    loader_kw = dict(pipeline=pipeline, channels_last=channels_last, rank=dist.rank,
+                     world_size=dist.world_size)
+    train_loader = build_loader(ds, ds.train, cfg.data, device, True, cfg.seed,
+                                limit_batches=t.limit_train_batches, **loader_kw)
+    evals = {"test": build_loader(ds, ds.test, cfg.data, device, False, cfg.seed, **loader_kw)}
+    if ds.val is not None:
+        evals["val"] = build_loader(ds, ds.val, cfg.data, device, False, cfg.seed, **loader_kw)
     if channels_last:
         net = net.to(memory_format=torch.channels_last)
     trainer = Trainer(cfg, net, train_loader, evals, device, run_dir, emit, dist, shape,
                       regularizer=regularizer)
-    return Job(trainer, ds, net, evals, device, pipeline, service, regularizer=regularizer)
+    return Job(trainer, ds, net, evals, device, pipeline, service, regularizer=regularizer,
+               data_config=data_config)
 
 
 def _train_and_evaluate(cfg, job: Job, dist, facts) -> Dict[str, Any]:
@@ -315,6 +322,8 @@ def _train_and_evaluate(cfg, job: Job, dist, facts) -> Dict[str, Any]:
     trainer, ds, net, evals, service = job.trainer, job.ds, job.net, job.evals, job.compat
     facts.update(pipeline=job.pipeline, device=device_name(job.device),
                  num_classes=ds.num_classes, train_size=len(ds.train), test_size=len(ds.test))
+    if job.data_config:
+        facts["model_data_config"] = job.data_config
 
     # Final analysis on the test split (geometry, retrieval, compatibility) uses the embeddings
     # of the last epoch's evaluation: no second pass of the new model over the evaluation splits.

@@ -1,0 +1,79 @@
+"""Images from other libraries' data sets (Hugging Face ``datasets``, torchvision): decoded once
+into uint8 arrays when they fit in memory (so the device-resident path applies), read lazily
+through the DataLoader path otherwise."""
+
+from __future__ import annotations
+
+import logging
+from typing import Callable, List, Optional, Sequence
+
+import numpy as np
+import torch
+
+from ortho_run.datasets.base import Split
+from ortho_run.errors import DataError
+
+log = logging.getLogger("ortho_run")
+
+
+def to_pil(img):
+    """A PIL image from what data sets hold: PIL images, arrays (H×W or H×W×C), tensors."""
+    from PIL import Image
+
+    if isinstance(img, Image.Image):
+        return img
+    if isinstance(img, torch.Tensor):
+        img = img.numpy()
+        if img.ndim == 3 and img.shape[0] in (1, 3):
+            img = img.transpose(1, 2, 0)
+    arr = np.asarray(img)
+    if arr.dtype != np.uint8:
+        arr = (arr * 255).clip(0, 255).astype(np.uint8) if arr.max() <= 1.0 else arr.astype(np.uint8)
+    return Image.fromarray(arr.squeeze(-1) if arr.ndim == 3 and arr.shape[-1] == 1 else arr)
+
+
+def image_split(get: Callable[[int], object], n: int, labels: Sequence[int], channels: int,
+                image_size: Optional[int], in_memory_mb: float, what: str, records=None
+                ) -> Split:
+    """A Split of ``n`` images ``get(i)``: uint8 arrays when they fit in ``in_memory_mb`` and
+    share a size (or ``image_size`` resizes them), else the ``records`` read lazily."""
+    y = torch.as_tensor(list(labels), dtype=torch.long)
+    if n == 0:
+        raise DataError(f"{what}: the split is empty")
+    first = to_pil(get(0))
+    w, h = (image_size, image_size) if image_size else first.size
+    if n * channels * w * h / 2**20 > in_memory_mb:
+        log.info("%s: %d images of %dx%d exceed data.in_memory_mb=%g: read lazily", what, n, w,
+                 h, in_memory_mb)
+        return Split(y=y, records=records if records is not None else _Getter(get, n))
+    mode = "L" if channels == 1 else "RGB"
+    x = np.empty((n, h, w, channels), dtype=np.uint8)
+    for i in range(n):
+        img = to_pil(get(i)).convert(mode)
+        if img.size != (w, h):
+            if not image_size:
+                raise DataError(f"{what}: images of different sizes ({first.size} and "
+                                f"{img.size} at index {i}); set data.image_size to resize them")
+            img = img.resize((w, h))
+        arr = np.asarray(img)
+        x[i] = arr[..., None] if arr.ndim == 2 else arr
+    return Split(y=y, x=torch.from_numpy(x).permute(0, 3, 1, 2).contiguous())
+
+
+class _Getter:
+    def __init__(self, get, n):
+        self.get, self.n = get, n
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, i):
+        return self.get(i)
+
+
+def channels_of(img) -> int:
+    return 1 if to_pil(img).mode in ("L", "1", "I", "F", "I;16") else 3
+
+
+def class_names(names: Optional[List[str]], labels) -> List[str]:
+    return list(names) if names else [str(i) for i in sorted(set(int(v) for v in labels))]

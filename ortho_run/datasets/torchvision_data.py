@@ -1,0 +1,99 @@
+"""``data=torchvision``: any ``torchvision.datasets`` class by name (``data.dataset``), e.g.
+CIFAR10, CIFAR100, SVHN, STL10, Flowers102, Food101, or ImageFolder for a
+``<root>/<train_split>/<class>/...`` + ``<root>/<test_split>/<class>/...`` tree.
+
+The class's own split argument is used: ``train=True/False`` where it has one, else
+``split=data.train_split/data.test_split``, else (folder data sets) the sub-folders of those
+names under ``data.root``. ``data.download=true`` lets torchvision fetch the files. Decoded once
+to uint8 arrays when they fit in ``data.in_memory_mb`` (images of one size, or resized to
+``data.image_size``), read lazily through the DataLoader path otherwise. (The plugin's own name
+is ``data.name``; the torchvision class is ``data.dataset``.)
+"""
+
+from __future__ import annotations
+
+import difflib
+import inspect
+from dataclasses import dataclass
+from pathlib import Path
+from typing import ClassVar, Optional
+
+from omegaconf import MISSING
+
+from ortho_run.config import DataConfig, at_least
+from ortho_run.datasets.base import SOURCES, DataSet
+from ortho_run.datasets.records import channels_of, image_split
+from ortho_run.errors import ConfigError, DataError
+
+
+@dataclass
+class TorchvisionDataConfig(DataConfig):
+    name: str = "torchvision"
+    dataset: str = MISSING  # a torchvision.datasets class name
+    root: str = "data"
+    download: bool = False
+    train_split: str = "train"
+    test_split: str = "test"
+    image_size: Optional[int] = None
+    in_memory_mb: float = 4096.0
+    checks: ClassVar[list] = at_least(1, "image_size")
+
+
+def _open(cls, cfg, split_name: str, train: bool):
+    params = inspect.signature(cls.__init__).parameters
+    root = str(Path(str(cfg.root)).expanduser())
+    kw = {"download": cfg.download} if "download" in params else {}
+    if "train" in params:
+        return cls(root, train=train, **kw)
+    if "split" in params:
+        return cls(root, split=split_name, **kw)
+    return cls(str(Path(root) / split_name))  # folder data sets: one folder per split
+
+
+def _labels(d):
+    for attr in ("targets", "labels", "_labels", "y"):
+        v = getattr(d, attr, None)
+        if v is not None and len(v) == len(d):
+            return [int(t) for t in v]
+    return [int(d[i][1]) for i in range(len(d))]
+
+
+@SOURCES.register("torchvision", schema=TorchvisionDataConfig)
+def load_torchvision(cfg) -> DataSet:
+    import torchvision
+
+    name = str(cfg.dataset)
+    cls = getattr(torchvision.datasets, name, None)
+    if not isinstance(cls, type):
+        known = [n for n in dir(torchvision.datasets) if n[0].isupper()]
+        close = difflib.get_close_matches(name, known, n=5)
+        raise ConfigError(f"data.dataset={name} is not a torchvision data set"
+                          + (f"; close names: {', '.join(close)}" if close else ""))
+    try:
+        parts = [_open(cls, cfg, cfg.train_split, True), _open(cls, cfg, cfg.test_split, False)]
+    except (RuntimeError, FileNotFoundError, OSError, ValueError) as exc:
+        raise DataError(f"data=torchvision {name}: {str(exc).splitlines()[0][:300]} (data.root="
+                        f"{cfg.root}). Put its files under data.root, or set data.download=true "
+                        f"on a machine with network.") from None
+    labels = [_labels(d) for d in parts]
+    classes = list(getattr(parts[0], "classes", None) or [])
+    k = len(classes) if classes else max(max(ys) for ys in labels) + 1
+    channels = channels_of(parts[0][0][0])
+    splits = [image_split(lambda i, d=d: d[i][0], len(d), ys, channels, cfg.image_size,
+                          cfg.in_memory_mb, f"data=torchvision {name}", records=_Images(d))
+              for d, ys in zip(parts, labels)]
+    size = splits[0].x.shape[-1] if splits[0].x is not None else (cfg.image_size or 224)
+    return DataSet(name=f"torchvision/{name}", train=splits[0], test=splits[1], num_classes=k,
+                   channels=channels, image_size=int(size),
+                   class_names=[str(c) for c in classes] or [str(i) for i in range(k)])
+
+
+class _Images:
+    def __init__(self, d):
+        self.d = d
+
+    def __len__(self):
+        return len(self.d)
+
+    def __getitem__(self, i):
+        return self.d[int(i)][0]

@@ -1,0 +1,126 @@
+"""``model=timm``: any timm backbone by name (``model.arch``), as pooled features.
+
+The backbone is ``timm.create_model(arch, num_classes=0)`` (pooled features; the method owns the
+head, as for every model) with the data set's channel count and, for models that take one
+(ViT, Swin, ...), its image size. Weights:
+
+- ``model.pretrained=true``: timm's pretrained weights (from its hub cache or the network);
+- ``model.checkpoint=FILE``: a local state dict (``.pth``/``.pt`` or ``.safetensors``; a timm
+  checkpoint with a ``state_dict`` key works too) for machines without network. Classifier keys
+  are dropped (the method owns the head); every other key must fit.
+
+When pretrained (or from a checkpoint), the input normalisation comes from the model's pretrained
+config (timm's data config) instead of the data set's statistics, and image-folder data is read
+at the model's input size; both are recorded in ``summary.json`` (``model_data_config``).
+Needs the ``timm`` package: ``pip install 'ortho-run[timm]'``.
+"""
+
+from __future__ import annotations
+
+import difflib
+import inspect
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from ortho_run.config import ModelConfig
+from ortho_run.errors import CheckpointError, ConfigError
+from ortho_run.models.registry import MODELS
+
+
+@dataclass
+class TimmConfig(ModelConfig):
+    name: str = "timm"
+    arch: str = "resnet18"  # any name timm.list_models() knows
+    pretrained: bool = False
+    checkpoint: Optional[str] = None  # a local weights file (state dict)
+
+
+def require_timm():
+    try:
+        import timm
+    except ImportError:
+        raise ConfigError("model=timm needs the timm package: pip install 'ortho-run[timm]' "
+                          "(or pip install timm)") from None
+    return timm
+
+
+def _create(timm, arch: str, pretrained: bool, in_channels: int, image_size: int):
+    kw = dict(pretrained=pretrained, num_classes=0, in_chans=in_channels)
+    entry = timm.models.get_model_entrypoint(arch) if hasattr(timm.models, "get_model_entrypoint") else None
+    try:
+        takes_size = entry is not None and "img_size" in inspect.signature(entry).parameters
+    except (TypeError, ValueError):
+        takes_size = False
+    try:
+        return timm.create_model(arch, **kw, img_size=image_size)
+    except TypeError:
+        if takes_size:
+            raise
+        return timm.create_model(arch, **kw)
+
+
+@MODELS.register("timm", schema=TimmConfig)
+def timm_backbone(cfg, in_channels: int, image_size: int):
+    timm = require_timm()
+    arch = str(cfg.arch)
+    if not timm.is_model(arch):
+        close = difflib.get_close_matches(arch, timm.list_models(), n=5)
+        raise ConfigError(f"model.arch={arch} is not a timm model"
+                          + (f"; close names: {', '.join(close)}" if close else "")
+                          + ". timm.list_models('*pattern*') lists them.")
+    pretrained = bool(cfg.pretrained) and not cfg.checkpoint
+    try:
+        model = _create(timm, arch, pretrained, in_channels, image_size)
+    except (OSError, RuntimeError, ValueError) as exc:
+        if not pretrained:
+            raise ConfigError(f"model=timm arch={arch}: {str(exc).splitlines()[0]}") from None
+        raise ConfigError(
+            f"model.pretrained=true: the pretrained weights of {arch} could not be loaded "
+            f"({type(exc).__name__}: {str(exc).splitlines()[0][:200]}). Without network, put "
+            f"them in timm's (Hugging Face hub) cache, or save a state dict and set "
+            f"model.checkpoint=FILE (with model.pretrained=false or true).") from None
+    if cfg.checkpoint:
+        load_weights(model, Path(cfg.checkpoint).expanduser())
+    if pretrained or cfg.checkpoint:
+        dc = timm.data.resolve_data_config({}, model=model)
+        model.ortho_data_config = {"mean": list(dc["mean"]), "std": list(dc["std"]),
+                                   "input_size": list(dc["input_size"]),
+                                   "interpolation": dc.get("interpolation"),
+                                   "crop_pct": dc.get("crop_pct")}
+    return model, int(model.num_features)
+
+
+def load_weights(model: torch.nn.Module, path: Path) -> None:
+    """A local state dict into ``model`` (classifier keys dropped; every other key must fit)."""
+    if not path.is_file():
+        raise CheckpointError(f"model.checkpoint={path}: no such file; give a local weights "
+                              f"file (a state dict saved with torch.save or safetensors)")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(path))
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise CheckpointError(f"model.checkpoint={path} cannot be read ({type(exc).__name__}: "
+                              f"{str(exc).splitlines()[0][:200]})") from None
+    if isinstance(state, dict):
+        for key in ("state_dict", "model", "state_dict_ema"):
+            if isinstance(state.get(key), dict):
+                state = state[key]
+                break
+    if not isinstance(state, dict):
+        raise CheckpointError(f"model.checkpoint={path} holds no state dict")
+    state = {k.removeprefix("module."): v for k, v in state.items()}
+    head = {n for n, _ in model.named_parameters()} | {n for n, _ in model.named_buffers()}
+    dropped = [k for k in state if k not in head and k.split(".")[0] in ("fc", "head", "classifier")]
+    state = {k: v for k, v in state.items() if k not in dropped}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise CheckpointError(f"model.checkpoint={path} does not fit model.arch: missing "
+                              f"{missing[:5]}{'...' if len(missing) > 5 else ''}, unexpected "
+                              f"{unexpected[:5]}{'...' if len(unexpected) > 5 else ''}")
