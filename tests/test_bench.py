@@ -53,3 +53,16 @@ def test_grassmann_step_is_a_few_fused_kernels():
     ref = (s0.double() @ vh.transpose(-1, -2) * torch.cos(0.1 * sig)[:, None, :]
            - u * torch.sin(0.1 * sig)[:, None, :]) @ vh
     assert torch.allclose(p.detach().double(), ref, atol=1e-5)
+
+
+def test_bench_runs_with_a_timm_backbone(tmp_path):
+    import pytest
+
+    pytest.importorskip("timm")
+    from ortho_run.bench import main
+
+    res = main(["--tiny", "--rounds", "1", "--model", "timm", "--methods", "ce", "--optims",
+                "sgd", "--regularizers", "none", "--no-count", "--skip-loader",
+                "model.arch=resnet18"])
+    assert res["args"]["model"] == "timm" and res["runner"]["img_per_s"] > 0
+    assert res["ratios"]["runner_over_ceiling"] > 0
