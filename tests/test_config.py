@@ -104,8 +104,16 @@ def test_plain_wheel_ships_conf_and_runs_from_elsewhere(tmp_path):
 
     from conftest import REPO
 
+    # build from a copy of the checkout's files: a build/ folder left by an earlier build
+    # would carry packages that pyproject.toml no longer (or not yet) lists
+    import shutil
+
+    src = tmp_path / "src"
+    ignore = shutil.ignore_patterns("build", "dist", "*.egg-info", ".venv*", ".git", "outputs",
+                                    "__pycache__", ".gpu", "multirun")
+    shutil.copytree(REPO, src, ignore=ignore)
     r = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps",
-                        "--no-build-isolation", "-w", str(tmp_path / "dist"), str(REPO)],
+                        "--no-build-isolation", "-w", str(tmp_path / "dist"), str(src)],
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     wheel = next((tmp_path / "dist").glob("ortho_run-*.whl"))
@@ -114,13 +122,19 @@ def test_plain_wheel_ships_conf_and_runs_from_elsewhere(tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     code = ("import ortho_run, ortho_run.store as s; "
             "assert ortho_run.__file__.startswith(%r), ortho_run.__file__; "
+            "s.register_configs(); "  # imports every plugin package from the wheel
+            "import sys; out = [m for m, v in sys.modules.items() if m.startswith('ortho_run') "
+            "and getattr(v, '__file__', None) and not v.__file__.startswith(%r)]; "
+            "assert not out, ('not from the wheel', out); "
+            "print({g: r.names() for g, r in s.plugin_registries().items()}); "
             "print(sorted(p.name for p in (s.config_dir() / 'method').glob('*.yaml')))"
-            % str(tmp_path / "site"))
+            % (str(tmp_path / "site"), str(tmp_path / "site")))
     env = {**__import__("os").environ, "PYTHONPATH": str(tmp_path / "site")}
     r = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True,
                        text=True)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "opl.yaml" in r.stdout and "lambda_orth.yaml" in r.stdout
+    assert "'muon'" in r.stdout and "'conv_orth'" in r.stdout and "'timm'" in r.stdout
 
 
 PRESETS = sorted(p.stem for p in (REPO / "conf" / "experiment").glob("*.yaml"))
