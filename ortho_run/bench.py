@@ -131,6 +131,16 @@ def count_launches(args, job, steps: int = 4) -> float:
     return n / steps
 
 
+def interleaved(args, jobs: dict, profile: bool = False) -> dict:
+    """The median of ``args.rounds`` timed epochs per job, the jobs taking turns in each round
+    (so a drifting clock hits every job alike)."""
+    rounds = {n: [] for n in jobs}
+    for r in range(args.rounds):
+        for n, job in jobs.items():
+            rounds[n].append(timed_epoch(args, job, 1 + r, profile=profile and r == 0))
+    return {n: _median(rs) for n, rs in rounds.items()}
+
+
 def _median(rows):
     rows = sorted(rows, key=lambda r: r["step_ms"])
     out = dict(rows[len(rows) // 2])
@@ -218,11 +228,7 @@ def main(argv=None):
 
         res["device"] = device_name(jobs["ce"].device)
         res["ceiling"] = measure_ceiling(args, jobs["ce"])
-        rounds = {m: [] for m in methods}
-        for r in range(args.rounds):  # interleaved, so drifting clocks hit every method alike
-            for m in methods:
-                rounds[m].append(timed_epoch(args, jobs[m], 1 + r, profile=args.profile and r == 0))
-        res["methods"] = {m: _median(v) for m, v in rounds.items()}
+        res["methods"] = interleaved(args, jobs, profile=args.profile)
         if not args.no_count:
             for m in methods:
                 res["methods"][m]["launches_per_step"] = count_launches(args, jobs[m])
@@ -282,12 +288,7 @@ def _variants(args, tmp: Path, group: str, names: str, base: str) -> dict:
             jobs[n] = build(args, "ce", "resident", tmp, extra=[f"{group}={n}"])
         except OrthoRunError as exc:  # e.g. a hard constraint on a model without linear layers
             out[n] = {"skipped": str(exc).split(";")[0]}
-    rounds = {n: [] for n in jobs}
-    for r in range(args.rounds):
-        for n, job in jobs.items():
-            rounds[n].append(timed_epoch(args, job, 1 + r))
-    for n, rs in rounds.items():
-        out[n] = _median(rs)
+    out.update(interleaved(args, jobs))
     ref = out[base]["step_ms"]
     for n, r in out.items():
         if "step_ms" in r:

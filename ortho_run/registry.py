@@ -18,7 +18,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import pkgutil
-from typing import Callable, Dict, Generic, Iterable, List, Optional, TypeVar
+from typing import Callable, Dict, Generic, List, Optional, TypeVar
 
 from ortho_run.errors import ConfigError
 
@@ -106,10 +106,6 @@ class Registry(Generic[T]):
     def names(self, internal: bool = False) -> List[str]:
         self.discover()
         return sorted(n for n in self._items if internal or n not in self._internal)
-
-    def items(self) -> Iterable[tuple]:
-        self.discover()
-        return sorted(self._items.items())
 
     def __contains__(self, name: str) -> bool:
         self.discover()

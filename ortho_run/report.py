@@ -112,8 +112,7 @@ def aggregate(runs: List[dict], metrics: List[str]) -> Dict[str, Dict[str, dict]
     for g, rs in sorted(groups.items()):
         row = {}
         for m in metrics:
-            vals = [float(r[m]) for r in rs if isinstance(r.get(m), (int, float))
-                    and not isinstance(r.get(m), bool)]
+            vals = [float(r[m]) for r in rs if _numeric(r.get(m))]
             if vals:
                 row[m] = {"mean": statistics.fmean(vals),
                           "std": statistics.stdev(vals) if len(vals) > 1 else 0.0,

@@ -176,7 +176,7 @@ def test_lambda_orth_total_loss_against_a_direct_computation(d_new, d_old):
 
 @pytest.mark.parametrize("shape", [(3, 7), (7, 3), (5, 5)])
 def test_orth_deviation_is_zero_on_orthonormal_rectangular_maps(shape):
-    from ortho_run.methods.lambda_orth import orth_deviation
+    from ortho_run.orthogonality import gram_error as orth_deviation
 
     q = torch.linalg.qr(torch.randn(max(shape), min(shape), dtype=torch.float64))[0]
     w = q if shape[0] >= shape[1] else q.t()

@@ -124,8 +124,9 @@ class CompatService:
         if self.num_old_classes > ds.num_classes:
             raise ConfigError(f"the old model knows {self.num_old_classes} classes, the new task "
                               f"only {ds.num_classes}")
-        if self.old.net.backbone is not None and self._channels(self.old) not in (None, ds.channels):
-            raise ConfigError(f"the old model was trained on {self._channels(self.old)}-channel "
+        old_channels = self._channels(self.old)
+        if old_channels not in (None, ds.channels):
+            raise ConfigError(f"the old model was trained on {old_channels}-channel "
                               f"images, this data set has {ds.channels}: point compat.old_ckpt "
                               f"at a run on the same kind of data")
         art = CompatArtifacts(old_dim=self.old.dim, num_old_classes=self.num_old_classes)

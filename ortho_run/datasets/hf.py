@@ -21,8 +21,8 @@ import torch
 from omegaconf import MISSING
 
 from ortho_run.config import DataConfig, at_least
-from ortho_run.datasets.base import SOURCES, DataSet, Split, stratified_holdout
-from ortho_run.datasets.records import channels_of, image_split
+from ortho_run.datasets.base import SOURCES, DataSet, stratified_holdout
+from ortho_run.datasets.records import Field, channels_of, image_split
 from ortho_run.errors import ConfigError, DataError
 
 FILE_TYPES = {".parquet": "parquet", ".csv": "csv", ".json": "json", ".jsonl": "json",
@@ -109,26 +109,11 @@ def load_hf(cfg) -> DataSet:
         raise DataError(f"data.label_key={cfg.label_key}: labels must be class indices 0..{k - 1}"
                         f" (found {bad[0]})")
     channels = channels_of(parts[0][0][0][cfg.image_key])
-    splits = [image_split(lambda i, s=s: s[i][cfg.image_key], len(s), ys, channels,
-                          cfg.image_size, cfg.in_memory_mb, f"data=hf {cfg.path}",
-                          records=_Column(s, cfg.image_key))
-              for s, ys in parts]
+    splits = [image_split(Field(s, cfg.image_key), ys, channels, cfg.image_size,
+                          cfg.in_memory_mb, f"data=hf {cfg.path}") for s, ys in parts]
     size = splits[0].x.shape[-1] if splits[0].x is not None else (cfg.image_size or 224)
     return DataSet(name="hf", train=splits[0], test=splits[1], num_classes=k, channels=channels,
                    image_size=int(size), class_names=names or [str(i) for i in range(k)])
 
 
-class _Column:
-    """One column of a Hugging Face data set, read lazily (a worker opens its own copy)."""
-
-    def __init__(self, data, key: str):
-        self.data, self.key = data, key
-
-    def __len__(self):
-        return len(self.data)
-
-    def __getitem__(self, i):
-        return self.data[int(i)][self.key]
-
-
-__all__ = ["load_hf", "Split"]
+__all__ = ["load_hf"]

@@ -5,7 +5,7 @@ through the DataLoader path otherwise."""
 from __future__ import annotations
 
 import logging
-from typing import Callable, List, Optional, Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 import torch
@@ -32,24 +32,24 @@ def to_pil(img):
     return Image.fromarray(arr.squeeze(-1) if arr.ndim == 3 and arr.shape[-1] == 1 else arr)
 
 
-def image_split(get: Callable[[int], object], n: int, labels: Sequence[int], channels: int,
-                image_size: Optional[int], in_memory_mb: float, what: str, records=None
-                ) -> Split:
-    """A Split of ``n`` images ``get(i)``: uint8 arrays when they fit in ``in_memory_mb`` and
-    share a size (or ``image_size`` resizes them), else the ``records`` read lazily."""
+def image_split(records, labels: Sequence[int], channels: int, image_size: Optional[int],
+                in_memory_mb: float, what: str) -> Split:
+    """A Split of the images ``records[i]``: uint8 arrays when they fit in ``in_memory_mb`` and
+    share a size (or ``image_size`` resizes them), else ``records`` read lazily."""
     y = torch.as_tensor(list(labels), dtype=torch.long)
+    n = len(records)
     if n == 0:
         raise DataError(f"{what}: the split is empty")
-    first = to_pil(get(0))
+    first = to_pil(records[0])
     w, h = (image_size, image_size) if image_size else first.size
     if n * channels * w * h / 2**20 > in_memory_mb:
         log.info("%s: %d images of %dx%d exceed data.in_memory_mb=%g: read lazily", what, n, w,
                  h, in_memory_mb)
-        return Split(y=y, records=records if records is not None else _Getter(get, n))
+        return Split(y=y, records=records)
     mode = "L" if channels == 1 else "RGB"
     x = np.empty((n, h, w, channels), dtype=np.uint8)
     for i in range(n):
-        img = to_pil(get(i)).convert(mode)
+        img = to_pil(records[i]).convert(mode)
         if img.size != (w, h):
             if not image_size:
                 raise DataError(f"{what}: images of different sizes ({first.size} and "
@@ -60,20 +60,19 @@ def image_split(get: Callable[[int], object], n: int, labels: Sequence[int], cha
     return Split(y=y, x=torch.from_numpy(x).permute(0, 3, 1, 2).contiguous())
 
 
-class _Getter:
-    def __init__(self, get, n):
-        self.get, self.n = get, n
+class Field:
+    """``data[i][key]`` for each i: the image column of a Hugging Face data set (key: its
+    name) or of a torchvision one (key 0 of its (image, target) pairs), read lazily."""
+
+    def __init__(self, data, key):
+        self.data, self.key = data, key
 
     def __len__(self):
-        return self.n
+        return len(self.data)
 
     def __getitem__(self, i):
-        return self.get(i)
+        return self.data[int(i)][self.key]
 
 
 def channels_of(img) -> int:
     return 1 if to_pil(img).mode in ("L", "1", "I", "F", "I;16") else 3
-
-
-def class_names(names: Optional[List[str]], labels) -> List[str]:
-    return list(names) if names else [str(i) for i in sorted(set(int(v) for v in labels))]

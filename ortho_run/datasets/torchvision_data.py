@@ -22,7 +22,7 @@ from omegaconf import MISSING
 
 from ortho_run.config import DataConfig, at_least
 from ortho_run.datasets.base import SOURCES, DataSet
-from ortho_run.datasets.records import channels_of, image_split
+from ortho_run.datasets.records import Field, channels_of, image_split
 from ortho_run.errors import ConfigError, DataError
 
 
@@ -79,21 +79,9 @@ def load_torchvision(cfg) -> DataSet:
     classes = list(getattr(parts[0], "classes", None) or [])
     k = len(classes) if classes else max(max(ys) for ys in labels) + 1
     channels = channels_of(parts[0][0][0])
-    splits = [image_split(lambda i, d=d: d[i][0], len(d), ys, channels, cfg.image_size,
-                          cfg.in_memory_mb, f"data=torchvision {name}", records=_Images(d))
-              for d, ys in zip(parts, labels)]
+    splits = [image_split(Field(d, 0), ys, channels, cfg.image_size, cfg.in_memory_mb,
+                          f"data=torchvision {name}") for d, ys in zip(parts, labels)]
     size = splits[0].x.shape[-1] if splits[0].x is not None else (cfg.image_size or 224)
     return DataSet(name=f"torchvision/{name}", train=splits[0], test=splits[1], num_classes=k,
                    channels=channels, image_size=int(size),
                    class_names=[str(c) for c in classes] or [str(i) for i in range(k)])
-
-
-class _Images:
-    def __init__(self, d):
-        self.d = d
-
-    def __len__(self):
-        return len(self.d)
-
-    def __getitem__(self, i):
-        return self.d[int(i)][0]

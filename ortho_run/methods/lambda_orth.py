@@ -39,6 +39,7 @@ from torch import Tensor, nn
 
 from ortho_run.config import MethodConfig, at_least, positive
 from ortho_run.methods.base import Method, MethodOutput, Needs, register
+from ortho_run.orthogonality import gram_error
 
 
 @dataclass
@@ -56,16 +57,9 @@ class LambdaOrthConfig(MethodConfig):
                               + at_least(0, "lambda_", "weight", "w1", "w2", "w3"))
 
 
-def orth_deviation(w: Tensor) -> Tensor:
-    """‖G − I‖_F with G the smaller Gram matrix of W (WWᵀ for a wide or square W, WᵀW for a
-    tall one): zero exactly when W has orthonormal rows (wide) or columns (tall)."""
-    g = w @ w.t() if w.shape[0] <= w.shape[1] else w.t() @ w
-    return torch.linalg.matrix_norm(g - torch.eye(len(g), device=w.device, dtype=w.dtype))
-
-
 def lambda_penalty(w: Tensor, lam: float, alpha: float) -> Tensor:
     """σ(α(‖G − I‖_F − λ))·‖G − I‖_F, G the smaller Gram matrix of W."""
-    dev = orth_deviation(w)
+    dev = gram_error(w)
     return torch.sigmoid(alpha * (dev - lam)) * dev
 
 
@@ -142,4 +136,4 @@ class LambdaOrth(Method):
     @torch.no_grad()
     def diagnostics(self):
         w = self.backward_adapter.weight.detach().float()
-        return {"b_orth_dev": float(orth_deviation(w))}
+        return {"b_orth_dev": float(gram_error(w))}

@@ -21,7 +21,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.parametrizations import orthogonal
@@ -29,6 +28,7 @@ from torch.nn.utils.parametrizations import orthogonal
 from ortho_run.config import Choice, MethodConfig, at_least, positive
 from ortho_run.errors import ConfigError
 from ortho_run.methods.base import Method, MethodOutput, Needs, register, row_orthogonality
+from ortho_run.orthogonality import gram_error
 
 
 class Pseudo(Choice):
@@ -88,7 +88,6 @@ class OCA(Method):
         return {"loss": loss, "ce": ce, "align_ce": align_ce, "align_cos": cos}
 
     def diagnostics(self):
-        w = self.transform.weight.detach()
         out = row_orthogonality(self.fc.weight)
-        out["transform_orth_err"] = float((w @ w.t() - torch.eye(len(w), device=w.device)).norm())
+        out["transform_orth_err"] = float(gram_error(self.transform.weight.detach()))
         return out

@@ -24,6 +24,11 @@ class Backbone(nn.Module):
             feature_dim = embed_dim
         self.feature_dim = feature_dim
 
+    @property
+    def data_config(self):
+        """The input normalisation (and size) a pretrained body expects, or None."""
+        return getattr(self.body, "ortho_data_config", None)
+
     def forward(self, x):
         f = self.body(x)
         return self.embed(f) if self.embed is not None else f

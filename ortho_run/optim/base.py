@@ -62,16 +62,20 @@ def backbone_groups(backbone: nn.Module) -> List[ParamGroup]:
     return [ParamGroup(role, ps) for role, ps in roles.items() if ps]
 
 
-def torch_groups(groups: List[ParamGroup], cfg) -> List[dict]:
-    """torch param-group dicts, lr and weight decay resolved. Groups whose settings are equal
-    share one torch group (its ``role`` lists theirs, e.g. ``stem+hidden``): a fused optimiser
-    launches its kernels per group, so a split that changes nothing would only cost launches."""
+def torch_groups(groups: List[ParamGroup], cfg, lr: Optional[float] = None,
+                 weight_decay: Optional[float] = None) -> List[dict]:
+    """torch param-group dicts, lr and weight decay resolved (from ``cfg``, or the ``lr`` and
+    ``weight_decay`` given for these groups). Groups whose settings are equal share one torch
+    group (its ``role`` lists theirs, e.g. ``stem+hidden``): a fused optimiser launches its
+    kernels per group, so a split that changes nothing would only cost launches."""
+    base_lr = cfg.lr if lr is None else lr
+    base_wd = cfg.weight_decay if weight_decay is None else weight_decay
     out: List[dict] = []
     for g in groups:
         if not g.params:
             continue
-        lr = cfg.lr * g.lr_scale
-        wd = cfg.weight_decay if g.weight_decay is None else g.weight_decay
+        lr = base_lr * g.lr_scale
+        wd = base_wd if g.weight_decay is None else g.weight_decay
         same = next((t for t in out if t["lr"] == lr and t["weight_decay"] == wd), None)
         if same is not None:
             same["params"] += list(g.params)

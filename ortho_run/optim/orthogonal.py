@@ -210,16 +210,20 @@ def _split(groups: List[ParamGroup], cfg):
 
 
 def _other_optimizer(rest: List[ParamGroup], cfg, device):
+    """AdamW or SGD (``optim.other``) for the roles that are not orthogonalised."""
     if not rest:
         return []
+
+    def groups():  # fresh dicts for each try (a failed fused build may have touched them)
+        return torch_groups(rest, cfg, lr=cfg.other_lr, weight_decay=cfg.other_weight_decay)
+
     if str(cfg.other) == "sgd":
-        other = type("C", (), dict(lr=cfg.other_lr, weight_decay=cfg.other_weight_decay))
-        return [with_fused_fallback(lambda kw: torch.optim.SGD(
-            torch_groups(rest, other), lr=cfg.other_lr, momentum=cfg.other_momentum, **kw),
-            cfg, device)]
-    other = type("C", (), dict(lr=cfg.other_lr, weight_decay=cfg.other_weight_decay))
-    return [with_fused_fallback(lambda kw: torch.optim.AdamW(
-        torch_groups(rest, other), lr=cfg.other_lr, betas=tuple(cfg.betas), **kw), cfg, device)]
+        make = lambda kw: torch.optim.SGD(groups(), lr=cfg.other_lr,  # noqa: E731
+                                          momentum=cfg.other_momentum, **kw)
+    else:
+        make = lambda kw: torch.optim.AdamW(groups(), lr=cfg.other_lr,  # noqa: E731
+                                            betas=tuple(cfg.betas), **kw)
+    return [with_fused_fallback(make, cfg, device)]
 
 
 def _builder(rule: str):

@@ -2,6 +2,6 @@
 ``REGULARIZERS`` (found by discovery), one yaml in ``conf/regularizer/`` selects it."""
 
 from ortho_run.regularizers.base import (REGULARIZERS, Regularizer, RegularizerConfig,
-                                         build_regularizer, gram_error)
+                                         build_regularizer)
 
-__all__ = ["REGULARIZERS", "Regularizer", "RegularizerConfig", "build_regularizer", "gram_error"]
+__all__ = ["REGULARIZERS", "Regularizer", "RegularizerConfig", "build_regularizer"]

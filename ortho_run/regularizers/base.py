@@ -19,6 +19,7 @@ from torch import Tensor, nn
 
 from ortho_run.config import at_least
 from ortho_run.errors import ConfigError
+from ortho_run.orthogonality import gram_error
 from ortho_run.registry import Registry
 
 
@@ -35,13 +36,6 @@ REGULARIZERS: Registry = Registry("regulariser", group="regularizer",
                                   base_schema=RegularizerConfig)
 
 LAYER_TYPES = (nn.Conv2d, nn.Linear)
-
-
-def gram_error(w: Tensor) -> Tensor:
-    """‖G − I‖_F, G the smaller Gram matrix of ``w`` as a matrix (out × in·k·k)."""
-    m = w.reshape(w.shape[0], -1)
-    g = m @ m.T if m.shape[0] <= m.shape[1] else m.T @ m
-    return torch.linalg.matrix_norm(g - torch.eye(len(g), device=m.device, dtype=m.dtype))
 
 
 class Regularizer(nn.Module):

@@ -28,8 +28,8 @@ from torch import Tensor, nn
 from torch.nn.utils.parametrizations import orthogonal
 
 from ortho_run.config import at_least
-from ortho_run.regularizers.base import (REGULARIZERS, Regularizer, RegularizerConfig,
-                                         gram_error)
+from ortho_run.orthogonality import gram_error, smaller_gram
+from ortho_run.regularizers.base import REGULARIZERS, Regularizer, RegularizerConfig
 
 
 @REGULARIZERS.register("none")
@@ -60,8 +60,7 @@ class SRIPConfig(RegularizerConfig):
 
 def srip(w: Tensor, iterations: int = 2) -> Tensor:
     """σ²_max(G − I) by the power method from a fixed start (G the smaller Gram matrix)."""
-    m = w.reshape(w.shape[0], -1)
-    g = m @ m.T if m.shape[0] <= m.shape[1] else m.T @ m
+    g = smaller_gram(w)
     d = g - torch.eye(len(g), device=g.device, dtype=g.dtype)
     v = torch.ones(len(g), 1, device=g.device, dtype=g.dtype) / len(g) ** 0.5
     for _ in range(iterations):

@@ -188,8 +188,8 @@ def run(cfg, run_dir: Path, sweep: Optional[Dict[str, Any]] = None,
             summary["status"] = {TrainingDiverged: "diverged", Preempted: "preempted"}.get(
                 type(exc), "failed")
             if isinstance(exc, Preempted):
-                exc.args = (f"{exc} Resume with: {resume_command(run_dir, sweep)}",)
                 summary["resume_command"] = resume_command(run_dir, sweep)
+                exc.args = (f"{exc} Resume with: {summary['resume_command']}",)
             summary["error"] = str(exc)
             raise
         except BaseException as exc:
@@ -298,7 +298,7 @@ def build_job(cfg, run_dir: Path, dist: Dist = Dist(), emit=lambda row: None) ->
         net.backbone.requires_grad_(False)
     regularizer = build_regularizer(cfg.regularizer, net.backbone)  # before the optimisers
     # a pretrained backbone brings its own input normalisation (and size, for file data)
-    data_config = getattr(net.backbone.body, "ortho_data_config", None)
+    data_config = net.backbone.data_config
     if data_config:
         ds = replace(ds, mean=tuple(data_config["mean"]), std=tuple(data_config["std"]),
                      image_size=ds.image_size if ds.is_array else data_config["input_size"][-1])
