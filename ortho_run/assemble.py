@@ -7,7 +7,7 @@ it imports neither of them.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable, Optional, Tuple
+from typing import Callable, Dict, Optional, Tuple
 
 import torch
 from omegaconf import OmegaConf
@@ -22,22 +22,22 @@ from ortho_run.models import build_backbone
 class Net(nn.Module):
     """backbone → features → method head: one module, so DDP and checkpoints see it whole.
 
-    ``old_embed`` (a frozen old model's embedding function, for methods that declared
-    ``old_embedding``) fills ``batch.old``; it belongs to the old run, so it is kept out of this
-    net's parameters and state dict.
+    ``frozen`` maps a ``Batch`` field (``old``, ``independent``) to a frozen model's embedding
+    function, for methods that declared it in ``needs``; those models belong to other runs, so
+    they are kept out of this net's parameters and state dict.
     """
 
     def __init__(self, backbone: nn.Module, method: nn.Module,
-                 old_embed: Optional[Callable] = None):
+                 frozen: Optional[Dict[str, Callable]] = None):
         super().__init__()
         self.backbone = backbone
         self.method = method
-        self._old_embed = (old_embed,) if old_embed is not None else ()  # not a submodule
+        self._frozen = tuple((frozen or {}).items())  # not submodules
 
     def forward(self, x, y=None) -> Tuple[Batch, MethodOutput]:
         batch = Batch(inputs=x, targets=y, features=self.backbone(x))
-        if self._old_embed:
-            batch.old = self._old_embed[0](x)
+        for field_name, embed in self._frozen:
+            setattr(batch, field_name, embed(x))
         return batch, self.method(batch)
 
 
@@ -50,7 +50,7 @@ def build_method(cfg, num_classes: int, feature_dim: int, device, distributed: b
 
 
 def build_net(cfg, shape: dict, device, distributed: bool = False, compat=None,
-              old_embed=None) -> Net:
+              frozen: Optional[Dict[str, Callable]] = None) -> Net:
     """The net for ``cfg`` on data of ``shape`` (channels, image_size, num_classes and, when a
     method sized it, embed_dim). Model weights are initialised from ``cfg.seed``."""
     model_cfg = cfg.model
@@ -60,7 +60,7 @@ def build_net(cfg, shape: dict, device, distributed: bool = False, compat=None,
     backbone = build_backbone(model_cfg, shape["channels"], shape["image_size"])
     method = build_method(cfg, shape["num_classes"], backbone.feature_dim, device, distributed,
                           compat)
-    return Net(backbone, method, old_embed).to(device)
+    return Net(backbone, method, frozen).to(device)
 
 
 def load_run(run_dir: Path, device):
@@ -84,7 +84,12 @@ def load_run(run_dir: Path, device):
         ds = load_dataset(cfg.data)
         shape = {"channels": ds.channels, "image_size": ds.image_size,
                  "num_classes": ds.num_classes}
-    net = build_net(cfg, shape, device)
+    compat = None
+    if shape.get("compat"):  # a compatibility method's net: built without its old model
+        from ortho_run.compat.artifacts import CompatArtifacts
+
+        compat = CompatArtifacts.placeholder(shape["compat"], shape["num_classes"])
+    net = build_net(cfg, shape, device, compat=compat)
     try:
         net.load_state_dict(state["net"])
     except RuntimeError as exc:

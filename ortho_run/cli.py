@@ -82,6 +82,11 @@ def headline(s: dict) -> List[str]:
         verdict = lambda k: "passes" if s.get(k) == 1.0 else "fails"  # noqa: E731
         lines.append(f"ECC (new/old beats old/old): {verdict('compat/ecc')} on top-1, "
                      f"{verdict('compat/ecc_map')} on mAP")
+    if "compat/ac" in s:
+        steps = s.get("compat/steps/classes") or []
+        lines.append(f"{len(steps)} steps ({' -> '.join(map(str, steps))} classes): AC "
+                     f"{s['compat/ac']:.3f}  AM {s['compat/am']:.3f} (CMC@1), AC "
+                     f"{s['compat/ac_map']:.3f}  AM {s['compat/am_map']:.3f} (mAP)")
     return lines
 
 

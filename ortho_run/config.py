@@ -77,7 +77,7 @@ class DataConfig:
 
     name: str = MISSING
     # splits
-    classes: Any = None  # null | first_half | second_half | all | [ids...]
+    classes: Any = None  # null | all | first_half | first_quarter | first_<n> | ... | [ids...]
     val_fraction: float = 0.0  # a seeded, stratified validation split held out of train
     split_seed: int = 0
     max_train_samples: Optional[int] = None
@@ -172,6 +172,11 @@ class CompatConfig:
     # train the old model on L2-normalised features with a bias-free head (BT²/OCA's
     # ``norm_feature: True``); its method must have norm_feature (ce does)
     old_norm_feature: bool = False
+    # A multi-step update: class sets (data.classes values, each containing the one before it,
+    # the last one the run's own), e.g. [first_quarter, first_half, first_three_quarters, all].
+    # Step 0 is trained with old_method; step t with this run's method against step t-1 (each
+    # cached like the old model). null: one step, from old_classes to this run.
+    steps: Optional[List[Any]] = None
     evaluate: bool = True
 
 

@@ -27,7 +27,9 @@ from ortho_run.naming import group_key
 ACCURACY = ["test/acc1", "val/best_acc1"]
 CACHE_TAGS = ("old-model", "independent-model")
 COMPAT = [f"compat/{p}/{m}" for m in ("cmc1", "map") for p in ("old_old", "new_old", "new_new")]
-COMPAT += ["compat/ecc", "compat/ecc_map"]
+COMPAT += ["compat/ecc", "compat/ecc_map", "compat/ac", "compat/am", "compat/ac_map",
+           "compat/am_map"]
+STEP_MATRICES = ("cmc1", "map")  # compat/steps/<m>: the multi-step T×T matrices
 GEOMETRY = ["geometry/class_mean_abs_cos", "geometry/intra_class_cos"]
 
 #: what each metric is (prefix match on the part after the first "/" where it is a pattern)
@@ -47,13 +49,20 @@ LEGEND = {
     "compat/ecc_map": "the same criterion on mAP",
     "compat/ecc_cmc1": "the same criterion on CMC top-1",
     "compat/ecc_cmc5": "the same criterion on CMC top-5",
+    "compat/ac": "multi-step updates (compat.steps): the share of pairs of a later step's model "
+                 "(query) and an earlier one's (gallery) whose CMC top-1 beats the earlier "
+                 "model's own (a tie does not); 1 = every update compatible",
+    "compat/am": "multi-step updates: the mean CMC top-1 over the lower triangle of the T×T "
+                 "matrix, diagonal included",
+    "compat/ac_map": "compat/ac on mAP",
+    "compat/am_map": "compat/am on mAP",
     "geometry/class_mean_abs_cos": "mean |cos| between the class means of the test embeddings "
                                    "(0: orthogonal class means)",
     "geometry/intra_class_cos": "mean cosine between test embeddings of the same class",
     "geometry/effective_rank": "effective rank of the centred test embeddings (Roy & Vetterli)",
-    "geometry/classifier_orth_err": "for linear heads (ce, cosine, opl, bct, oca; ebv's fixed "
-                                    "basis): ‖ŴŴᵀ − I‖_F of the row-normalised class vectors; "
-                                    "for gcr: the largest ‖SᵀS − I‖_F over the class bases "
+    "geometry/classifier_orth_err": "for linear heads (ce, cosine, opl, bct, oca, bt2; "
+                                    "ebv's fixed basis): ‖ŴŴᵀ − I‖_F of the row-normalised "
+                                    "class vectors; for gcr: the largest ‖SᵀS − I‖_F over the class bases "
                                     "(orthonormality of each basis, another quantity)",
     "geometry/classifier_mean_abs_cos": "mean |cos| between the class vectors of the head",
     "geometry/subspace_mean_cos2": "gcr: mean squared cosine of the principal angles between "
@@ -62,6 +71,9 @@ LEGEND = {
     "geometry/b_orth_dev": "lambda_orth: ‖G − I‖_F of the backward adapter (G its smaller "
                            "Gram matrix)",
     "geometry/transform_orth_err": "oca: ‖QQᵀ − I‖_F of the orthogonal layer",
+    "geometry/o_p_orth_err": "bt2: ‖O_pO_pᵀ − I‖_F of the basis transformation of f̂",
+    "geometry/o_2_orth_err": "bt2: ‖O_2O_2ᵀ − I‖_F of the basis transformation into the old "
+                             "space",
     "retrieval/*": "retrieval of the test split against itself (trainer.retrieval)",
 }
 
@@ -90,7 +102,8 @@ def collect(dirs: List[Path]):
                 problems.append((str(f.parent), f"summary.json is not a JSON object "
                                                   f"({type(s).__name__})"))
                 continue
-            if s.get("tag") in CACHE_TAGS:  # a cached old/independent model, not a result
+            tag = str(s.get("tag"))
+            if tag in CACHE_TAGS or tag.startswith("step-"):  # a cached model, not a result
                 continue
             if s.get("status") != "finished":
                 problems.append((str(f.parent), f"status {s.get('status')}: "
@@ -121,6 +134,92 @@ def aggregate(runs: List[dict], metrics: List[str]) -> Dict[str, Dict[str, dict]
     return table
 
 
+def step_matrices(runs: List[dict]) -> Dict[str, Dict[str, dict]]:
+    """Per group and matrix (cmc1, map): the element-wise mean and std over the group's runs of
+    ``compat/steps/<m>`` (T×T, None above the diagonal), n, and the steps' class counts. Runs
+    whose matrix has another shape than the group's first are left out of it."""
+    groups: Dict[str, List[dict]] = defaultdict(list)
+    for r in runs:
+        if isinstance(r.get("compat/steps/cmc1"), list):
+            groups[group_key(r)].append(r)
+    out: Dict[str, Dict[str, dict]] = {}
+    for g, rs in sorted(groups.items()):
+        out[g] = {}
+        for m in STEP_MATRICES:
+            mats = [r[f"compat/steps/{m}"] for r in rs if isinstance(r.get(f"compat/steps/{m}"), list)]
+            mats = [x for x in mats if len(x) == len(mats[0])] if mats else []
+            if not mats:
+                continue
+            t = len(mats[0])
+            mean = [[None] * t for _ in range(t)]
+            std = [[None] * t for _ in range(t)]
+            for i in range(t):
+                for k in range(i + 1):
+                    vals = [float(x[i][k]) for x in mats if _numeric(x[i][k])]
+                    if vals:
+                        mean[i][k] = statistics.fmean(vals)
+                        std[i][k] = statistics.stdev(vals) if len(vals) > 1 else 0.0
+            out[g][m] = {"mean": mean, "std": std, "n": len(mats),
+                         "classes": rs[0].get("compat/steps/classes") or list(range(1, t + 1))}
+    return out
+
+
+def step_lines(steps: Dict[str, Dict[str, dict]]) -> List[str]:
+    """Markdown: per group, the T×T matrices (query step in rows, gallery step in columns)."""
+    lines = ["## Multi-step compatibility", "",
+             "C[t][k]: step t's model queries step k's gallery (the test split of the last "
+             "step); mean ± std over seeds. Step t's model learned the first n_t classes. The "
+             "diagonal is each model against itself; an entry below it beats the diagonal entry "
+             "of its column when the update from step k to t is compatible.", ""]
+    for g, mats in steps.items():
+        for m, st in mats.items():
+            t = len(st["mean"])
+            cls = st["classes"]
+            lines += [f"**{g}** — {'CMC top-1' if m == 'cmc1' else 'mAP'} (n={st['n']})", "",
+                      "| query \\ gallery | " + " | ".join(f"step {k} ({cls[k]} cl.)"
+                                                          for k in range(t)) + " |",
+                      "|---|" + "---|" * t]
+            for i in range(t):
+                cells = []
+                for k in range(t):
+                    mu, sd = st["mean"][i][k], st["std"][i][k]
+                    cells.append("" if mu is None else
+                                 (f"{mu:.3f}" if st["n"] == 1 else f"{mu:.3f} ± {sd:.3f}"))
+                lines.append(f"| step {i} ({cls[i]} cl.) | " + " | ".join(cells) + " |")
+            lines.append("")
+    return lines
+
+
+def plot_steps(steps: Dict[str, Dict[str, dict]], out: Path, plt) -> List[Path]:
+    """One heat map per group: the mean T×T matrices side by side."""
+    files = []
+    for idx, (g, mats) in enumerate(steps.items()):
+        fig, axes = plt.subplots(1, len(mats), figsize=(4.6 * len(mats), 4.2), squeeze=False)
+        for ax, (m, st) in zip(axes[0], mats.items()):
+            t = len(st["mean"])
+            grid = [[float("nan") if v is None else v for v in row] for row in st["mean"]]
+            im = ax.imshow(grid, vmin=0, vmax=1, cmap="viridis")
+            for i in range(t):
+                for k in range(i + 1):
+                    if st["mean"][i][k] is not None:
+                        ax.text(k, i, f"{st['mean'][i][k]:.2f}", ha="center", va="center",
+                                color="white" if st["mean"][i][k] < 0.6 else "black",
+                                fontsize=8)
+            ax.set_xticks(range(t), [str(c) for c in st["classes"]])
+            ax.set_yticks(range(t), [str(c) for c in st["classes"]])
+            ax.set_xlabel("gallery: step model (classes learned)")
+            ax.set_ylabel("query: step model (classes learned)")
+            _title(ax, f"{'CMC top-1' if m == 'cmc1' else 'mAP'} (n={st['n']})", 40)
+            fig.colorbar(im, ax=ax, fraction=0.046)
+        fig.suptitle("\n".join(textwrap.wrap(g, 90)), fontsize=8)
+        fig.tight_layout()
+        f = out / f"steps_{idx}.png"
+        fig.savefig(f, dpi=120)
+        plt.close(fig)
+        files.append(f)
+    return files
+
+
 def _numeric(v) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
 
@@ -142,8 +241,9 @@ def cell(stats: dict) -> str:
     return f"{stats['mean']:.4f} ± {stats['std']:.4f} (n={stats['n']})"
 
 
-def write_tables(table, metrics, problems, out: Path):
+def write_tables(table, metrics, problems, out: Path, steps=None):
     out.mkdir(parents=True, exist_ok=True)
+    steps = steps or {}
     with open(out / "report.csv", "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["group", "metric", "mean", "std", "n"])
@@ -151,6 +251,12 @@ def write_tables(table, metrics, problems, out: Path):
             for m in metrics:
                 if m in row:
                     w.writerow([g, m, row[m]["mean"], row[m]["std"], row[m]["n"]])
+            for m, st in steps.get(g, {}).items():
+                for i, r in enumerate(st["mean"]):
+                    for k, mu in enumerate(r):
+                        if mu is not None:
+                            w.writerow([g, f"compat/steps/{m}[{i}][{k}]", mu, st["std"][i][k],
+                                        st["n"]])
     shown = [m for m in metrics if any(m in r for r in table.values())]
     lines = ["# ortho-run report", "", "| group | " + " | ".join(shown) + " |",
              "|---|" + "---|" * len(shown)]
@@ -164,6 +270,8 @@ def write_tables(table, metrics, problems, out: Path):
         by_text.setdefault(describe(m), []).append(m)
     lines += [", ".join(f"`{m}`" for m in ms).join(["- ", f": {text}"])
               for text, ms in by_text.items()]
+    if steps:
+        lines += [""] + step_lines(steps)
     if problems:
         lines += ["", "## Runs left out", ""] + [f"- `{d}`: {why}" for d, why in problems]
     (out / "report.md").write_text("\n".join(lines) + "\n")
@@ -184,7 +292,7 @@ def _title(ax, text: str, width: int = 60) -> None:
     ax.set_title("\n".join(textwrap.wrap(text, width)) or text, fontsize=9)
 
 
-def plot(table, metrics, runs, out: Path) -> List[Path]:
+def plot(table, metrics, runs, out: Path, steps=None) -> List[Path]:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -212,7 +320,7 @@ def plot(table, metrics, runs, out: Path) -> List[Path]:
         plt.close(fig)
         files.append(f)
     files.append(plot_curves(runs, out, plt, MaxNLocator))
-    return files
+    return files + plot_steps(steps or {}, out, plt)
 
 
 def _series(paths, key):
@@ -272,8 +380,9 @@ def report(dirs, out=None, metrics=None, plots: bool = True, every: bool = False
     out = Path(out or dirs[0])
     metrics = pick_metrics(runs, metrics, every)
     table = aggregate(runs, metrics)
-    write_tables(table, metrics, problems, out)
-    files = plot(table, metrics, runs, out) if plots and runs else []
+    steps = step_matrices(runs)
+    write_tables(table, metrics, problems, out, steps)
+    files = plot(table, metrics, runs, out, steps) if plots and runs else []
     return table, problems, files, out
 
 

@@ -84,9 +84,13 @@ def compatibility_summary(matrix: Dict[str, Dict[str, float]]) -> Dict[str, floa
 
 
 def multistep_scores(c: Tensor) -> Dict[str, float]:
-    """AC and AM for a T×T matrix C[t, k] = M(model t query, model k gallery)."""
+    """AC and AM of a T×T matrix C[t, k] = M(model t query, model k gallery), as the multi-step
+    protocol's code (miccunifi/iamcl2r ``compatibility_metrics.py``) computes them: AC = 1 − the
+    share of pairs t > k with C[t, k] ≤ C[k, k] (a tie is not compatible; a single model has
+    AC = 1), AM = the mean of the lower triangle with the diagonal. (That code reads an entry of
+    exactly 0 as missing; here every entry counts.)"""
     t = c.shape[0]
     pairs = [(i, k) for i in range(t) for k in range(i)]
-    ac = sum(float(c[i, k] > c[k, k]) for i, k in pairs) / max(len(pairs), 1)
+    incompatible = sum(float(c[i, k] <= c[k, k]) for i, k in pairs)
     lower = [float(c[i, k]) for i in range(t) for k in range(i + 1)]
-    return {"ac": ac, "am": sum(lower) / len(lower)}
+    return {"ac": 1.0 - incompatible / max(len(pairs), 1), "am": sum(lower) / len(lower)}

@@ -107,7 +107,7 @@ class _Root(type(Path())):
 @pytest.fixture(scope="module")
 def compat_runs(tmp_path_factory):
     root = _Root(tmp_path_factory.mktemp("compat"))
-    methods = {m: [f"method={m}"] for m in ("independent", "bct", "oca", "lambda_orth")}
+    methods = {m: [f"method={m}"] for m in ("independent", "bct", "oca", "lambda_orth", "bt2")}
     methods["bct_means"] = ["method=bct", "method.influence=class_means"]
     runs = {}
     for m, extra in methods.items():
@@ -128,10 +128,10 @@ def test_smoke_protocol_independent_fails_ecc_and_the_methods_pass(compat_runs):
     assert ind["compat/new_new/cmc1"] > 0.9
     # ECC on mAP: every method, 3 of 3 seeds on the CLI; on top-1 OCA passes 3 of 3, the BCT
     # variants 2 of 3 and λ-orth 1 of 3 (README), so only OCA's top-1 is asserted
-    for m in ("oca", "lambda_orth", "bct", "bct_means"):
+    for m in ("oca", "lambda_orth", "bct", "bct_means", "bt2"):
         assert runs[m]["compat/ecc_map"] == 1.0, m
     assert runs["oca"]["compat/ecc"] == 1.0
-    for m in ("bct", "bct_means", "oca", "lambda_orth"):
+    for m in ("bct", "bct_means", "oca", "lambda_orth", "bt2"):
         assert runs[m]["compat/new_old/cmc1"] > ind["compat/new_old/cmc1"] + 0.5, m
         assert runs[m]["compat/new_new/cmc1"] > 0.85, m  # λ-orth: its adapted space
 
@@ -141,7 +141,8 @@ def test_old_model_cached_once_and_frozen_parts_bit_identical(compat_runs):
     root, runs = compat_runs
     models = root / "cache" / "models"
     tags = [json.loads((d / "summary.json").read_text())["tag"] for d in models.iterdir() if d.is_dir()]
-    assert tags.count("old-model") == 1  # one old model for 5 runs
+    assert tags.count("old-model") == 1  # one old model for 6 runs
+    assert tags.count("independent-model") == 1  # shared by lambda_orth and bt2
     old_dir = next(d for d in models.iterdir() if d.is_dir() and
                    json.loads((d / "summary.json").read_text())["tag"] == "old-model")
     # nothing rewrote the old model after the first run trained it
@@ -152,7 +153,7 @@ def test_old_model_cached_once_and_frozen_parts_bit_identical(compat_runs):
     old_old = {m: {k: v for k, v in r.items() if k.startswith("compat/old_old/")}
                for m, r in runs.items()}
     assert all(v == old_old["independent"] and v for v in old_old.values()), old_old
-    for m in ("bct", "oca", "lambda_orth"):  # and the new checkpoints do not carry it
+    for m in ("bct", "oca", "lambda_orth", "bt2"):  # and the new checkpoints do not carry it
         new = torch.load(root / m / "checkpoints" / "last.pt", weights_only=False)["net"]
         assert not any(k.startswith(("method.old.", "old.")) for k in new), m
 

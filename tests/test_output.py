@@ -202,3 +202,28 @@ def test_a_resumed_run_continues_its_wandb_run(tmp_path):
     assert len(folders) == 2 and all(f.name.endswith(run_id) for f in folders)
     s = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert s["wandb"]["id"] == run_id and s["epoch"] == 2
+
+
+def test_report_multistep_matrices_mean_and_std_over_seeds(tmp_path):
+    from ortho_run.report import report
+
+    mats = {0: [[0.8, None], [0.6, 0.9]], 1: [[0.6, None], [0.8, 0.7]]}
+    for seed, c in mats.items():
+        _summary(tmp_path / f"bt2_{seed}", "bt2", seed, 0.9, {
+            "compat/steps/cmc1": c, "compat/steps/map": [[0.5, None], [0.4, 0.6]],
+            "compat/steps/classes": [5, 10], "compat/ac": float(c[1][0] > c[0][0]),
+            "compat/am": sum(v for row in c for v in row if v is not None) / 3})
+    _summary(tmp_path / "step", "bt2", 0, 0.1, {"tag": "step-1-model"})  # a cached model
+    table, _, files, _ = report([tmp_path])
+    md = (tmp_path / "report.md").read_text()
+    assert "## Multi-step compatibility" in md and "step 1 (10 cl.)" in md
+    # element-wise over the two seeds: C[1][0] = 0.7 ± 0.1414, C[0][0] = 0.7 ± 0.1414
+    row1 = next(ln for ln in md.splitlines() if ln.startswith("| step 1 (10 cl.) | 0.700"))
+    assert row1 == "| step 1 (10 cl.) | 0.700 ± 0.141 | 0.800 ± 0.141 |"
+    (group,) = table
+    assert table[group]["compat/ac"] == {"mean": 0.5, "std": pytest.approx(0.7071, abs=1e-4),
+                                         "n": 2}
+    assert "compat/am" in md.splitlines()[2] and "the share of pairs" in md
+    assert "steps_0.png" in {f.name for f in files}
+    csv_rows = (tmp_path / "report.csv").read_text()
+    assert "compat/steps/cmc1[1][0],0.7" in csv_rows

@@ -3,11 +3,12 @@ from embeddings already at hand (the trainer's last evaluation and the old model
 
 from __future__ import annotations
 
-from typing import Dict
+from typing import Dict, List, Sequence
 
+import torch
 from torch import Tensor
 
-from ortho_run.retrieval import compatibility_summary, retrieval_metrics
+from ortho_run.retrieval import compatibility_summary, multistep_scores, retrieval_metrics
 
 
 def compat_matrix(spaces: Dict[str, Tensor], old: Tensor, labels: Tensor) -> Dict[str, float]:
@@ -19,4 +20,27 @@ def compat_matrix(spaces: Dict[str, Tensor], old: Tensor, labels: Tensor) -> Dic
         matrix[f"{name}_{name}"] = retrieval_metrics(e, e, labels)
     out = {f"compat/{pair}/{m}": v for pair, ms in matrix.items() for m, v in ms.items()}
     out.update({f"compat/{k}": v for k, v in compatibility_summary(matrix).items()})
+    return out
+
+
+def multistep_matrix(embeddings: Sequence[Tensor], labels: Tensor,
+                     classes: Sequence[int]) -> Dict[str, object]:
+    """The multi-step protocol on the last step's test split: ``embeddings[t]`` is step t's
+    model's embedding of it (query = gallery = the split, self excluded). ``compat/steps/<m>``
+    is the T×T matrix C[t][k] = m(step t query, step k gallery) for k ≤ t (None above the
+    diagonal), for m = cmc1 and map; AC/AM from CMC@1 (the protocol's) and from mAP."""
+    t = len(embeddings)
+    mats: Dict[str, List[list]] = {"cmc1": [[None] * t for _ in range(t)],
+                                   "map": [[None] * t for _ in range(t)]}
+    for i in range(t):
+        for k in range(i + 1):
+            m = retrieval_metrics(embeddings[i], embeddings[k], labels)
+            for name in mats:
+                mats[name][i][k] = m[name]
+    out: Dict[str, object] = {f"compat/steps/{name}": mat for name, mat in mats.items()}
+    out["compat/steps/classes"] = list(classes)
+    for name, suffix in (("cmc1", ""), ("map", "_map")):
+        dense = torch.tensor([[v if v is not None else 0.0 for v in row] for row in mats[name]])
+        for k, v in multistep_scores(dense).items():
+            out[f"compat/{k}{suffix}"] = v
     return out

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Callable, Dict, Optional
+from typing import Callable, Dict, List, Optional
 
 import torch
 from omegaconf import OmegaConf
@@ -20,7 +20,8 @@ from omegaconf import OmegaConf
 from ortho_run.assemble import load_run
 from ortho_run.checkpoint import config_hash
 from ortho_run.compat.artifacts import CompatArtifacts, FrozenNet, class_means, embed_all
-from ortho_run.compat.evaluate import compat_matrix
+from ortho_run.compat.evaluate import compat_matrix, multistep_matrix
+from ortho_run.datasets.base import resolve_classes
 from ortho_run.errors import ConfigError
 from ortho_run.io import cache_folder
 
@@ -29,6 +30,7 @@ log = logging.getLogger("ortho_run")
 #: keys that change where/how a run is reported, not what it learns
 VOLATILE = ("logger", "output_root", "cache_dir", "tag")
 OLD_SEED_OFFSET = 10_007
+STEP_SEED_OFFSET = 3  # the seed offsets: old model 1, independent model 2, earlier step 3
 
 Launch = Callable[[object, Path], object]
 
@@ -56,9 +58,10 @@ def old_config(cfg, classes, method: str, overrides=(), seed_offset: int = 1,
     # seed the "independent" spaces would share their initialisation and partly align.
     base["seed"] = cfg.seed + OLD_SEED_OFFSET * seed_offset
     base["compat"]["old_ckpt"] = None
+    base["compat"]["steps"] = None  # a model of one step, trained alone
     base["trainer"]["resume"] = "auto"  # a crashed cache build resumes
     base["logger"]["mode"] = "disabled"  # never a W&B run of its own (nor touching the main one)
-    base["tag"] = "old-model" if classes is not None else "independent-model"
+    base["tag"] = "old-model" if seed_offset == 1 else "independent-model"
     out = structured(base)
     if overrides:
         try:
@@ -69,53 +72,135 @@ def old_config(cfg, classes, method: str, overrides=(), seed_offset: int = 1,
     return out
 
 
-def train_or_load(cfg, classes, method: str, launch: Launch, overrides=(), device=None,
-                  seed_offset: int = 1, norm_feature: bool = False):
-    """A trained model for (cfg with these classes and method), from the cache or trained now."""
+def cached_run(sub, launch: Launch, device=None):
+    """The trained model of config ``sub``, from the cache or trained now (under a file lock,
+    so concurrent sweep jobs train it once): (net, config, number of classes, run dir)."""
     from filelock import FileLock
 
-    sub = old_config(cfg, classes, method, overrides, seed_offset, norm_feature)
     key_src = {k: v for k, v in OmegaConf.to_container(sub, resolve=True, enum_to_str=True).items()
                if k not in VOLATILE}
     key_src["trainer"] = {k: v for k, v in key_src["trainer"].items()
                           if k not in ("progress", "resume", "device")}
     key = config_hash(key_src)
-    root = cache_folder(cfg.cache_dir, "models")
+    root = cache_folder(sub.cache_dir, "models")
     run_dir = root / key
     with FileLock(str(run_dir) + ".lock"):
         summary = run_dir / "summary.json"
         done = summary.is_file() and '"finished"' in summary.read_text()
         if not done:
-            log.info("training the %s model (cache key %s) in %s", sub.tag, key, run_dir)
+            log.info("training the %s (cache key %s) in %s", sub.tag.replace("-", " "), key,
+                     run_dir)
             launch(sub, run_dir)
         else:
-            log.info("reusing cached %s model %s", sub.tag, run_dir)
+            log.info("reusing the cached %s %s", sub.tag.replace("-", " "), run_dir)
     net, _, n_classes = load_run(run_dir, device)
     return net, sub, n_classes, run_dir
 
 
+def train_or_load(cfg, classes, method: str, launch: Launch, overrides=(), device=None,
+                  seed_offset: int = 1, norm_feature: bool = False):
+    """A trained model for (cfg with these classes and method), from the cache or trained now."""
+    return cached_run(old_config(cfg, classes, method, overrides, seed_offset, norm_feature),
+                      launch, device)
+
+
+def step_classes(cfg, source_classes: int) -> Optional[List[List[int]]]:
+    """``compat.steps`` as lists of class ids of the source data set, checked: at least two
+    steps, each one's ids the first ids of the next (so the labels of a class agree across
+    steps), the last one the run's own ``data.classes``."""
+    spec = OmegaConf.to_container(cfg.compat, resolve=True)["steps"]
+    if spec is None:
+        return None
+    everything = list(range(source_classes))
+    steps = [resolve_classes(s, source_classes, key=f"compat.steps[{i}]") or everything
+             for i, s in enumerate(spec)]
+    if len(steps) < 2:
+        raise ConfigError(f"compat.steps={spec}: a multi-step update needs at least two class "
+                          f"sets (the first model's and this run's)")
+    for i in range(1, len(steps)):
+        if steps[i][: len(steps[i - 1])] != steps[i - 1] or len(steps[i]) <= len(steps[i - 1]):
+            raise ConfigError(f"compat.steps[{i}]={spec[i]!r} must contain step {i - 1}'s "
+                              f"classes as its first ids and add classes after them (the "
+                              f"class-incremental protocol), e.g. [first_half, all]")
+    own = resolve_classes(OmegaConf.to_container(cfg.data, resolve=True)["classes"],
+                          source_classes) or everything
+    if steps[-1] != own:
+        raise ConfigError(f"compat.steps[-1]={spec[-1]!r} must be this run's own class set "
+                          f"(data.classes={cfg.data.classes}): the run is the last step")
+    return steps
+
+
+def previous_model(cfg, source_classes: int):
+    """What the run with ``cfg`` is made compatible with: a config to train (or find in the
+    cache), or the path of ``compat.old_ckpt``. With ``compat.steps``, step T-2's model, trained
+    with this run's method against step T-3's (one cache entry per step and method); the first
+    step is the ``compat.old_method`` model."""
+    c = cfg.compat
+    steps = step_classes(cfg, source_classes)
+    if steps is not None and len(steps) > 2:
+        base = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
+        base["data"]["classes"] = steps[-2]
+        base["compat"]["steps"] = steps[:-1]
+        base["compat"]["evaluate"] = False  # the last step evaluates every pair
+        base["seed"] = cfg.seed + OLD_SEED_OFFSET * STEP_SEED_OFFSET
+        base["trainer"]["resume"] = "auto"
+        base["logger"]["mode"] = "disabled"
+        base["tag"] = f"step-{len(steps) - 2}-model"
+        from ortho_run.store import structured
+
+        return structured(base)
+    if c.old_ckpt:
+        return Path(c.old_ckpt).expanduser()
+    classes = c.old_classes if steps is None else steps[0]
+    return old_config(cfg, classes, c.old_method, c.old_overrides, norm_feature=c.old_norm_feature)
+
+
+def model_chain(cfg, source_classes: int) -> list:
+    """The models of every earlier step of ``cfg``'s update, oldest first (configs or paths)."""
+    chain, current = [], cfg
+    while True:
+        prev = previous_model(current, source_classes)
+        chain.insert(0, prev)
+        if isinstance(prev, Path) or step_classes(prev, source_classes) is None:
+            return chain
+        current = prev
+
+
+def load_model(source, launch: Launch, device):
+    """(net, config, number of classes) of a ``previous_model`` result."""
+    if isinstance(source, Path):
+        net, cfg, n = load_run(source if source.is_dir() else source.parent.parent, device)
+        return net, cfg, n
+    net, cfg, n, _ = cached_run(source, launch, device)
+    return net, cfg, n
+
+
 class CompatService:
-    """Computes what a method's ``needs`` declared, and evaluates the compatibility matrix.
+    """Computes what a method's ``needs`` declared, and evaluates the compatibility matrix
+    (and, for a multi-step update, the matrix of every step against every earlier one).
 
     ``loader(split, train)`` builds an evaluation loader over a split of the new task's data
     set (the runner's, so old and new models see identical batches).
     """
 
-    def __init__(self, cfg, needs, launch: Launch, device, num_classes: Optional[int] = None):
+    def __init__(self, cfg, needs, launch: Launch, device, source_classes: Optional[int] = None):
         self.cfg, self.needs, self.launch, self.device = cfg, needs, launch, device
         c = cfg.compat
-        if num_classes is not None and not c.old_ckpt:  # checked here, named as the user set it
-            from ortho_run.datasets.base import resolve_classes
-
-            resolve_classes(OmegaConf.to_container(c, resolve=True)["old_classes"], num_classes,
-                            key="compat.old_classes")
-        if c.old_ckpt:
-            p = Path(c.old_ckpt).expanduser()
-            net, old_cfg, n_old = load_run(p if p.is_dir() else p.parent.parent, device)
-        else:
-            net, old_cfg, n_old, _ = train_or_load(cfg, c.old_classes, c.old_method, launch,
-                                                   c.old_overrides, device,
-                                                   norm_feature=c.old_norm_feature)
+        self.source_classes = source_classes
+        self.steps = None
+        if source_classes is not None:  # checked here, named as the user set it
+            self.steps = step_classes(cfg, source_classes)
+            if not c.old_ckpt and self.steps is None:
+                resolve_classes(OmegaConf.to_container(c, resolve=True)["old_classes"],
+                                source_classes, key="compat.old_classes")
+        # without the data set's class count (a caller that only wants the old model), a
+        # one-step config needs none: its old_classes are resolved by the old model's run
+        source = previous_model(cfg, source_classes or 0)
+        net, old_cfg, n_old = load_model(source, launch, device)
+        if self.steps is not None and n_old != len(self.steps[-2]):
+            raise ConfigError(f"the previous step's model knows {n_old} classes, compat.steps"
+                              f"[-2] has {len(self.steps[-2])}: point compat.old_ckpt at a run "
+                              f"on compat.steps[0]'s classes")
         self.old = FrozenNet(net, old_cfg)
         self.num_old_classes = n_old
         self._old_gallery: Optional[tuple] = None
@@ -144,24 +229,41 @@ class CompatService:
                 return m.in_channels
         return None
 
-    def old_embed(self):
-        """The function that fills ``batch.old`` (when declared)."""
-        return self.old.embed if self.needs.old_embedding else None
+    def frozen_embeddings(self) -> Dict[str, Callable]:
+        """The ``Batch`` fields a method declared, each filled by a frozen model's embedding."""
+        out = {}
+        if self.needs.old_embedding:
+            out["old"] = self.old.embed
+        if self.needs.independent_embedding:
+            out["independent"] = FrozenNet(self._independent()[0], None).embed
+        return out
+
+    def _independent(self):
+        """An independently trained new model: ``ce`` on this run's classes, another seed,
+        cached (one per step of a multi-step update, shared by every method)."""
+        return train_or_load(self.cfg, OmegaConf.to_container(self.cfg.data, resolve=True)[
+            "classes"], "ce", self.launch, (), self.device, seed_offset=2)
 
     def independent_backbone(self) -> Dict[str, torch.Tensor]:
-        """The backbone weights of an independently trained new model (cached ``ce`` on all
-        classes, another seed)."""
-        net, *_ = train_or_load(self.cfg, None, "ce", self.launch, (), self.device,
-                                seed_offset=2)
-        return net.backbone.state_dict()
+        """The backbone weights of the independently trained new model."""
+        return self._independent()[0].backbone.state_dict()
 
     def evaluate(self, spaces: Dict[str, torch.Tensor], labels: torch.Tensor,
-                 test_loader) -> Dict[str, float]:
+                 test_loader) -> Dict[str, object]:
         """The matrix from the new model's collected test embeddings and the old model's
-        embeddings of the same test split (computed once)."""
+        embeddings of the same test split (computed once); for a multi-step update, also the
+        T×T matrices of every step's model (query) against every earlier step's (gallery)."""
         if self._old_gallery is None:
             self._old_gallery = embed_all(self.old, test_loader)
         old, old_labels = self._old_gallery
         if not torch.equal(old_labels.cpu(), labels.cpu()):
             raise RuntimeError("old and new embeddings are not of the same test images")
-        return compat_matrix(spaces, old, labels)
+        out: Dict[str, object] = dict(compat_matrix(spaces, old, labels))
+        if self.steps is not None:
+            chain = model_chain(self.cfg, self.source_classes)
+            step_embs = [embed_all(FrozenNet(load_model(src, self.launch, self.device)[0],
+                                             None), test_loader)[0]
+                         for src in chain[:-1]]
+            step_embs += [old, spaces["new"]]
+            out.update(multistep_matrix(step_embs, labels, [len(s) for s in self.steps]))
+        return out

@@ -74,6 +74,7 @@ class DataSet:
     mean: Tuple[float, ...] = ()
     std: Tuple[float, ...] = ()
     class_ids: List[int] = field(default_factory=list)  # original label of each class index
+    source_classes: int = 0  # the source's number of classes, before ``data.classes``
 
     @property
     def is_array(self) -> bool:
@@ -87,22 +88,33 @@ def channel_stats(x: torch.Tensor) -> Tuple[Tuple[float, ...], Tuple[float, ...]
     return tuple(mean.tolist()), tuple(std.tolist())
 
 
+#: ``first_<name>``: the first fraction of the class ids (class-incremental steps)
+FRACTIONS = {"quarter": 1 / 4, "third": 1 / 3, "half": 1 / 2, "two_thirds": 2 / 3,
+             "three_quarters": 3 / 4}
+CLASS_SPECS = ("first_quarter, first_third, first_half, first_two_thirds, first_three_quarters, "
+               "first_<n>, second_half, all, null or a list of class ids")
+
+
 def resolve_classes(spec: Any, num_classes: int, key: str = "data.classes"
                     ) -> Optional[List[int]]:
     """Class ids selected by ``spec`` (None: all). ``key`` names the option in errors."""
     if spec is None:
         return None
     if isinstance(spec, str):
-        half = num_classes // 2
-        if spec == "first_half":
-            ids = list(range(half))
+        frac = FRACTIONS.get(spec[len("first_"):]) if spec.startswith("first_") else None
+        count = spec[len("first_"):] if spec.startswith("first_") else ""
+        if frac is not None:
+            ids = list(range(int(num_classes * frac)))
+        elif count.isdigit():
+            if int(count) > num_classes:
+                raise ConfigError(f"{key}={spec!r}: the data set has only {num_classes} classes")
+            ids = list(range(int(count)))
         elif spec == "second_half":
-            ids = list(range(half, num_classes))
+            ids = list(range(num_classes // 2, num_classes))
         elif spec == "all":
             return None
         else:
-            raise ConfigError(f"{key}={spec!r}: use first_half, second_half, all, null or a "
-                              f"list of class ids")
+            raise ConfigError(f"{key}={spec!r}: use {CLASS_SPECS}")
     else:
         try:
             ids = sorted({int(c) for c in spec})
@@ -177,7 +189,8 @@ def finalize(ds: DataSet, cfg) -> DataSet:
         mean, std = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)) if ds.channels == 3 \
             else ((0.5,) * ds.channels, (0.25,) * ds.channels)
     return replace(ds, train=train, test=test, val=val, num_classes=len(class_ids),
-                   class_names=names, class_ids=class_ids, mean=mean, std=std)
+                   class_names=names, class_ids=class_ids, mean=mean, std=std,
+                   source_classes=ds.num_classes)
 
 
 def _warn_unseen(train: Split, test: Split, names: Sequence[str], name: str) -> None:

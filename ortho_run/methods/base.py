@@ -40,6 +40,8 @@ class Batch:
     targets: Optional[Tensor] = None  # class indices (None at inference)
     features: Optional[Tensor] = None  # the backbone's output [B, D]
     old: Optional[Tensor] = None  # the frozen old model's embedding of ``inputs`` (if declared)
+    independent: Optional[Tensor] = None  # an independently trained new model's embedding
+    #                                       of ``inputs`` (if declared)
 
 
 @dataclass
@@ -72,12 +74,13 @@ class Needs:
     old_head: bool = False  # the old model's linear classifier (a LinearHead) for its classes
     independent_backbone: bool = False  # the backbone is an independently trained new model,
     #                                     loaded and kept frozen
-    extra_dims: Optional[int] = None  # the new feature dim must be d_old + extra_dims
+    independent_embedding: bool = False  # ``batch.independent``: that model's embedding of
+    #                                      each batch (it stays frozen, outside this net)
 
     @property
     def compat(self) -> bool:
         return (self.old_model or self.old_embedding or self.class_means or self.old_head
-                or self.independent_backbone or self.extra_dims is not None)
+                or self.independent_backbone or self.independent_embedding)
 
 
 @dataclass
@@ -107,6 +110,13 @@ class Method(nn.Module):
     def needs(cls, cfg) -> Needs:
         """What this method (with config ``cfg``) needs from an old model."""
         return Needs()
+
+    @classmethod
+    def feature_dim(cls, cfg, old_dim: int, embed_dim: Optional[int]) -> Optional[int]:
+        """The backbone output dim this method needs given the old model's dim and
+        ``model.embed_dim`` (OCA: d_old + k; BT²: widened to embed_dim + d_old), or None for
+        ``model.embed_dim`` itself."""
+        return None
 
     @property
     def compat(self):
@@ -143,6 +153,10 @@ class Method(nn.Module):
         method's retrieval space; others (e.g. ``raw``) are evaluated against the old gallery
         too."""
         return {"new": out.embedding if out.embedding is not None else batch.features}
+
+    def embedding_dim(self) -> int:
+        """The dim of the ``new`` embedding (what a later model's ``compat`` sees as old_dim)."""
+        return self.ctx.feature_dim
 
     def classifier(self) -> Optional["LinearHead"]:
         """The method's linear classifier, if it has one (a later model's BCT influence loss

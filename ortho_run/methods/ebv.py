@@ -143,6 +143,9 @@ class EBV(Method):
         logits = F.normalize(h, dim=1) @ self.basis.to(h.dtype).t() / self.cfg.tau
         return MethodOutput(logits=logits, embedding=h)
 
+    def embedding_dim(self):
+        return self.proj.out_features
+
     def diagnostics(self):
         out = row_orthogonality(self.basis)
         out["basis_max_abs_cos"] = max_abs_cos(self.basis)

@@ -130,6 +130,9 @@ class LambdaOrth(Method):
         loss = c.w1 * l_f + c.w2 * l_b + c.w3 * l_c + c.weight * l_lam
         return {"loss": loss, "l_f": l_f, "l_b": l_b, "l_c": l_c, "l_lambda": l_lam}
 
+    def embedding_dim(self):
+        return self.compat.old_dim  # B maps into the old space
+
     def embeddings(self, out, batch):
         return {"new": out.embedding, "raw": out.extras["h_new"]}
 

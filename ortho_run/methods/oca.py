@@ -21,6 +21,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
+import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.parametrizations import orthogonal
@@ -34,6 +35,13 @@ from ortho_run.orthogonality import gram_error
 class Pseudo(Choice):
     unit_mean = "unit_mean"  # mean of the old unit features per class (official)
     renormalized = "renormalized"  # the same rows scaled to unit norm
+
+
+def pseudo_classifier(art, pseudo) -> torch.Tensor:
+    """P: the old model's per-class means of its unit features (``unit_mean``, official OCA and
+    BT²: rows of norm below 1) or those rows renormalised (``renormalized``)."""
+    p = art.unit_class_means.detach().clone()
+    return F.normalize(p, dim=1) if str(pseudo) == "renormalized" else p
 
 
 @dataclass
@@ -56,7 +64,11 @@ class OCA(Method):
 
     @classmethod
     def needs(cls, cfg):
-        return Needs(old_model=True, class_means=True, extra_dims=cfg.extra_dims)
+        return Needs(old_model=True, class_means=True)
+
+    @classmethod
+    def feature_dim(cls, cfg, old_dim, embed_dim):
+        return old_dim + cfg.extra_dims
 
     def __init__(self, cfg, ctx):
         super().__init__(cfg, ctx)
@@ -69,10 +81,7 @@ class OCA(Method):
         self.d_old = d_old
         self.transform = orthogonal(nn.Linear(d, d, bias=self.cfg.bias))
         self.fc = nn.Linear(d, ctx.num_classes, bias=self.cfg.fc_bias)
-        p = art.unit_class_means.detach().clone()
-        if str(self.cfg.pseudo) == "renormalized":
-            p = F.normalize(p, dim=1)
-        self.register_buffer("pseudo", p)
+        self.register_buffer("pseudo", pseudo_classifier(art, self.cfg.pseudo))
 
     def forward(self, batch):
         h = F.normalize(batch.features.float(), dim=1)

@@ -279,20 +279,28 @@ def build_job(cfg, run_dir: Path, dist: Dist = Dist(), emit=lambda row: None) ->
     shape = {"channels": ds.channels, "image_size": ds.image_size,
              "num_classes": ds.num_classes, "embed_dim": cfg.model.embed_dim}
     needs = METHODS.get(cfg.method.name).needs(cfg.method)
-    service = artifacts = old_embed = None
+    service = artifacts = None
+    frozen = {}
+    if not needs.compat and cfg.compat.steps:
+        log.warning("compat.steps is set, but method=%s trains alone (no old model): the steps "
+                    "are ignored; pick a compatibility method (bct, bt2, oca, lambda_orth, "
+                    "independent)", cfg.method.name)
     if needs.compat:
         from ortho_run.compat import CompatService
 
         # the service trains what it needs through ``run`` (handed in: compat never imports
         # the runner); the old model sees the new task's data through the same loaders
         service = CompatService(cfg, needs, launch=run, device=device,
-                                num_classes=ds.num_classes)
+                                source_classes=ds.source_classes)
         artifacts = service.artifacts(
             ds, lambda split: build_loader(ds, split, cfg.data, device, False, cfg.seed, pipeline))
-        old_embed = service.old_embed()
-        if needs.extra_dims is not None:
-            shape["embed_dim"] = artifacts.old_dim + needs.extra_dims
-    net = build_net(cfg, shape, device, dist.world_size > 1, artifacts, old_embed)
+        frozen = service.frozen_embeddings()
+        dim = METHODS.get(cfg.method.name).feature_dim(cfg.method, artifacts.old_dim,
+                                                      cfg.model.embed_dim)
+        if dim is not None:
+            shape["embed_dim"] = dim
+        shape["compat"] = artifacts.shapes()
+    net = build_net(cfg, shape, device, dist.world_size > 1, artifacts, frozen)
     if needs.independent_backbone:
         net.backbone.load_state_dict(service.independent_backbone())
         net.backbone.requires_grad_(False)
