@@ -21,6 +21,7 @@ from hydra.experimental.callback import Callback
 
 from ortho_run.store import config_dir, register_configs
 from ortho_run.errors import EXIT_SWEEP_FAILED, OrthoRunError, Preempted
+from ortho_run.naming import step_labels
 
 log = logging.getLogger("ortho_run")
 
@@ -83,8 +84,8 @@ def headline(s: dict) -> List[str]:
         lines.append(f"ECC (new/old beats old/old): {verdict('compat/ecc')} on top-1, "
                      f"{verdict('compat/ecc_map')} on mAP")
     if "compat/ac" in s:
-        steps = s.get("compat/steps/classes") or []
-        lines.append(f"{len(steps)} steps ({' -> '.join(map(str, steps))} classes): AC "
+        steps = step_labels(s)
+        lines.append(f"{len(steps)} steps ({' -> '.join(steps)}): AC "
                      f"{s['compat/ac']:.3f}  AM {s['compat/am']:.3f} (CMC@1), AC "
                      f"{s['compat/ac_map']:.3f}  AM {s['compat/am_map']:.3f} (mAP)")
     return lines

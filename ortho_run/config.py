@@ -80,6 +80,9 @@ class DataConfig:
     classes: Any = None  # null | all | first_half | first_quarter | first_<n> | ... | [ids...]
     val_fraction: float = 0.0  # a seeded, stratified validation split held out of train
     split_seed: int = 0
+    # keep this share of each class's training images (seeded per class, nested: a smaller
+    # fraction keeps a subset of a larger one's images; a multi-step update's data growth)
+    train_fraction: float = 1.0
     max_train_samples: Optional[int] = None
     # loading
     pipeline: Pipeline = Pipeline.auto
@@ -172,10 +175,12 @@ class CompatConfig:
     # train the old model on L2-normalised features with a bias-free head (BT²/OCA's
     # ``norm_feature: True``); its method must have norm_feature (ce does)
     old_norm_feature: bool = False
-    # A multi-step update: class sets (data.classes values, each containing the one before it,
-    # the last one the run's own), e.g. [first_quarter, first_half, first_three_quarters, all].
-    # Step 0 is trained with old_method; step t with this run's method against step t-1 (each
-    # cached like the old model). null: one step, from old_classes to this run.
+    # A multi-step update: per step, a class set (a data.classes value, containing the one
+    # before it, e.g. [first_quarter, first_half, first_three_quarters, all]), a share of the
+    # training data (a number in (0, 1], e.g. [0.25, 0.5, 1.0]), or both ({classes: first_half,
+    # fraction: 0.5}); the last step is the run's own data. Step 0 is trained with old_method;
+    # step t with this run's method against step t-1 (each cached like the old model).
+    # null: one step, from old_classes to this run.
     steps: Optional[List[Any]] = None
     evaluate: bool = True
 
@@ -215,6 +220,7 @@ RANGES = [
     ("data.color_jitter", lambda v: 0 <= v <= 1, "in [0, 1]"),
     ("data.max_train_samples", lambda v: v is None or v >= 1, ">= 1 or null"),
     ("data.val_fraction", lambda v: 0 <= v < 1, "in [0, 1)"),
+    ("data.train_fraction", lambda v: 0 < v <= 1, "in (0, 1]"),
     ("data.split_seed", lambda v: 0 <= v < 2**63, "in [0, 2^63)"),
     ("model.embed_dim", lambda v: v is None or v >= 1, ">= 1 or null"),
     ("optim.lr", lambda v: v > 0, "> 0"),

@@ -22,7 +22,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Dict, List, Optional
 
-from ortho_run.naming import group_key
+from ortho_run.naming import group_key, step_labels
 
 ACCURACY = ["test/acc1", "val/best_acc1"]
 CACHE_TAGS = ("old-model", "independent-model")
@@ -159,8 +159,8 @@ def step_matrices(runs: List[dict]) -> Dict[str, Dict[str, dict]]:
                     if vals:
                         mean[i][k] = statistics.fmean(vals)
                         std[i][k] = statistics.stdev(vals) if len(vals) > 1 else 0.0
-            out[g][m] = {"mean": mean, "std": std, "n": len(mats),
-                         "classes": rs[0].get("compat/steps/classes") or list(range(1, t + 1))}
+            labels = step_labels(rs[0]) or [f"step {k}" for k in range(t)]
+            out[g][m] = {"mean": mean, "std": std, "n": len(mats), "labels": labels}
     return out
 
 
@@ -168,15 +168,16 @@ def step_lines(steps: Dict[str, Dict[str, dict]]) -> List[str]:
     """Markdown: per group, the T×T matrices (query step in rows, gallery step in columns)."""
     lines = ["## Multi-step compatibility", "",
              "C[t][k]: step t's model queries step k's gallery (the test split of the last "
-             "step); mean ± std over seeds. Step t's model learned the first n_t classes. The "
+             "step); mean ± std over seeds. Step t's model learned the first n_t classes (from "
+             "the share of their training data shown, when not all). The "
              "diagonal is each model against itself; an entry below it beats the diagonal entry "
              "of its column when the update from step k to t is compatible.", ""]
     for g, mats in steps.items():
         for m, st in mats.items():
             t = len(st["mean"])
-            cls = st["classes"]
+            lab = st["labels"]
             lines += [f"**{g}** — {'CMC top-1' if m == 'cmc1' else 'mAP'} (n={st['n']})", "",
-                      "| query \\ gallery | " + " | ".join(f"step {k} ({cls[k]} cl.)"
+                      "| query \\ gallery | " + " | ".join(f"step {k} ({lab[k]})"
                                                           for k in range(t)) + " |",
                       "|---|" + "---|" * t]
             for i in range(t):
@@ -185,7 +186,7 @@ def step_lines(steps: Dict[str, Dict[str, dict]]) -> List[str]:
                     mu, sd = st["mean"][i][k], st["std"][i][k]
                     cells.append("" if mu is None else
                                  (f"{mu:.3f}" if st["n"] == 1 else f"{mu:.3f} ± {sd:.3f}"))
-                lines.append(f"| step {i} ({cls[i]} cl.) | " + " | ".join(cells) + " |")
+                lines.append(f"| step {i} ({lab[i]}) | " + " | ".join(cells) + " |")
             lines.append("")
     return lines
 
@@ -205,10 +206,12 @@ def plot_steps(steps: Dict[str, Dict[str, dict]], out: Path, plt) -> List[Path]:
                         ax.text(k, i, f"{st['mean'][i][k]:.2f}", ha="center", va="center",
                                 color="white" if st["mean"][i][k] < 0.6 else "black",
                                 fontsize=8)
-            ax.set_xticks(range(t), [str(c) for c in st["classes"]])
-            ax.set_yticks(range(t), [str(c) for c in st["classes"]])
-            ax.set_xlabel("gallery: step model (classes learned)")
-            ax.set_ylabel("query: step model (classes learned)")
+            ax.set_xticks(range(t), [f"{k}: {x}" for k, x in enumerate(st["labels"])],
+                          rotation=30, ha="right", fontsize=8)
+            ax.set_yticks(range(t), [f"{k}: {x}" for k, x in enumerate(st["labels"])],
+                          fontsize=8)
+            ax.set_xlabel("gallery: step model (what it learned)")
+            ax.set_ylabel("query: step model (what it learned)")
             _title(ax, f"{'CMC top-1' if m == 'cmc1' else 'mAP'} (n={st['n']})", 40)
             fig.colorbar(im, ax=ax, fraction=0.046)
         fig.suptitle("\n".join(textwrap.wrap(g, 90)), fontsize=8)

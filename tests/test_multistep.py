@@ -125,25 +125,58 @@ def steps_cfg(steps, classes=None):
                     f"data.classes={classes if classes is not None else 'null'}"])
 
 
-def test_step_class_sets_are_resolved_and_checked():
-    from ortho_run.compat.provider import step_classes
+def test_step_class_sets_and_fractions_are_resolved_and_checked():
+    from ortho_run.compat.provider import Step, resolve_steps
 
-    got = step_classes(steps_cfg("[first_quarter,first_half,first_three_quarters,all]"), 100)
-    assert [len(s) for s in got] == [25, 50, 75, 100] and got[1] == list(range(50))
-    assert [len(s) for s in step_classes(steps_cfg("[first_third,first_two_thirds,all]"), 9)] \
-        == [3, 6, 9]
-    assert step_classes(steps_cfg("[[0,1],first_4,[0,1,2,3,4,5]]", "first_6"), 10)[1] == [0, 1, 2, 3]
-    assert step_classes(compose(["experiment=compat_smoke"]), 10) is None
+    got = resolve_steps(steps_cfg("[first_quarter,first_half,first_three_quarters,all]"), 100)
+    assert [len(s.classes) for s in got] == [25, 50, 75, 100] and got[1].classes == list(range(50))
+    assert {s.fraction for s in got} == {1.0}
+    assert [len(s.classes) for s in resolve_steps(
+        steps_cfg("[first_third,first_two_thirds,all]"), 9)] == [3, 6, 9]
+    assert resolve_steps(steps_cfg("[[0,1],first_4,[0,1,2,3,4,5]]", "first_6"), 10)[1] \
+        == Step([0, 1, 2, 3], 1.0)
+    assert resolve_steps(compose(["experiment=compat_smoke"]), 10) is None
+    # data-incremental: the same classes, a growing share of their training images
+    everything = list(range(10))
+    assert resolve_steps(steps_cfg("[0.25,0.5,1.0]"), 10) == [
+        Step(everything, 0.25), Step(everything, 0.5), Step(everything, 1.0)]
+    both = resolve_steps(steps_cfg("[{classes:first_half,fraction:0.5},first_half,all]"), 10)
+    assert both == [Step(list(range(5)), 0.5), Step(list(range(5)), 1.0), Step(everything, 1.0)]
     for steps, classes, match in [
             ("[all]", None, "at least two"),
             ("[first_half,first_quarter,all]", None, "must contain step 0"),
             ("[second_half,all]", None, "first ids"),
-            ("[first_quarter,first_half]", None, "must be this run's own class set"),
-            ("[first_half,all]", "first_half", "must be this run's own class set"),
+            ("[first_quarter,first_half]", None, "must be this run's own data"),
+            ("[first_half,all]", "first_half", "must be this run's own data"),
             ("[first_fifth,all]", None, "first_quarter, first_third"),
-            ("[first_50,all]", None, "only 10 classes")]:
+            ("[first_50,all]", None, "only 10 classes"),
+            ("[0.5,0.25,1.0]", None, "at least its fraction"),
+            ("[1.0,all]", None, "add classes after them or data"),
+            ("[1.5,1.0]", None, r"fraction 1.5 must be in \(0, 1\]"),
+            ("[{classes:first_half,share:0.5},all]", None, "unknown keys"),
+            ("[true,all]", None, "a class set, a fraction")]:
         with pytest.raises(ConfigError, match=match):
-            step_classes(steps_cfg(steps, classes), 10)
+            resolve_steps(steps_cfg(steps, classes), 10)
+
+
+def test_train_fraction_keeps_nested_per_class_subsets():
+    from ortho_run.datasets.base import class_fraction
+
+    y = torch.arange(4).repeat_interleave(torch.tensor([10, 20, 7, 1]))
+    half = class_fraction(y, [0, 1, 2, 3], 0.5, seed=0)
+    assert torch.bincount(y[half], minlength=4).tolist() == [5, 10, 4, 1]  # at least one
+    quarter = class_fraction(y, [0, 1, 2, 3], 0.25, seed=0)
+    assert set(quarter.tolist()) <= set(half.tolist())
+    # a class keeps the same images when other classes come or go (seeded by its own id)
+    only_01 = class_fraction(y[y < 2], [0, 1], 0.5, seed=0)
+    assert only_01.tolist() == [i for i in half.tolist() if y[i] < 2]
+    assert class_fraction(y, [0, 1, 2, 3], 0.5, seed=1).tolist() != half.tolist()
+    cfg = compose(["data.train_fraction=0.5"])
+    from ortho_run.datasets import load_dataset
+
+    full, part = load_dataset(compose([]).data), load_dataset(cfg.data)
+    assert len(part.train) == pytest.approx(len(full.train) / 2, abs=10)
+    assert len(part.test) == len(full.test)
 
 
 # ------------------------------------------------------------------ AC / AM and the matrix

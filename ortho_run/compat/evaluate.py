@@ -3,7 +3,7 @@ from embeddings already at hand (the trainer's last evaluation and the old model
 
 from __future__ import annotations
 
-from typing import Dict, List, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -23,12 +23,13 @@ def compat_matrix(spaces: Dict[str, Tensor], old: Tensor, labels: Tensor) -> Dic
     return out
 
 
-def multistep_matrix(embeddings: Sequence[Tensor], labels: Tensor,
-                     classes: Sequence[int]) -> Dict[str, object]:
+def multistep_matrix(embeddings: Sequence[Tensor], labels: Tensor, classes: Sequence[int],
+                     fractions: Optional[Sequence[float]] = None) -> Dict[str, object]:
     """The multi-step protocol on the last step's test split: ``embeddings[t]`` is step t's
     model's embedding of it (query = gallery = the split, self excluded). ``compat/steps/<m>``
     is the T×T matrix C[t][k] = m(step t query, step k gallery) for k ≤ t (None above the
-    diagonal), for m = cmc1 and map; AC/AM from CMC@1 (the protocol's) and from mAP."""
+    diagonal), for m = cmc1 and map; AC/AM from CMC@1 (the protocol's) and from mAP; the steps'
+    class counts and training-data fractions."""
     t = len(embeddings)
     mats: Dict[str, List[list]] = {"cmc1": [[None] * t for _ in range(t)],
                                    "map": [[None] * t for _ in range(t)]}
@@ -39,6 +40,7 @@ def multistep_matrix(embeddings: Sequence[Tensor], labels: Tensor,
                 mats[name][i][k] = m[name]
     out: Dict[str, object] = {f"compat/steps/{name}": mat for name, mat in mats.items()}
     out["compat/steps/classes"] = list(classes)
+    out["compat/steps/fractions"] = list(fractions or [1.0] * t)
     for name, suffix in (("cmc1", ""), ("map", "_map")):
         dense = torch.tensor([[v if v is not None else 0.0 for v in row] for row in mats[name]])
         for k, v in multistep_scores(dense).items():

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, NamedTuple, Optional
 
 import torch
 from omegaconf import OmegaConf
@@ -36,7 +36,7 @@ Launch = Callable[[object, Path], object]
 
 
 def old_config(cfg, classes, method: str, overrides=(), seed_offset: int = 1,
-               norm_feature: bool = False):
+               norm_feature: bool = False, fraction: Optional[float] = None):
     """The config that trains the old (or an independent) model: the same data, model, optim
     and trainer; ``method`` composed from its yaml and schema, exactly as ``method=<name>``
     would give it on the command line."""
@@ -54,6 +54,8 @@ def old_config(cfg, classes, method: str, overrides=(), seed_offset: int = 1,
                               f"norm_feature option; use compat.old_method=ce")
         base["method"]["norm_feature"] = True
     base["data"]["classes"] = classes
+    if fraction is not None:  # the first step of a data-incremental update
+        base["data"]["train_fraction"] = fraction
     # Another seed: an old model is trained at another time, from another init. With the same
     # seed the "independent" spaces would share their initialisation and partly align.
     base["seed"] = cfg.seed + OLD_SEED_OFFSET * seed_offset
@@ -104,29 +106,66 @@ def train_or_load(cfg, classes, method: str, launch: Launch, overrides=(), devic
                       launch, device)
 
 
-def step_classes(cfg, source_classes: int) -> Optional[List[List[int]]]:
-    """``compat.steps`` as lists of class ids of the source data set, checked: at least two
-    steps, each one's ids the first ids of the next (so the labels of a class agree across
-    steps), the last one the run's own ``data.classes``."""
+class Step(NamedTuple):
+    """One step of a multi-step update: its class ids (of the source data set) and the share of
+    their training images it trains on."""
+
+    classes: List[int]
+    fraction: float
+
+    def as_config(self) -> dict:
+        return {"classes": self.classes, "fraction": self.fraction}
+
+
+def resolve_steps(cfg, source_classes: int) -> Optional[List[Step]]:
+    """``compat.steps`` resolved and checked: at least two steps; each one's classes the first
+    ids of the next one's (so a class keeps its label across steps) and its fraction at most
+    the next one's, the next one adding classes or data; the last one the run's own data
+    (``data.classes``, ``data.train_fraction``). An entry is a class set, a fraction, or
+    ``{classes: ..., fraction: ...}``; what it leaves out is the run's own."""
     spec = OmegaConf.to_container(cfg.compat, resolve=True)["steps"]
     if spec is None:
         return None
+    data = OmegaConf.to_container(cfg.data, resolve=True)
     everything = list(range(source_classes))
-    steps = [resolve_classes(s, source_classes, key=f"compat.steps[{i}]") or everything
-             for i, s in enumerate(spec)]
+    own = Step(resolve_classes(data["classes"], source_classes) or everything,
+               float(data["train_fraction"]))
+    steps = []
+    for i, entry in enumerate(spec):
+        key = f"compat.steps[{i}]"
+        if isinstance(entry, bool):
+            raise ConfigError(f"{key}={entry!r}: use a class set, a fraction in (0, 1] or "
+                              f"{{classes: ..., fraction: ...}}")
+        if isinstance(entry, (int, float)):
+            entry = {"fraction": entry}
+        elif not isinstance(entry, dict):
+            entry = {"classes": entry}
+        unknown = set(entry) - {"classes", "fraction"}
+        if unknown:
+            raise ConfigError(f"{key}: unknown keys {sorted(unknown)}; a step has classes "
+                              f"and fraction")
+        classes = (resolve_classes(entry["classes"], source_classes, key=f"{key}.classes")
+                   or everything) if "classes" in entry else own.classes
+        fraction = float(entry.get("fraction", own.fraction))
+        if not 0 < fraction <= 1:
+            raise ConfigError(f"{key}: fraction {fraction} must be in (0, 1]")
+        steps.append(Step(classes, fraction))
     if len(steps) < 2:
-        raise ConfigError(f"compat.steps={spec}: a multi-step update needs at least two class "
-                          f"sets (the first model's and this run's)")
+        raise ConfigError(f"compat.steps={spec}: a multi-step update needs at least two steps "
+                          f"(the first model's and this run's)")
     for i in range(1, len(steps)):
-        if steps[i][: len(steps[i - 1])] != steps[i - 1] or len(steps[i]) <= len(steps[i - 1]):
+        prev, cur = steps[i - 1], steps[i]
+        if cur.classes[: len(prev.classes)] != prev.classes or cur.fraction < prev.fraction \
+                or (cur.classes == prev.classes and cur.fraction == prev.fraction):
             raise ConfigError(f"compat.steps[{i}]={spec[i]!r} must contain step {i - 1}'s "
-                              f"classes as its first ids and add classes after them (the "
-                              f"class-incremental protocol), e.g. [first_half, all]")
-    own = resolve_classes(OmegaConf.to_container(cfg.data, resolve=True)["classes"],
-                          source_classes) or everything
+                              f"classes as its first ids and at least its fraction of the "
+                              f"data, and add classes after them or data (the class- or "
+                              f"data-incremental protocol), e.g. [first_half, all] or "
+                              f"[0.5, 1.0]")
     if steps[-1] != own:
-        raise ConfigError(f"compat.steps[-1]={spec[-1]!r} must be this run's own class set "
-                          f"(data.classes={cfg.data.classes}): the run is the last step")
+        raise ConfigError(f"compat.steps[-1]={spec[-1]!r} must be this run's own data "
+                          f"(data.classes={data['classes']}, data.train_fraction="
+                          f"{data['train_fraction']}): the run is the last step")
     return steps
 
 
@@ -136,11 +175,11 @@ def previous_model(cfg, source_classes: int):
     with this run's method against step T-3's (one cache entry per step and method); the first
     step is the ``compat.old_method`` model."""
     c = cfg.compat
-    steps = step_classes(cfg, source_classes)
+    steps = resolve_steps(cfg, source_classes)
     if steps is not None and len(steps) > 2:
         base = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
-        base["data"]["classes"] = steps[-2]
-        base["compat"]["steps"] = steps[:-1]
+        base["data"].update(classes=steps[-2].classes, train_fraction=steps[-2].fraction)
+        base["compat"]["steps"] = [s.as_config() for s in steps[:-1]]
         base["compat"]["evaluate"] = False  # the last step evaluates every pair
         base["seed"] = cfg.seed + OLD_SEED_OFFSET * STEP_SEED_OFFSET
         base["trainer"]["resume"] = "auto"
@@ -151,8 +190,11 @@ def previous_model(cfg, source_classes: int):
         return structured(base)
     if c.old_ckpt:
         return Path(c.old_ckpt).expanduser()
-    classes = c.old_classes if steps is None else steps[0]
-    return old_config(cfg, classes, c.old_method, c.old_overrides, norm_feature=c.old_norm_feature)
+    if steps is None:
+        return old_config(cfg, c.old_classes, c.old_method, c.old_overrides,
+                          norm_feature=c.old_norm_feature)
+    return old_config(cfg, steps[0].classes, c.old_method, c.old_overrides,
+                      norm_feature=c.old_norm_feature, fraction=steps[0].fraction)
 
 
 def model_chain(cfg, source_classes: int) -> list:
@@ -161,7 +203,7 @@ def model_chain(cfg, source_classes: int) -> list:
     while True:
         prev = previous_model(current, source_classes)
         chain.insert(0, prev)
-        if isinstance(prev, Path) or step_classes(prev, source_classes) is None:
+        if isinstance(prev, Path) or resolve_steps(prev, source_classes) is None:
             return chain
         current = prev
 
@@ -189,7 +231,7 @@ class CompatService:
         self.source_classes = source_classes
         self.steps = None
         if source_classes is not None:  # checked here, named as the user set it
-            self.steps = step_classes(cfg, source_classes)
+            self.steps = resolve_steps(cfg, source_classes)
             if not c.old_ckpt and self.steps is None:
                 resolve_classes(OmegaConf.to_container(c, resolve=True)["old_classes"],
                                 source_classes, key="compat.old_classes")
@@ -197,10 +239,10 @@ class CompatService:
         # one-step config needs none: its old_classes are resolved by the old model's run
         source = previous_model(cfg, source_classes or 0)
         net, old_cfg, n_old = load_model(source, launch, device)
-        if self.steps is not None and n_old != len(self.steps[-2]):
+        if self.steps is not None and n_old != len(self.steps[-2].classes):
             raise ConfigError(f"the previous step's model knows {n_old} classes, compat.steps"
-                              f"[-2] has {len(self.steps[-2])}: point compat.old_ckpt at a run "
-                              f"on compat.steps[0]'s classes")
+                              f"[-2] has {len(self.steps[-2].classes)}: point compat.old_ckpt "
+                              f"at a run on compat.steps[0]'s classes")
         self.old = FrozenNet(net, old_cfg)
         self.num_old_classes = n_old
         self._old_gallery: Optional[tuple] = None
@@ -265,5 +307,6 @@ class CompatService:
                                              None), test_loader)[0]
                          for src in chain[:-1]]
             step_embs += [old, spaces["new"]]
-            out.update(multistep_matrix(step_embs, labels, [len(s) for s in self.steps]))
+            out.update(multistep_matrix(step_embs, labels, [len(s.classes) for s in self.steps],
+                                        [s.fraction for s in self.steps]))
         return out

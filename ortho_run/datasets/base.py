@@ -138,6 +138,22 @@ def _subset(split: Split, ids: List[int]) -> Split:
     return out
 
 
+def class_fraction(y: torch.Tensor, class_ids: Sequence[int], fraction: float,
+                   seed: int) -> torch.Tensor:
+    """Sorted indices keeping ``fraction`` of each class's items (at least one). Each class is
+    shuffled by a generator seeded with its original id, so a smaller fraction keeps a subset
+    of a larger one's items, whatever other classes are present."""
+    keep = []
+    for label, original in enumerate(class_ids):
+        idx = torch.nonzero(y == label, as_tuple=True)[0]
+        if not len(idx):
+            continue
+        gen = torch.Generator().manual_seed(seed + 7919 * (int(original) + 1))
+        n = max(1, int(round(len(idx) * fraction)))
+        keep.append(idx[torch.randperm(len(idx), generator=gen)[:n]])
+    return torch.sort(torch.cat(keep)).values if keep else torch.zeros(0, dtype=torch.long)
+
+
 def stratified_holdout(y: torch.Tensor, fraction: float, seed: int) -> Tuple[torch.Tensor, torch.Tensor]:
     """Indices (keep, held) with ``fraction`` of each class held out, seeded."""
     gen = torch.Generator().manual_seed(seed)
@@ -171,6 +187,8 @@ def finalize(ds: DataSet, cfg) -> DataSet:
                               f"class has too few training images ({len(train)} in all) for "
                               f"that fraction; raise it or set data.val_fraction=0")
         train, val = train.select(keep), train.select(held)
+    if cfg.train_fraction < 1.0:
+        train = train.select(class_fraction(train.y, class_ids, cfg.train_fraction, cfg.split_seed))
     if cfg.max_train_samples is not None and cfg.max_train_samples < len(train):
         gen = torch.Generator().manual_seed(cfg.split_seed + 1)
         idx = torch.sort(torch.randperm(len(train), generator=gen)[: cfg.max_train_samples]).values
