@@ -332,3 +332,12 @@ def test_compat_steps_with_a_method_that_trains_alone_is_ignored_with_a_warning(
                                  "trainer.max_epochs=1", "trainer.limit_train_batches=2"])
     assert s["status"] == "finished" and "compat/ac" not in s
     assert "compat.steps is set, but method=ce trains alone" in caplog.text
+
+
+def test_wandb_summary_flattens_the_step_matrices():
+    from ortho_run.runner.sinks import wandb_summary
+
+    got = wandb_summary({"compat/steps/cmc1": [[0.5, None], [0.4, 0.6]], "compat/ac": 0.0,
+                         "overrides": ["a=1"], "tag": "", "versions": {"torch": "x"}})
+    assert got == {"compat/steps/cmc1/0_0": 0.5, "compat/steps/cmc1/1_0": 0.4,
+                   "compat/steps/cmc1/1_1": 0.6, "compat/ac": 0.0, "tag": ""}

@@ -125,8 +125,7 @@ class WandbSink:
         if self.run is None:
             return
         try:  # numbers and strings; lists and dicts (overrides, versions) are in the config
-            self.run.summary.update({k: v for k, v in values.items()
-                                     if isinstance(v, (int, float, str)) and v is not None})
+            self.run.summary.update(wandb_summary(values))
         except Exception as exc:
             self._warn(f"W&B summary failed ({exc})")
 
@@ -196,3 +195,16 @@ def _console_handlers():
             if isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler):
                 seen.append(h)
     return seen
+
+
+def wandb_summary(values: Dict[str, Any]) -> Dict[str, Any]:
+    """The numbers and strings of a summary, with each matrix (a list of rows of numbers, such
+    as ``compat/steps/cmc1``) flattened to ``<key>/<row>_<column>`` entries."""
+    out = {}
+    for k, v in values.items():
+        if isinstance(v, (int, float, str)):
+            out[k] = v
+        elif isinstance(v, list) and v and all(isinstance(r, list) for r in v):
+            out.update({f"{k}/{i}_{j}": x for i, row in enumerate(v) for j, x in enumerate(row)
+                        if isinstance(x, (int, float)) and not isinstance(x, bool)})
+    return out
