@@ -67,6 +67,9 @@ def validate(cfg) -> None:
     for group, reg in regs.items():
         for field, ok, what in getattr(reg.schema(str(cfg[group].name)), "checks", ()):
             _check(cfg, f"{group}.{field}", ok, what)
+    from ortho_run.methods import METHODS
+
+    METHODS.get(str(cfg.method.name)).check(cfg)
     if not str(cfg.output_root).strip():
         raise ConfigError("output_root is empty: set it to a folder (default: outputs)")
     if cfg.optim.warmup_epochs > cfg.trainer.max_epochs:

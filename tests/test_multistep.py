@@ -91,8 +91,11 @@ def test_bt2_basis_transformation_stays_orthonormal_while_training():
 
 def test_bt2_dimensions_are_checked():
     cfg = load_option("method", "bt2")
-    with pytest.raises(ConfigError, match="set model.embed_dim"):
-        METHODS.get("bt2").feature_dim(cfg, 32, None)
+    from ortho_run.validate import validate
+
+    with pytest.raises(ConfigError, match="set model.embed_dim"):  # before any model trains
+        validate(compose(["experiment=compat_smoke", "method=bt2", "model.embed_dim=null"]))
+    validate(compose(["experiment=compat_smoke", "method=bt2"]))
     assert METHODS.get("bt2").feature_dim(cfg, 32, 16) == 48  # widened to D + D_old
     with pytest.raises(ConfigError, match="extra_dims=8 must be at most the old dim 6"):
         make("bt2", 12, d_old=6, extra_dims=8)

@@ -112,6 +112,11 @@ class Method(nn.Module):
         return Needs()
 
     @classmethod
+    def check(cls, run_cfg) -> None:
+        """Checks of the whole run config this method needs, run before any work (before an
+        old model trains): raise ConfigError naming the key. Default: none."""
+
+    @classmethod
     def feature_dim(cls, cfg, old_dim: int, embed_dim: Optional[int]) -> Optional[int]:
         """The backbone output dim this method needs given the old model's dim and
         ``model.embed_dim`` (OCA: d_old + k; BT²: widened to embed_dim + d_old), or None for

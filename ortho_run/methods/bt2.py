@@ -77,11 +77,14 @@ class BT2(Method):
                      independent_embedding=True)
 
     @classmethod
-    def feature_dim(cls, cfg, old_dim, embed_dim):
-        if not embed_dim:
+    def check(cls, run_cfg):
+        if not run_cfg.model.embed_dim:
             raise ConfigError("method=bt2 widens the backbone to model.embed_dim + the old "
                               "model's dim: set model.embed_dim (the new model's own dim, e.g. "
                               "the old model's)")
+
+    @classmethod
+    def feature_dim(cls, cfg, old_dim, embed_dim):
         return embed_dim + old_dim
 
     def __init__(self, cfg, ctx):
