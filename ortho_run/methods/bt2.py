@@ -29,7 +29,9 @@ official CIFAR-100 config (``configs/cifar100_transfer.yaml``): k = 32, C = 2, l
 
 Where ours differs from that code: φ_old and φ′_new are computed on the same augmented view
 as the batch (the code caches one augmented view per image before training and reuses it every
-epoch); t is "the dims beyond D_old" (the code slices the last D + k − D_old dims, which is all
+epoch); the independent model is the one λ-orthogonality uses, a plain ``ce`` model (the code's
+is trained on unit features, ``norm_feature: True``; φ′_new is normalised either way); P is
+averaged over the training images without augmentation; t is "the dims beyond D_old" (the code slices the last D + k − D_old dims, which is all
 of z when D + k = D_old, as happens at a third step of a multi-step update). Later steps of a
 multi-step update have D_old = D + k: then b spans all of z and t is empty (the embedding stops
 growing), which needs D_old ≤ D + k.
