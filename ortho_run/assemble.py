@@ -16,6 +16,7 @@ from torch import nn
 from ortho_run.checkpoint import load as load_checkpoint
 from ortho_run.errors import CheckpointError
 from ortho_run.methods import METHODS, Batch, MethodContext, MethodOutput
+from ortho_run.methods.base import CompatArtifacts
 from ortho_run.models import build_backbone
 
 
@@ -86,8 +87,6 @@ def load_run(run_dir: Path, device):
                  "num_classes": ds.num_classes}
     compat = None
     if shape.get("compat"):  # a compatibility method's net: built without its old model
-        from ortho_run.compat.artifacts import CompatArtifacts
-
         compat = CompatArtifacts.placeholder(shape["compat"], shape["num_classes"])
     net = build_net(cfg, shape, device, compat=compat)
     try:

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from omegaconf import OmegaConf
 
 from conftest import compose, run_inprocess
-from ortho_run.compat.artifacts import CompatArtifacts
+from ortho_run.methods.base import CompatArtifacts
 from ortho_run.errors import ConfigError
 from ortho_run.methods import METHODS, Batch, MethodContext
 from ortho_run.orthogonality import gram_error

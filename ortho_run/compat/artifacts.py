@@ -1,14 +1,15 @@
-"""What the compatibility service hands to methods: the frozen old model and what a method
-declared it needs from it (class means, its head), computed once."""
+"""What the compatibility service computes for methods: the frozen old model and what a method
+declared it needs from it (class means, its head), computed once. The container handed to the
+method, ``CompatArtifacts``, is part of the method interface (``ortho_run.methods.base``)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Optional, Tuple
+from typing import Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
 
 
 class FrozenNet(nn.Module):
@@ -33,37 +34,6 @@ class FrozenNet(nn.Module):
     def dim(self) -> int:
         """The dim of its retrieval embedding (the method's, not always the backbone's)."""
         return self.net.method.embedding_dim()
-
-
-@dataclass
-class CompatArtifacts:
-    """``ctx.compat`` of a compatibility method: only what its ``needs`` declared is set."""
-
-    old_dim: int
-    num_old_classes: int
-    class_means: Optional[Tensor] = None  # C_new × d_old: mean raw old feature per class
-    unit_class_means: Optional[Tensor] = None  # C_new × d_old: mean of unit old features
-    old_head: Optional[object] = None  # the old classifier (a methods.LinearHead)
-
-    def shapes(self) -> dict:
-        """What a checkpoint records to rebuild a net of this run without its old model."""
-        head = self.old_head
-        return {"old_dim": self.old_dim, "num_old_classes": self.num_old_classes,
-                "old_head_bias": None if head is None else head.bias is not None}
-
-    @classmethod
-    def placeholder(cls, shapes: dict, num_classes: int) -> "CompatArtifacts":
-        """Zeros of the recorded shapes: enough to build the net, whose state dict then holds
-        the values its method derived from the old model (class means, the old head)."""
-        from ortho_run.methods.base import LinearHead
-
-        d, n_old = shapes["old_dim"], shapes["num_old_classes"]
-        art = cls(old_dim=d, num_old_classes=n_old, class_means=torch.zeros(num_classes, d),
-                  unit_class_means=torch.zeros(num_classes, d))
-        if shapes.get("old_head_bias") is not None:
-            art.old_head = LinearHead(torch.zeros(n_old, d),
-                                      torch.zeros(n_old) if shapes["old_head_bias"] else None)
-        return art
 
 
 @torch.no_grad()

@@ -19,11 +19,12 @@ from omegaconf import OmegaConf
 
 from ortho_run.assemble import load_run
 from ortho_run.checkpoint import config_hash
-from ortho_run.compat.artifacts import CompatArtifacts, FrozenNet, class_means, embed_all
+from ortho_run.compat.artifacts import FrozenNet, class_means, embed_all
 from ortho_run.compat.evaluate import compat_matrix, multistep_matrix
 from ortho_run.datasets.base import resolve_classes
 from ortho_run.errors import ConfigError
 from ortho_run.io import cache_folder
+from ortho_run.methods.base import CompatArtifacts
 
 log = logging.getLogger("ortho_run")
 

@@ -84,6 +84,35 @@ class Needs:
 
 
 @dataclass
+class CompatArtifacts:
+    """``ctx.compat`` of a compatibility method: only what its ``needs`` declared is set."""
+
+    old_dim: int
+    num_old_classes: int
+    class_means: Optional[Tensor] = None  # C_new × d_old: mean raw old feature per class
+    unit_class_means: Optional[Tensor] = None  # C_new × d_old: mean of unit old features
+    old_head: Optional[object] = None  # the old classifier (a methods.LinearHead)
+
+    def shapes(self) -> dict:
+        """What a checkpoint records to rebuild a net of this run without its old model."""
+        head = self.old_head
+        return {"old_dim": self.old_dim, "num_old_classes": self.num_old_classes,
+                "old_head_bias": None if head is None else head.bias is not None}
+
+    @classmethod
+    def placeholder(cls, shapes: dict, num_classes: int) -> "CompatArtifacts":
+        """Zeros of the recorded shapes: enough to build the net, whose state dict then holds
+        the values its method derived from the old model (class means, the old head)."""
+        d, n_old = shapes["old_dim"], shapes["num_old_classes"]
+        art = cls(old_dim=d, num_old_classes=n_old, class_means=torch.zeros(num_classes, d),
+                  unit_class_means=torch.zeros(num_classes, d))
+        if shapes.get("old_head_bias") is not None:
+            art.old_head = LinearHead(torch.zeros(n_old, d),
+                                      torch.zeros(n_old) if shapes["old_head_bias"] else None)
+        return art
+
+
+@dataclass
 class MethodContext:
     feature_dim: int
     num_classes: int
@@ -91,7 +120,7 @@ class MethodContext:
     label_smoothing: float = 0.0
     cache_dir: str = "~/.cache/ortho_run"
     seed: int = 0
-    compat: Any = None  # ortho_run.compat.CompatArtifacts: what ``needs`` declared
+    compat: Any = None  # CompatArtifacts: what ``needs`` declared
     distributed: bool = False
 
 
