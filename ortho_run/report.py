@@ -127,16 +127,20 @@ def aggregate(runs: List[dict], metrics: List[str]) -> Dict[str, Dict[str, dict]
         for m in metrics:
             vals = [float(r[m]) for r in rs if _numeric(r.get(m))]
             if vals:
-                row[m] = {"mean": statistics.fmean(vals),
-                          "std": statistics.stdev(vals) if len(vals) > 1 else 0.0,
-                          "n": len(vals)}
+                row[m] = _stats(vals)
         table[g] = row
     return table
 
 
+def _stats(vals: List[float]) -> dict:
+    """Mean, sample std (0 for one value) and n."""
+    return {"mean": statistics.fmean(vals),
+            "std": statistics.stdev(vals) if len(vals) > 1 else 0.0, "n": len(vals)}
+
+
 def step_matrices(runs: List[dict]) -> Dict[str, Dict[str, dict]]:
     """Per group and matrix (cmc1, map): the element-wise mean and std over the group's runs of
-    ``compat/steps/<m>`` (T×T, None above the diagonal), n, and the steps' class counts. Runs
+    ``compat/steps/<m>`` (T×T, None above the diagonal), n, and what each step learned. Runs
     whose matrix has another shape than the group's first are left out of it."""
     groups: Dict[str, List[dict]] = defaultdict(list)
     for r in runs:
@@ -157,8 +161,8 @@ def step_matrices(runs: List[dict]) -> Dict[str, Dict[str, dict]]:
                 for k in range(i + 1):
                     vals = [float(x[i][k]) for x in mats if _numeric(x[i][k])]
                     if vals:
-                        mean[i][k] = statistics.fmean(vals)
-                        std[i][k] = statistics.stdev(vals) if len(vals) > 1 else 0.0
+                        st = _stats(vals)
+                        mean[i][k], std[i][k] = st["mean"], st["std"]
             labels = step_labels(rs[0]) or [f"step {k}" for k in range(t)]
             out[g][m] = {"mean": mean, "std": std, "n": len(mats), "labels": labels}
     return out

@@ -11,7 +11,6 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 
-
 class FrozenNet(nn.Module):
     """A trained Net (backbone + head), frozen and always in eval mode."""
 

@@ -3,7 +3,7 @@ from embeddings already at hand (the trainer's last evaluation and the old model
 
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -24,18 +24,22 @@ def compat_matrix(spaces: Dict[str, Tensor], old: Tensor, labels: Tensor) -> Dic
 
 
 def multistep_matrix(embeddings: Sequence[Tensor], labels: Tensor, classes: Sequence[int],
-                     fractions: Optional[Sequence[float]] = None) -> Dict[str, object]:
+                     fractions: Optional[Sequence[float]] = None,
+                     known: Optional[Dict[Tuple[int, int], Dict[str, float]]] = None
+                     ) -> Dict[str, object]:
     """The multi-step protocol on the last step's test split: ``embeddings[t]`` is step t's
     model's embedding of it (query = gallery = the split, self excluded). ``compat/steps/<m>``
     is the T×T matrix C[t][k] = m(step t query, step k gallery) for k ≤ t (None above the
     diagonal), for m = cmc1 and map; AC/AM from CMC@1 (the protocol's) and from mAP; the steps'
-    class counts and training-data fractions."""
+    class counts and training-data fractions. ``known`` holds the metrics of pairs (t, k)
+    already computed (the one-step matrix's), which are not computed again."""
     t = len(embeddings)
     mats: Dict[str, List[list]] = {"cmc1": [[None] * t for _ in range(t)],
                                    "map": [[None] * t for _ in range(t)]}
     for i in range(t):
         for k in range(i + 1):
-            m = retrieval_metrics(embeddings[i], embeddings[k], labels)
+            m = (known or {}).get((i, k)) or retrieval_metrics(embeddings[i], embeddings[k],
+                                                               labels)
             for name in mats:
                 mats[name][i][k] = m[name]
     out: Dict[str, object] = {f"compat/steps/{name}": mat for name, mat in mats.items()}

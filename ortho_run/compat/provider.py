@@ -308,6 +308,11 @@ class CompatService:
                                              None), test_loader)[0]
                          for src in chain[:-1]]
             step_embs += [old, spaces["new"]]
+            t = len(step_embs)  # the last update's three pairs are in ``out`` already
+            pairs = {(t - 1, t - 2): "new_old", (t - 2, t - 2): "old_old",
+                     (t - 1, t - 1): "new_new"}
+            known = {ik: {m: out[f"compat/{p}/{m}"] for m in ("cmc1", "map")}
+                     for ik, p in pairs.items()}
             out.update(multistep_matrix(step_embs, labels, [len(s.classes) for s in self.steps],
-                                        [s.fraction for s in self.steps]))
+                                        [s.fraction for s in self.steps], known))
         return out

@@ -101,8 +101,8 @@ def resolve_classes(spec: Any, num_classes: int, key: str = "data.classes"
     if spec is None:
         return None
     if isinstance(spec, str):
-        frac = FRACTIONS.get(spec[len("first_"):]) if spec.startswith("first_") else None
         count = spec[len("first_"):] if spec.startswith("first_") else ""
+        frac = FRACTIONS.get(count)
         if frac is not None:
             ids = list(range(int(num_classes * frac)))
         elif count.isdigit():

@@ -278,7 +278,8 @@ def build_job(cfg, run_dir: Path, dist: Dist = Dist(), emit=lambda row: None) ->
 
     shape = {"channels": ds.channels, "image_size": ds.image_size,
              "num_classes": ds.num_classes, "embed_dim": cfg.model.embed_dim}
-    needs = METHODS.get(cfg.method.name).needs(cfg.method)
+    method_cls = METHODS.get(cfg.method.name)
+    needs = method_cls.needs(cfg.method)
     service = artifacts = None
     frozen = {}
     if not needs.compat and cfg.compat.steps:
@@ -295,8 +296,7 @@ def build_job(cfg, run_dir: Path, dist: Dist = Dist(), emit=lambda row: None) ->
         artifacts = service.artifacts(
             ds, lambda split: build_loader(ds, split, cfg.data, device, False, cfg.seed, pipeline))
         frozen = service.frozen_embeddings()
-        dim = METHODS.get(cfg.method.name).feature_dim(cfg.method, artifacts.old_dim,
-                                                      cfg.model.embed_dim)
+        dim = method_cls.feature_dim(cfg.method, artifacts.old_dim, cfg.model.embed_dim)
         if dim is not None:
             shape["embed_dim"] = dim
         shape["compat"] = artifacts.shapes()
