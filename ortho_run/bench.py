@@ -2,12 +2,15 @@
 
     python -m ortho_run.bench --model resnet18_cifar --batch 512 --data cifar10 --data-root R
     python -m ortho_run.bench --tiny          # CPU: small CNN on digits (what CI exercises)
+    python -m ortho_run.bench --calls         # CPU: ATen calls per optimiser step / penalty
 
 Measures, on the same model, batch and precision:
   (1) ceiling  — fwd+bwd+step on synthetic tensors already on the device (no data path);
   (2) runner   — the runner's own training loop (Trainer, device-resident pipeline);
   (3) standard — the same loop fed by a torch DataLoader with PIL/torchvision transforms;
-  and (2) for each method, as step time relative to ``ce``.
+  and (2) for each method, as step time relative to ``ce``; with ``--optims`` /
+  ``--regularizers`` each optimiser's step time relative to SGD (``timm_muon``: timm's Muon on
+  our Muon's parameters, the maintained peer) and each regulariser's relative to none.
 Prints img/s and the ratios (2)/(1), (2)/(3), method/ce, and writes them as JSON.
 """
 
@@ -21,16 +24,13 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Dict, List, Optional, Sequence
 
 import torch
+from omegaconf import OmegaConf
 
 
 def _compose(args, method: str, pipeline: str, extra=()):
-    from hydra import compose, initialize_config_dir
-
-    from ortho_run.store import config_dir, register_configs
-
-    register_configs()
     ov = ["logger.mode=disabled", "trainer.progress=off", f"model={args.model}",
           f"data={args.data}", f"data.batch_size={args.batch}", f"data.pipeline={pipeline}",
           f"data.num_workers={args.workers}", f"method={method}", "trainer.max_epochs=100",
@@ -45,8 +45,7 @@ def _compose(args, method: str, pipeline: str, extra=()):
     if method == "ebv":
         ov.append("method.gen_steps=20000")
     ov += args.override + list(extra)
-    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
-        return compose(config_name="config", overrides=ov)
+    return compose_config(ov)
 
 
 def _sync(device):
@@ -84,7 +83,9 @@ VIEW_OPS = {"aten::view", "aten::t", "aten::transpose", "aten::as_strided", "ate
             "aten::reshape", "aten::_reshape_alias", "aten::_unsafe_view", "aten::permute",
             "aten::unsqueeze", "aten::squeeze", "aten::detach", "aten::slice", "aten::select",
             "aten::alias", "aten::lift_fresh", "aten::result_type", "aten::to",
-            "aten::_to_copy", "aten::resolve_conj", "aten::resolve_neg"}
+            "aten::_to_copy", "aten::resolve_conj", "aten::resolve_neg", "aten::mT",
+            "aten::mH", "aten::diagonal", "aten::unbind", "aten::narrow", "aten::split",
+            "aten::chunk", "aten::unflatten", "aten::flatten", "aten::view_as"}
 
 
 def top_level_aten_calls(events) -> list:
@@ -172,6 +173,81 @@ def measure_ceiling(args, job):
     return {"img_per_s": args.steps * args.batch / dt, "step_ms": 1000 * dt / args.steps}
 
 
+def step_calls(model: str = "resnet18_cifar", embed_dim: Optional[int] = 128,
+               optims: Optional[List[str]] = None, regularizers: Optional[List[str]] = None,
+               overrides: Sequence[str] = ()) -> dict:
+    """Top-level ATen calls (``top_level_aten_calls``) of one step of each optimiser plugin's
+    main optimiser (the orthogonalised one, or SGD/AdamW for every parameter), its state already
+    built, and of one penalty of each regulariser that adds one, for ``model`` on the CPU: what
+    the host issues per step, which does not depend on the machine. Newton–Schulz runs in fp32
+    here (the count is the same in bf16, which a CPU computes far more slowly). Also the number
+    of matrices and of distinct matrix shapes the orthogonalised step sees."""
+    from ortho_run.assemble import build_net
+    from ortho_run.optim import OPTIMIZERS, backbone_groups, build_optimizers
+    from ortho_run.regularizers import REGULARIZERS, build_regularizer
+
+    optims = list(optims) if optims is not None else OPTIMIZERS.names()
+    regularizers = list(regularizers) if regularizers is not None else REGULARIZERS.names()
+    cpu = torch.device("cpu")
+    shape = {"channels": 3, "image_size": 32, "num_classes": 10, "embed_dim": embed_dim}
+    base = [f"model={model}", "logger.mode=disabled", *overrides]
+    if embed_dim:
+        base.append(f"model.embed_dim={embed_dim}")
+
+    def calls(fn) -> int:
+        fn()  # state, caches
+        with quiet_native_stderr(), profile_cpu() as prof:
+            fn()
+        return len(top_level_aten_calls(prof.events()))
+
+    out: Dict[str, dict] = {"model": model, "optims": {}, "regularizers": {}}
+    for name in optims:
+        cfg = compose_config(base + [f"optim={name}"])
+        if "ns_dtype" in cfg.optim:
+            cfg.optim.ns_dtype = "fp32"
+        net = build_net(cfg, shape, cpu)
+        opt = build_optimizers(backbone_groups(net.backbone) + net.method.param_groups(),
+                               OmegaConf.to_object(cfg.optim), cpu)[0]
+        gen = torch.Generator().manual_seed(0)
+        for p in net.parameters():
+            p.grad = torch.randn(p.shape, generator=gen)
+        params = [p for g in opt.param_groups for p in g["params"]]
+        out["optims"][name] = {"calls": calls(opt.step), "params": len(params),
+                               "shapes": len({tuple(p.shape) for p in params})}
+    for name in regularizers:
+        cfg = compose_config(base + [f"regularizer={name}"])
+        net = build_net(cfg, shape, cpu)
+        reg = build_regularizer(cfg.regularizer, net.backbone)
+        if reg.adds_loss:
+            out["regularizers"][name] = {"calls": calls(reg.penalty), "layers": len(reg.names)}
+    return out
+
+
+def profile_cpu():
+    from torch.profiler import ProfilerActivity, profile
+
+    return profile(activities=[ProfilerActivity.CPU])
+
+
+def compose_config(overrides: Sequence[str]):
+    from hydra import compose, initialize_config_dir
+
+    from ortho_run.store import config_dir, register_configs
+
+    register_configs()
+    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+        return compose(config_name="config", overrides=list(overrides))
+
+
+def print_step_calls(res: dict) -> None:
+    print(f"ATen calls per step on the CPU ({res['model']}):")
+    for name, r in res["optims"].items():
+        print(f"    optim {name:12s} {r['calls']:5d} calls/step   ({r['params']} parameters "
+              f"in {r['shapes']} shapes)")
+    for name, r in res["regularizers"].items():
+        print(f"    regularizer {name:9s} {r['calls']:5d} calls/penalty   ({r['layers']} layers)")
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m ortho_run.bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -193,7 +269,8 @@ def main(argv=None):
     p.add_argument("--methods", default="ce,opl,gcr,ebv")
     p.add_argument("--optims", default="",
                    help="optimisers to time against sgd on method ce, e.g. sgd,muon,normuon,"
-                        "root,auon,auon_hybrid (the tiny mode times them all)")
+                        "root,auon,auon_hybrid,timm_muon (timm's Muon on our Muon's parameters; "
+                        "the tiny mode times them all)")
     p.add_argument("--regularizers", default="",
                    help="regularisers to time against none on method ce, e.g. "
                         "none,soft_orth,srip,conv_orth,orthogonal (the tiny mode times them all)")
@@ -207,14 +284,28 @@ def main(argv=None):
     p.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds (median)")
     p.add_argument("--json", default=None, help="write the results here")
     p.add_argument("--tiny", action="store_true", help="CPU smoke: small_cnn on digits")
+    p.add_argument("--calls", action="store_true",
+                   help="only count the ATen calls of one optimiser step and one regulariser "
+                        "penalty on the CPU (--calls-model, default resnet18_cifar with a "
+                        "128-d embedding: 20 hidden matrices in 11 shapes)")
+    p.add_argument("--calls-model", default="resnet18_cifar")
     p.add_argument("override", nargs="*", help="extra Hydra overrides")
     args = p.parse_args(argv)
+    if args.calls:
+        res = step_calls(args.calls_model, overrides=args.override)
+        print_step_calls(res)
+        if args.json:
+            Path(args.json).write_text(json.dumps(res, indent=2))
+        return res
     if args.tiny:
         args.model, args.data, args.batch = args.model or "small_cnn", "digits", 64
         args.steps, args.warmup, args.workers = min(args.steps, 8), min(args.warmup, 2), 0
         args.rounds = min(args.rounds, 2)
-        args.optims = args.optims or "sgd,muon,normuon,root,auon,auon_hybrid"
-        args.regularizers = args.regularizers or "none,soft_orth,srip,conv_orth,orthogonal"
+        from ortho_run.optim import OPTIMIZERS
+        from ortho_run.regularizers import REGULARIZERS
+
+        args.optims = args.optims or ",".join(["sgd", *OPTIMIZERS.names(), *PEERS])
+        args.regularizers = args.regularizers or ",".join(["none", *REGULARIZERS.names()])
 
     args.model = args.model or "resnet18_cifar"
     res = {"args": vars(args)}
@@ -272,12 +363,42 @@ def main(argv=None):
     return res
 
 
+#: peers timed next to our optimisers (not plugins: ``optim=`` never selects them)
+PEERS = {"timm_muon": "muon"}
+
+
+def timm_muon_like(ours: torch.optim.Optimizer) -> torch.optim.Optimizer:
+    """timm's maintained ``Muon`` on the parameters and settings of our ``optim=muon`` (K.
+    Jordan's coefficients and lr scale, Nesterov): the same update, so a fair peer to time."""
+    from timm.optim import Muon
+
+    g = ours.param_groups[0]
+    return Muon([p for grp in ours.param_groups for p in grp["params"]], lr=g["lr"],
+                momentum=g["momentum"], nesterov=g["nesterov"], weight_decay=g["weight_decay"],
+                ns_coefficients="original", adjust_lr_fn="original")
+
+
+def _with_peer(job, name: str):
+    """Replace the orthogonalised optimiser of a ``PEERS[name]`` job by the peer's."""
+    from ortho_run.optim import build_scheduler
+
+    tr = job.trainer
+    peer = timm_muon_like(tr.optimizers[0])
+    tr.optimizers[0] = peer
+    optim_cfg = OmegaConf.to_object(tr.cfg.optim)
+    tr.schedulers[0] = build_scheduler(peer, optim_cfg, max(1, len(tr.train_loader)),
+                                       tr.tcfg.max_epochs)
+    tr.train_epoch(limit=2)  # its state and any compilation, as the others had
+    return job
+
+
 def _variants(args, tmp: Path, group: str, names: str, base: str) -> dict:
     """Step time of method ce with each ``group`` option against ``base`` (interleaved rounds,
-    median), on the same model, batch and data."""
+    median), on the same model, batch and data. ``timm_muon`` (optimisers) is timm's Muon on the
+    same parameters as our ``muon``."""
     from ortho_run.errors import OrthoRunError
 
-    names = [n for n in names.split(",") if n]
+    names = list(dict.fromkeys(n for n in names.split(",") if n))
     if not names:
         return {}
     if base not in names:
@@ -285,7 +406,12 @@ def _variants(args, tmp: Path, group: str, names: str, base: str) -> dict:
     jobs, out = {}, {}
     for n in names:
         try:
-            jobs[n] = build(args, "ce", "resident", tmp, extra=[f"{group}={n}"])
+            option = PEERS.get(n, n) if group == "optim" else n
+            jobs[n] = build(args, "ce", "resident", tmp, extra=[f"{group}={option}"])
+            if option != n:
+                jobs[n] = _with_peer(jobs[n], n)
+        except ImportError as exc:
+            out[n] = {"skipped": f"needs {exc.name}"}
         except OrthoRunError as exc:  # e.g. a hard constraint on a model without linear layers
             out[n] = {"skipped": str(exc).split(";")[0]}
     out.update(interleaved(args, jobs))

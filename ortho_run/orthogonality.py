@@ -1,5 +1,6 @@
 """The orthogonality error of a weight, shared by methods (λ-orthogonality's adapter, OCA's
-layer), regularisers and their diagnostics."""
+layer), regularisers and their diagnostics: for one weight, or for a stack of same-shape
+matrices at once (the regularisers' batched penalties)."""
 
 from __future__ import annotations
 
@@ -14,7 +15,14 @@ def smaller_gram(w: Tensor) -> Tensor:
     return m @ m.T if m.shape[0] <= m.shape[1] else m.T @ m
 
 
+def gram_deviation(stack: Tensor) -> Tensor:
+    """G − I for each matrix of ``stack`` (n × rows × cols), G its smaller Gram matrix: one
+    batched matmul for the whole stack, the identity subtracted on the diagonal in place."""
+    g = stack @ stack.mT if stack.shape[-2] <= stack.shape[-1] else stack.mT @ stack
+    g.diagonal(dim1=-2, dim2=-1).sub_(1.0)
+    return g
+
+
 def gram_error(w: Tensor) -> Tensor:
-    """‖G − I‖_F with G the smaller Gram matrix of ``w``."""
-    g = smaller_gram(w)
-    return torch.linalg.matrix_norm(g - torch.eye(len(g), device=g.device, dtype=g.dtype))
+    """‖G − I‖_F with G the smaller Gram matrix of ``w`` (as a matrix)."""
+    return torch.linalg.matrix_norm(gram_deviation(w.reshape(1, w.shape[0], -1)))[0]

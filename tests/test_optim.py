@@ -7,8 +7,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import official_updates as official
 from conftest import compose, run_inprocess
-from ortho_run.optim.orthogonal import MUON_COEFFICIENTS, OrthogonalizedMomentum, newton_schulz
+from ortho_run.errors import ConfigError, Preempted
+from ortho_run.optim.newton_schulz import MUON_COEFFICIENTS, newton_schulz
+from ortho_run.optim.orthogonal import (RULES, AuONHybridConfig, Hyper, NSConfig,
+                                        OrthogonalizedMomentum, ROOTConfig, hyper_from_config,
+                                        linear_quantile, parse_coefficient_table, stacks)
 from ortho_run.regularizers.orthogonality import conv_orth, soft_orth, srip
 
 SHAPES = [(8, 8), (5, 12), (12, 5), (3, 40), (40, 3)]
@@ -57,60 +62,266 @@ def test_our_muon_step_equals_torch_optim_muon_on_matrices():
             assert torch.equal(ref, ours), (shape, nesterov, wd)
 
 
-def test_muon_updates_convolutions_as_matrices():
-    w0 = torch.randn(6, 3, 3, 3)
-    g = torch.randn(6, 3, 3, 3)
-    new = _step(lambda ps: OrthogonalizedMomentum(ps, lr=1.0, rule="muon", nesterov=False,
-                                                  momentum=0.0), w0, [g])
-    expected = w0 - newton_schulz(g.reshape(6, 27), 5).float().reshape(6, 3, 3, 3)
-    assert torch.allclose(new, expected, atol=1e-6)
+# a model's weights: five shapes, two of them held by several parameters (stacks of 2 and 3),
+# convolutions and linear layers, wide and tall
+MODEL_SHAPES = [(16, 8, 3, 3), (16, 8, 3, 3), (32, 16, 3, 3), (32, 16, 3, 3), (32, 16, 3, 3),
+                (24, 40), (40, 24), (12, 4, 1, 1)]
 
 
-def _update(rule, g, **kw):
-    """The step direction (before lr) of one step from zero momentum."""
-    w0 = torch.zeros_like(g)
-    opt_kw = dict(lr=1.0, rule=rule, momentum=0.0, nesterov=False, ns_dtype=torch.float32, **kw)
-    return -_step(lambda ps: OrthogonalizedMomentum(ps, **opt_kw), w0, [g])
+def _weights_and_grads(shapes=MODEL_SHAPES, steps=4, dtype=torch.float32, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    ws = [torch.randn(*s, generator=gen, dtype=dtype) for s in shapes]
+    gs = [[torch.randn(*s, generator=gen, dtype=dtype) for s in shapes] for _ in range(steps)]
+    return ws, gs
 
 
-def test_normuon_normalises_rows_and_keeps_muons_norm():
-    g = torch.randn(12, 7) * torch.logspace(-2, 1, 12)[:, None]  # rows of very unequal scale
-    u = _update("normuon", g)
-    muon = _update("muon", g)
-    rows = u.norm(dim=1)
-    assert torch.allclose(rows, rows.mean().expand(12), rtol=1e-4)  # equal normalised rows
-    assert not torch.allclose(muon.norm(dim=1), muon.norm(dim=1).mean().expand(12), rtol=1e-2)
-    assert u.norm().item() == pytest.approx(muon.norm().item(), rel=1e-5)  # Muon's Frobenius
+def _ours(ws, gs, compile_kw=None, **kw):
+    ps = [torch.nn.Parameter(w.clone()) for w in ws]
+    opt = OrthogonalizedMomentum(ps, **kw)
+    if compile_kw is not None:
+        opt.compile_step(**compile_kw)
+    for step in gs:
+        for p, g in zip(ps, step):
+            p.grad = g.clone()
+        opt.step()
+    return [p.detach() for p in ps], opt
 
 
-def test_root_picks_coefficients_by_shape_and_orthogonalises_the_clipped_part():
-    table = {"4x8": [2.0, -1.5, 0.5]}
-    opt = OrthogonalizedMomentum([torch.nn.Parameter(torch.zeros(1, 1))], lr=1.0, rule="root",
-                                 root_coefficients=table)
-    assert opt.coefficients((4, 8)) == (2.0, -1.5, 0.5)
-    assert opt.coefficients((8, 4)) == MUON_COEFFICIENTS
-    muon = OrthogonalizedMomentum([torch.nn.Parameter(torch.zeros(1, 1))], lr=1.0)
-    assert muon.coefficients((4, 8)) == MUON_COEFFICIENTS  # the table is ROOT's alone
-    g = torch.randn(6, 10)
-    g[0, 0] = 100.0  # an outlier
-    u = _update("root", g, root_quantile=0.9)
-    eps = g.abs().flatten().kthvalue(54).values  # the 0.9 quantile of 60 entries
-    expected = newton_schulz(g.clamp(-eps, eps), 5, dtype=torch.float32) * 0.2 * math.sqrt(10)
-    assert torch.allclose(u, expected, atol=1e-5)
+def _max_diff(a, b):
+    return max(float((x - y).abs().max()) for x, y in zip(a, b))
 
 
-@pytest.mark.parametrize("shape", SHAPES)
-@pytest.mark.parametrize("scale", [1e-3, 1.0, 1e3])
-def test_auon_update_is_bounded_in_spectral_norm(shape, scale):
-    g = torch.randn(*shape) * scale
-    g[0] *= 50  # spiky
-    factor = math.sqrt(max(1.0, shape[0] / shape[1]))
-    u = _update("auon", g) / factor
-    assert torch.linalg.matrix_norm(u, ord=2) <= 1.0 + 1e-5
+def test_muon_equals_timm_muon_to_the_bit_on_matrices_and_convolutions():
+    """timm 1.0's maintained Muon with K. Jordan's coefficients and lr scale, Nesterov: the
+    same weights to the bit after several steps (bf16 Newton–Schulz), our stacks included."""
+    timm_optim = pytest.importorskip("timm.optim")
+    ws, gs = _weights_and_grads()
+    for wd in (0.0, 0.1):
+        ps = [torch.nn.Parameter(w.clone()) for w in ws]
+        ref = timm_optim.Muon(ps, lr=0.02, momentum=0.95, nesterov=True, weight_decay=wd,
+                              ns_coefficients="original", adjust_lr_fn="original")
+        for step in gs:
+            for p, g in zip(ps, step):
+                p.grad = g.clone()
+            ref.step()
+        ours, _ = _ours(ws, gs, lr=0.02, rule="muon", weight_decay=wd)
+        for r, o, shape in zip(ps, ours, MODEL_SHAPES):
+            assert torch.equal(r.detach(), o), (shape, wd)
+
+
+def _hyper(**kw):
+    return Hyper(ns_dtype=torch.float32, **kw)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_every_rule_equals_its_official_update_over_several_steps(dtype):
+    """Each rule against its official code re-typed one matrix at a time (tests/
+    official_updates.py), 2-D and convolution weights, four steps, Newton–Schulz in float32."""
+    ws, gs = _weights_and_grads(dtype=dtype)
+    tol = 1e-6
+    cases = {
+        "muon": (dict(rule="muon", weight_decay=0.1, hyper=_hyper()),
+                 official.muon_step(ws, gs, wd=0.1)),
+        "muon without Nesterov": (dict(rule="muon", nesterov=False, hyper=_hyper()),
+                                  official.muon_step(ws, gs, nesterov=False)),
+        "normuon": (dict(rule="normuon", weight_decay=0.1, hyper=_hyper()),
+                    official.normuon_step(ws, gs, wd=0.1)),
+        "root": (dict(rule="root", weight_decay=0.1, hyper=hyper_from_config(
+            "root", ROOTConfig(root_coefficients={"16x72": [3.0, -3.2, 1.2]}))),
+                 official.root_step(ws, gs, wd=0.1, table={(16, 72): (3.0, -3.2, 1.2)})),
+        "root without Nesterov": (dict(rule="root", nesterov=False, weight_decay=0.1,
+                                       hyper=hyper_from_config("root", ROOTConfig())),
+                                  official.root_step(ws, gs, wd=0.1, nesterov=False)),
+        "auon": (dict(rule="auon", hyper=_hyper()), official.auon_paper_step(ws, gs)),
+        "auon_hybrid (paper)": (dict(rule="auon_hybrid", hyper=hyper_from_config(
+            "auon_hybrid", AuONHybridConfig(ns_dtype="fp32"))),
+            official.hybrid_auon_paper_step(ws, gs)),
+        "auon_hybrid (package)": (dict(rule="auon_hybrid", lr=0.24, hyper=hyper_from_config(
+            "auon_hybrid", AuONHybridConfig(hybrid_form="package"))),
+            official.hybrid_auon_package_step(ws, gs)),
+    }
+    for name, (kw, ref) in cases.items():
+        kw.setdefault("lr", 0.02)
+        ours, _ = _ours(ws, gs, **kw)
+        assert _max_diff(ours, ref) <= tol, (name, _max_diff(ours, ref))
+        assert all(o.dtype == dtype for o in ours)
+
+
+def test_root_quantile_is_the_official_interpolated_one():
+    gen = torch.Generator().manual_seed(3)
+    for n in (7, 10, 60, 1001, 4096):
+        flat = torch.randn(3, n, generator=gen).abs()
+        got = linear_quantile(flat, 0.9)
+        want = torch.stack([official.simple_quantile(r, 0.9) for r in flat])
+        assert torch.equal(got, want), n
+        assert torch.allclose(got, torch.quantile(flat, 0.9, dim=1), atol=1e-6)
+
+
+def test_hybrid_auon_divides_after_orthogonalising_not_before():
+    """Dividing by the cosh RMS before Newton–Schulz (an earlier version here) would give
+    plain NS(M): Newton–Schulz normalises its input first."""
+    g = torch.randn(12, 30)
+    g[0] *= 20  # spiky rows make the cosh RMS large
+    kw = dict(lr=1.0, rule="auon_hybrid", momentum=0.0, nesterov=False)
+    ours, _ = _ours([torch.zeros_like(g)], [[g]], hyper=_hyper(ns_steps=1), **kw)
+    ns = newton_schulz(g, 1, dtype=torch.float32)
+    expected = ns / torch.cosh(ns).pow(2).mean().sqrt()
+    assert torch.allclose(-ours[0], expected, atol=1e-6)
     x = g / g.norm()
-    assert torch.allclose(u, x / torch.cosh(x).pow(2).mean().sqrt(), atol=1e-6)
-    hybrid = _update("auon_hybrid", g, hybrid_ns_steps=1) / factor
-    assert torch.allclose(hybrid, newton_schulz(u, 1, dtype=torch.float32), atol=1e-5)
+    before = newton_schulz(x / torch.cosh(x).pow(2).mean().sqrt(), 1, dtype=torch.float32)
+    assert torch.allclose(before, ns, atol=1e-6)  # dividing first: plain NS(M), a no-op
+    assert not torch.allclose(-ours[0], ns, atol=1e-5)  # the brake after NS does act
+
+
+@pytest.mark.parametrize("rule", sorted(RULES))
+def test_the_batched_step_equals_one_matrix_at_a_time(rule):
+    """Stacks of same-shape matrices (one batched Newton–Schulz each) against each matrix alone,
+    fp32, on weights of five shapes, over several steps."""
+    ws, gs = _weights_and_grads()
+    kw = dict(lr=0.02, rule=rule, weight_decay=0.1, hyper=_hyper())
+    batched, opt = _ours(ws, gs, batched=True, **kw)
+    single, _ = _ours(ws, gs, batched=False, **kw)
+    assert _max_diff(batched, single) <= 1e-6
+    assert len(stacks([p for g in opt.param_groups for p in g["params"]])) == 5
+    # the state is per parameter, shaped like it, whatever the batching
+    p0 = opt.param_groups[0]["params"][0]
+    assert opt.state[p0]["momentum_buffer"].shape == p0.shape
+
+
+@pytest.mark.parametrize("rule", sorted(RULES))
+def test_the_step_compiles_as_one_graph_and_equals_eager(rule):
+    """fullgraph: no graph break, so nothing in the step reads a device value on the host; the
+    lr reaches it as a tensor (a schedule does not recompile it)."""
+    ws, gs = _weights_and_grads(steps=3)
+    kw = dict(lr=0.02, rule=rule, weight_decay=0.1, hyper=_hyper())
+    eager, _ = _ours(ws, gs, **kw)
+    compiled, opt = _ours(ws, gs, compile_kw=dict(mode=None, backend="eager"), **kw)
+    assert _max_diff(eager, compiled) <= 1e-6
+    assert opt._lr_tensors is not None and opt._lr_tensors[0].ndim == 0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("rule", ["muon", "root"])
+def test_the_inductor_compiled_step_equals_eager(rule):
+    ws, gs = _weights_and_grads(steps=3)
+    kw = dict(lr=0.02, rule=rule, weight_decay=0.1, hyper=_hyper())
+    eager, _ = _ours(ws, gs, **kw)
+    compiled, _ = _ours(ws, gs, compile_kw=dict(mode="default"), **kw)
+    assert _max_diff(eager, compiled) <= 1e-6
+
+
+def test_buffers_saved_as_flattened_matrices_resume_unchanged():
+    """Checkpoints of the earlier format held a convolution's momentum as the out × (in·k·k)
+    matrix: they load into a parameter-shaped buffer and continue as the uninterrupted run."""
+    ws, gs = _weights_and_grads(steps=4)
+    kw = dict(lr=0.02, rule="muon", hyper=_hyper())
+    full, _ = _ours(ws, gs, **kw)
+    half, opt = _ours(ws, gs[:2], **kw)
+    sd = opt.state_dict()
+    for st in sd["state"].values():  # the earlier format
+        st["momentum_buffer"] = st["momentum_buffer"].reshape(st["momentum_buffer"].shape[0], -1)
+    ps = [torch.nn.Parameter(w.clone()) for w in half]
+    opt2 = OrthogonalizedMomentum(ps, **kw)
+    opt2.load_state_dict(sd)
+    assert all(opt2.state[p]["momentum_buffer"].shape == p.shape for p in ps)
+    for step in gs[2:]:
+        for p, g in zip(ps, step):
+            p.grad = g.clone()
+        opt2.step()
+    assert _max_diff([p.detach() for p in ps], full) == 0.0
+
+
+def test_ns_coefficient_sequences():
+    from ortho_run.optim.newton_schulz import NS_COEFFICIENTS, coefficient_sequence
+
+    quintic = NS_COEFFICIENTS["quintic"]
+    assert coefficient_sequence(quintic, 3) == quintic[:3]
+    assert coefficient_sequence(quintic, 7) == quintic + (quintic[-1],) * 2
+    g = torch.randn(20, 50, dtype=torch.float64)
+    for name, seq in NS_COEFFICIENTS.items():
+        x = newton_schulz(g, max(5, len(seq)), seq, dtype=torch.float64)
+        s = torch.linalg.svdvals(x)
+        assert 0.3 < s.min() and s.max() < 1.3, (name, s)  # near-orthogonal
+        # one step by hand
+        a, b, c = seq[0]
+        x0 = g / g.norm()
+        A = x0 @ x0.T
+        assert torch.allclose(newton_schulz(g, 1, seq, dtype=torch.float64),
+                              a * x0 + (b * A + c * A @ A) @ x0, atol=1e-12)
+    # quintic/polar_express through the config: timm's sequences
+    timm_muon = pytest.importorskip("timm.optim.muon")
+    for name in ("quintic", "polar_express"):
+        assert [tuple(t) for t in timm_muon._COEFFICIENTS[name]] == list(NS_COEFFICIENTS[name])
+
+
+def test_muon_with_timms_quintic_sequence_equals_timm():
+    timm_optim = pytest.importorskip("timm.optim")
+    ws, gs = _weights_and_grads(steps=3)
+    ps = [torch.nn.Parameter(w.clone()) for w in ws]
+    ref = timm_optim.Muon(ps, lr=0.02, nesterov=True, ns_coefficients="quintic",
+                          adjust_lr_fn="original")
+    for step in gs:
+        for p, g in zip(ps, step):
+            p.grad = g.clone()
+        ref.step()
+    cfg = NSConfig(ns_coefficients="quintic")
+    ours, _ = _ours(ws, gs, lr=0.02, rule="muon", hyper=hyper_from_config("muon", cfg))
+    assert _max_diff([p.detach() for p in ps], ours) == 0.0
+
+
+def test_root_coefficient_table_keys_and_values_are_checked():
+    assert parse_coefficient_table({"576x64": [1, 2, 3]}) == {(64, 576): (1.0, 2.0, 3.0)}
+    for bad, why in [({"64by576": [1, 2, 3]}, "is not a matrix shape"),
+                     ({"64x0": [1, 2, 3]}, "is not a matrix shape"),
+                     ({"64x576": [1, 2]}, "three finite numbers"),
+                     ({"64x576": ["a", 2, 3]}, "three finite numbers"),
+                     ({"64x576": [1, 2, 3], "576x64": [3, 2, 1]}, "again with other")]:
+        with pytest.raises(ConfigError, match=why):
+            parse_coefficient_table(bad)
+    # the official table is the default, keyed by (min, max)
+    h = hyper_from_config("root", ROOTConfig())
+    assert dict(h.shape_coefficients)[(2048, 8192)] == (2.9794, -3.6674, 1.6207)
+
+
+def test_auon_hybrid_forms_take_their_own_defaults_and_gamma_is_package_only():
+    paper = hyper_from_config("auon_hybrid", AuONHybridConfig())
+    package = hyper_from_config("auon_hybrid", AuONHybridConfig(hybrid_form="package"))
+    assert (paper.ns_steps, paper.ns_dtype, paper.add_eps) == (1, torch.bfloat16, False)
+    assert (package.ns_steps, package.ns_dtype, package.add_eps, package.gamma) == (
+        5, torch.float32, True, 1.5)
+    with pytest.raises(ConfigError, match="optim.gamma=2.0 only applies to optim.hybrid_form"):
+        hyper_from_config("auon_hybrid", AuONHybridConfig(gamma=2.0))
+
+
+def test_roles_that_select_nothing_are_refused(tmp_path):
+    from ortho_run.runner.run import build_job
+
+    for roles in ("[backbone_1d]", "[head]"):
+        with pytest.raises(ConfigError, match="selects no trainable weight matrix"):
+            build_job(compose(["experiment=smoke", "optim=muon", f"optim.roles={roles}",
+                               "logger.mode=disabled"]), tmp_path / "x")
+
+
+def test_batched_step_issues_fewer_host_calls():
+    """The count the bench prints for resnet18_cifar, here on weights of five shapes: the
+    batched step issues fewer ATen calls than one matrix at a time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from ortho_run.bench import top_level_aten_calls
+
+    ws, gs = _weights_and_grads(steps=2)
+    counts = {}
+    for rule in sorted(RULES):
+        for batched in (True, False):
+            ps = [torch.nn.Parameter(w.clone()) for w in ws]
+            opt = OrthogonalizedMomentum(ps, lr=0.02, rule=rule, batched=batched, hyper=_hyper())
+            for step in gs:
+                for p, g in zip(ps, step):
+                    p.grad = g.clone()
+                with profile(activities=[ProfilerActivity.CPU]) as prof:
+                    opt.step()
+            counts[rule, batched] = len(top_level_aten_calls(prof.events()))
+        assert counts[rule, True] < counts[rule, False], counts
 
 
 # ------------------------------------------------------------------ regularisers
@@ -149,6 +360,105 @@ def test_conv_orth_is_zero_on_an_orthogonal_convolution_and_not_on_an_orthogonal
     x = torch.randn(3, 2, 3, 3, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(lambda t: conv_orth(t, 1), (x,))
     assert torch.autograd.gradcheck(lambda t: conv_orth(t, 2, squared=True), (x,))
+
+
+def _reference_penalty(name, layers, iterations=2):
+    """Each layer alone, written out: Σ ‖G − I‖²_F; Σ σ²_max(G − I) by the power method from
+    the normalised ones vector; Σ ‖conv2d(K, K, S, P) − I_r0‖_F."""
+    total = 0.0
+    for m in layers:
+        w = m.weight
+        if name == "conv_orth":
+            out, _, k, _ = w.shape
+            s = m.stride[0]
+            z = F.conv2d(w, w, stride=s, padding=((k - 1) // s) * s)
+            target = torch.zeros_like(z)
+            c = z.shape[-1] // 2
+            target[range(out), range(out), c, c] = 1.0
+            total = total + (z - target).pow(2).sum().sqrt()
+            continue
+        mat = w.reshape(w.shape[0], -1)
+        g = mat @ mat.T if mat.shape[0] <= mat.shape[1] else mat.T @ mat
+        d = g - torch.eye(len(g))
+        if name == "soft_orth":
+            total = total + d.pow(2).sum()
+        else:
+            v = torch.ones(len(g), 1) / len(g) ** 0.5
+            for _ in range(iterations):
+                v = d @ v / (d @ v).norm()
+            total = total + (d @ v).norm() ** 2
+    return total
+
+
+@pytest.mark.parametrize("name", ["soft_orth", "srip", "conv_orth"])
+def test_batched_penalties_equal_the_per_layer_references(name):
+    """ResNet-20 has 19 convolutions in 5 (shape, stride) groups: one batched penalty per group
+    gives the per-layer sum, value and gradient."""
+    from ortho_run.models import build_backbone
+    from ortho_run.regularizers import build_regularizer
+
+    cfg = compose(["model=resnet20", f"regularizer={name}"])
+    torch.manual_seed(0)
+    backbone = build_backbone(cfg.model, 3, 32)
+    reg = build_regularizer(cfg.regularizer, backbone)
+    assert len(reg.stacks(key=lambda m: m.stride)) < len(reg.names) / 3
+    ours = reg.penalty()
+    ref = _reference_penalty(name, reg._layers)
+    assert torch.allclose(ours, ref, rtol=1e-5), (ours, ref)
+    g_ours = torch.autograd.grad(ours, [m.weight for m in reg._layers])
+    g_ref = torch.autograd.grad(ref, [m.weight for m in reg._layers])
+    assert all(torch.allclose(a, b, rtol=1e-4, atol=1e-6) for a, b in zip(g_ours, g_ref))
+
+
+@pytest.mark.parametrize("optim", ["normuon", "root"])
+def test_orthogonalised_run_resumed_mid_epoch_equals_the_uninterrupted_one(tmp_path, optim):
+    from ortho_run import checkpoint as ckpt
+    from ortho_run.runner.run import build_job
+
+    cfg = compose(["experiment=smoke", f"optim={optim}", "trainer.deterministic=true",
+                   "logger.mode=disabled"])
+    full = build_job(cfg, tmp_path / "full").trainer
+    for _ in range(2):
+        full.train_epoch()
+    part = build_job(cfg, tmp_path / "part").trainer
+    step = part.step
+
+    def stop_after_three(x, y):  # a signal during the third batch of the first epoch
+        out = step(x, y)
+        if part.state.step == 3:
+            part.request_stop(15)
+        return out
+
+    part.step = stop_after_three
+    with pytest.raises(Preempted):
+        part.train_epoch()
+    resumed = build_job(cfg, tmp_path / "resumed").trainer
+    resumed.load_state_dict(ckpt.load(tmp_path / "part" / "checkpoints" / "last.pt"))
+    assert resumed.state.batch == 3
+    for _ in range(2):
+        resumed.train_epoch()
+    a, b = full.net.state_dict(), resumed.net.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.slow
+def test_bench_counts_at_most_half_the_calls_of_the_unbatched_code():
+    """The bench's CPU count for resnet18_cifar with a 128-d embedding (20 hidden matrices in
+    11 shapes). Thresholds: half of what the code before the batched step issued, counted the
+    same way at commit b7bef7a (muon 526, normuon 766, root 626, auon 220, auon_hybrid 366;
+    penalties soft_orth 147, srip 378, conv_orth 200)."""
+    from ortho_run.bench import step_calls
+
+    before = {"muon": 526, "normuon": 766, "root": 626, "auon": 220, "auon_hybrid": 366,
+              "soft_orth": 147, "srip": 378, "conv_orth": 200}
+    res = step_calls("resnet18_cifar", optims=["sgd", *sorted(RULES)],
+                     regularizers=["soft_orth", "srip", "conv_orth"])
+    for rule in RULES:
+        r = res["optims"][rule]
+        assert (r["params"], r["shapes"]) == (20, 11)
+        assert r["calls"] <= before[rule] / 2, (rule, r)
+    for name, r in res["regularizers"].items():
+        assert r["calls"] <= before[name] / 2, (name, r)
 
 
 def test_regularizer_layers_are_chosen_by_glob_and_logged_as_a_loss_part(tmp_path):

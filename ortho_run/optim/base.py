@@ -47,6 +47,11 @@ class ParamGroup:
             raise ValueError(f"unknown parameter role {self.role!r}; roles: {', '.join(ROLES)}")
 
 
+def check_roles(roles) -> bool:
+    """A schema check: ``roles`` is a non-empty list of known parameter roles."""
+    return bool(roles) and all(str(r) in ROLES for r in roles)
+
+
 def backbone_groups(backbone: nn.Module) -> List[ParamGroup]:
     """The trainable backbone parameters by role: stem, hidden (>= 2-D), backbone_1d."""
     roles: Dict[str, List[torch.Tensor]] = {"stem": [], "hidden": [], "backbone_1d": []}

@@ -7,48 +7,91 @@ together. A weight with more than two dims (a convolution kernel, out × in × k
 as the matrix out × (in·k·k) and reshaped back. Method-owned parameters that name their own
 optimiser (GCR's bases) keep it.
 
+Every rule is a small pure function over a *stack* of same-shape matrices (``RULES``), in the
+form of ``muon_update`` in KellerJordan/Muon; ``OrthogonalizedMomentum.step`` only loops: the
+momentum of every parameter in one foreach call, then, per stack of same-shape matrices (the 20
+hidden matrices of a CIFAR ResNet-18 make 11), the rule once, with one batched Newton–Schulz
+chain (``baddbmm``), then the updates in one foreach call per scale. ``optim.batched=false``
+runs each matrix alone (the same functions on stacks of one). State stays per parameter (a
+momentum buffer shaped like the parameter, NorMuon's row moments), so checkpoints hold the same
+entries whatever the batching. Under ``trainer.compile`` the whole step is compiled (the
+learning rate enters as a tensor, so a schedule does not recompile it; nothing in it reads a
+device value on the host).
+
 - ``muon`` — Muon (K. Jordan et al. 2024; ``torch.optim.Muon``): B ← μB + (1 − μ)G (an EMA),
-  U = NS₅(G + μ(B − G)) with Nesterov (else NS₅(B)), W ← W(1 − ηλ) − η·√max(1, rows/cols)·U.
-  NS₅ is the quintic Newton–Schulz iteration with (a, b, c) = (3.4445, −4.7750, 2.0315) on
-  X/‖X‖_F, run in bf16 as the official code (``ns_dtype=fp32`` for full precision). On 2-D
-  weights this is ``torch.optim.Muon``'s step to the bit (tested); defaults μ = 0.95, η = 0.02.
-- ``normuon`` — NorMuon (Li et al. 2025, zichongli5/NorMuon): after NS₅, a per-row (neuron)
+  U = NS(G + μ(B − G)) with Nesterov (else NS(B)), W ← W(1 − ηλ) − η·√max(1, rows/cols)·U. NS is
+  the quintic Newton–Schulz iteration, ``ns_steps`` = 5 steps with ``ns_coefficients``
+  (``original``: K. Jordan's (3.4445, −4.7750, 2.0315), the default; ``quintic``: the per-step
+  sequence tuned for modded-nanogpt, timm's default; ``polar_express``), on X/‖X‖_F, run in bf16
+  as the official code (``ns_dtype=fp32`` for full precision). On 2-D weights this is
+  ``torch.optim.Muon``'s step to the bit, and on 2-D and convolution weights timm's ``Muon``
+  (``ns_coefficients="original"``, ``adjust_lr_fn="original"``, Nesterov) to the bit (tested).
+- ``normuon`` — NorMuon (Li et al. 2025, zichongli5/NorMuon): after NS, a per-row (neuron)
   second-moment EMA v ← β₂v + (1 − β₂)·mean_j(U²_ij) (β₂ = 0.95, no bias correction, ε = 1e-10)
   normalises each row, Û = U/(√v + ε); as the official code, Û is then rescaled to U's
-  Frobenius norm (the paper instead states an update RMS of 0.2·η: not what its code does).
-- ``root`` — ROOT (He et al. 2025, huawei-noah/noah-research ROOT): M ← μM + G (a plain sum),
-  the outliers O = T_ε[M] (soft-thresholding) are split off with ε the ``root_quantile`` (0.9)
-  quantile of |M|, only the clipped part B = M − O = clamp(M, −ε, ε) is orthogonalised,
-  W ← W − η·0.2·√max(rows, cols)·NS(B) (the code's RMS-matching scale). Its shape-fitted
-  Newton–Schulz coefficients exist only for a few LLM matrix shapes, none of which a CNN here
-  has: ``root_coefficients`` (``{"ROWSxCOLS": [a, b, c]}``) supplies such a table, and any
-  other shape uses Muon's coefficients, as the official code does.
+  Frobenius norm (the paper instead states an update RMS of 0.2·η: not what its code does). On
+  a convolution the rows are the output units of the flattened kernel, as for every rule here;
+  the official code, given a 4-D weight, takes the statistics over the kernel's last axis and
+  restores the norm per k×k slice, which we do not follow.
+- ``root`` — ROOT (He et al. 2025, huawei-noah/noah-research ``ROOT``): B ← μB + G (a plain sum),
+  M = G + μB with Nesterov (the official default; else M = B). The outliers beyond ε, the
+  linearly interpolated ``root_quantile`` (0.9) quantile of |M| (the official
+  ``simple_quantile``: kthvalue at ⌊q(n−1)⌋+1 and ⌈q(n−1)⌉+1, lerp between them, in float32)
+  plus 1e-9, are split off: only the clipped part clamp(M, −ε, ε) is orthogonalised, in the
+  gradient's dtype (``ns_dtype=fp32``; no bf16 cast) from X/(‖X‖_F + ε), with shape-fitted
+  coefficients (``root_coefficients``, keyed by the matrix's ``ROWSxCOLS`` in either order;
+  the default is the official table, whose four LLM shapes no CNN here has) else
+  ``ns_coefficients``. W ← W(1 − ηλ) − η·0.2·√max(rows, cols)·NS(clip M) (the code's
+  RMS-matching scale, ``root_scale``). The official code takes only 2-D weights; a convolution
+  is its flattened matrix here.
 - ``auon`` — AuON (the paper's form, ryyzn9/AuON): X = M/‖M‖_F from the Nesterov momentum,
   U = X / rms(cosh X) (element-wise cosh), W ← W − η·√max(1, rows/cols)·U; linear time, and
-  ‖U‖₂ ≤ ‖X‖_F / rms(cosh X) ≤ 1 since cosh ≥ 1. (The repository's current class drops the
-  normalisation and uses γ 1.5, η 0.24: we follow the paper.)
-- ``auon_hybrid`` — U as AuON, then ``hybrid_ns_steps`` Newton–Schulz steps (the paper: one;
-  its code: five).
+  ‖U‖₂ ≤ ‖X‖_F / rms(cosh X) ≤ 1 since cosh ≥ 1. (The repository's current ``AuON`` class drops
+  the normalisation and uses γ 1.5, η 0.24: we follow the paper.)
+- ``auon_hybrid`` — Hybrid-AuON: orthogonalise first, then the cosh brake
+  (``hybrid_form``). ``paper`` (the default, the paper's §3.2): X = NS(M) with one step, then
+  U = X / rms(cosh X), scaled by √max(1, rows/cols). ``package`` (the package's
+  ``HybridAuON``): X = NS(M) with five steps in the gradient's dtype from X/(‖X‖_F + ε), then
+  U = X / (rms(cosh(γ·X/(‖X‖_F + 1e-7))) + 1e-8) with γ = 1.5 (``gamma``), no aspect-ratio
+  factor (its lr is 0.24). ``ns_steps`` / ``ns_dtype`` / ``gamma`` left null take the form's
+  own. (Dividing by the cosh RMS *before* Newton–Schulz, as an earlier version here did, is a
+  no-op: Newton–Schulz starts by normalising its input.) On a 4-D weight the package
+  orthogonalises each k×k slice of the kernel; here, as for every rule, the flattened matrix.
 """
 
 from __future__ import annotations
 
 import math
+import struct
+from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import ClassVar, Dict, List, Optional, Tuple
+from typing import Callable, ClassVar, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
 
 from ortho_run.config import Choice, OptimConfig, at_least, positive
-from ortho_run.optim.base import OPTIMIZERS, ParamGroup, torch_groups, with_fused_fallback
-
-MUON_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
+from ortho_run.errors import ConfigError
+from ortho_run.optim.base import (OPTIMIZERS, ROLES, ParamGroup, check_roles, torch_groups,
+                                  with_fused_fallback)
+from ortho_run.optim.newton_schulz import (MUON_COEFFICIENTS, NS_COEFFICIENTS, Triple,
+                                           newton_schulz)
 
 
 class NSDtype(Choice):
-    bf16 = "bf16"  # the official code's
-    fp32 = "fp32"
+    bf16 = "bf16"  # the official Muon/NorMuon code's
+    fp32 = "fp32"  # the gradient's dtype: ROOT's and the AuON package's
+
+
+class NSCoefficients(Choice):
+    original = "original"
+    quintic = "quintic"
+    polar_express = "polar_express"
+
+
+class HybridForm(Choice):
+    paper = "paper"
+    package = "package"
 
 
 class Other(Choice):
@@ -56,29 +99,297 @@ class Other(Choice):
     sgd = "sgd"
 
 
-def newton_schulz(g: Tensor, steps: int = 5, coefficients=MUON_COEFFICIENTS,
-                  eps: float = 1e-7, dtype: torch.dtype = torch.bfloat16) -> Tensor:
-    """Orthogonalise a 2-D ``g`` by Newton–Schulz: X ← aX + (bA + cA²)X with A = XXᵀ, from
-    X = g/‖g‖_F (on the wide orientation). With Muon's coefficients the singular values land in
-    about [0.7, 1.2] rather than at 1 (a steeper slope at 0 for fewer steps); with the cubic
-    (1.5, −0.5, 0) they converge to 1. Returns a tensor of ``dtype``."""
-    a, b, c = coefficients
-    x = g.to(dtype)
-    tall = x.shape[0] > x.shape[1]
-    if tall:
-        x = x.T
-    x = x / x.norm().clamp(min=eps)
-    for _ in range(steps):
-        gram = x @ x.T
-        x = torch.addmm(x, torch.addmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
-    return x.T if tall else x
+_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+
+#: the official ROOT example's shape-fitted coefficients (ROOT/examples/example_train.py),
+#: keyed as min(rows, cols) x max(rows, cols)
+ROOT_COEFFICIENTS = {
+    "2048x2048": [3.4916, -4.8224, 2.1095],
+    "2048x16384": [3.1943, -3.8221, 1.5322],
+    "2048x3072": [3.4509, -4.5790, 1.9325],
+    "2048x8192": [2.9794, -3.6674, 1.6207],
+}
 
 
-def matrix_view(t: Tensor) -> Tensor:
+def parse_coefficient_table(table, key: str = "optim.root_coefficients"
+                            ) -> Dict[Tuple[int, int], Triple]:
+    """``{"ROWSxCOLS": [a, b, c]}`` as ``{(min, max): (a, b, c)}``; a malformed entry is a
+    ConfigError naming it."""
+    out: Dict[Tuple[int, int], Triple] = {}
+    for k, v in dict(table or {}).items():
+        parts = str(k).lower().split("x")
+        if len(parts) != 2 or not all(p.strip().isdigit() and int(p) > 0 for p in parts):
+            raise ConfigError(f"{key}: the key {k!r} is not a matrix shape: write ROWSxCOLS with "
+                              f"two positive integers, e.g. '64x576': [3.4445, -4.775, 2.0315]")
+        try:
+            triple = tuple(float(x) for x in v)
+        except (TypeError, ValueError):
+            triple = ()
+        if len(triple) != 3 or not all(math.isfinite(x) for x in triple):
+            raise ConfigError(f"{key}[{k}]={v!r}: give three finite numbers (a, b, c) of the "
+                              f"Newton-Schulz step X <- aX + (bA + cA^2)X")
+        shape = tuple(sorted(int(p) for p in parts))
+        if shape in out and out[shape] != triple:
+            raise ConfigError(f"{key}: {k!r} names the shape {shape[0]}x{shape[1]} again with "
+                              f"other coefficients (a shape and its transpose are one entry)")
+        out[shape] = triple
+    return out
+
+
+def _float32(x: float) -> float:
+    """``x`` rounded to float32 (the official ROOT quantile holds its index in a float32)."""
+    return struct.unpack("f", struct.pack("f", x))[0]
+
+
+def linear_quantile(flat: Tensor, q: float) -> Tensor:
+    """The ``q`` quantile of each row of ``flat`` (n × N), linearly interpolated between the
+    order statistics at ⌊q(N−1)⌋ and ⌈q(N−1)⌉ (ROOT's ``simple_quantile``; ``torch.quantile``'s
+    default interpolation, without its size limit)."""
+    pos = _float32(q * (flat.shape[1] - 1))
+    lo, hi = math.floor(pos), math.ceil(pos)
+    lower = flat.kthvalue(lo + 1, dim=1).values
+    if lo == hi:
+        return lower
+    return torch.lerp(lower, flat.kthvalue(hi + 1, dim=1).values, pos - lo)
+
+
+@dataclass(frozen=True)
+class Hyper:
+    """A rule's settings (constants of the step, not tensors)."""
+
+    ns_steps: int = 5
+    coefficients: Tuple[Triple, ...] = (MUON_COEFFICIENTS,)
+    ns_dtype: torch.dtype = torch.bfloat16
+    eps: float = 1e-7
+    add_eps: bool = False  # NS from X/(‖X‖ + eps) (ROOT's, AuON's code) instead of X/max(‖X‖, eps)
+    beta2: float = 0.95
+    norm_eps: float = 1e-10
+    root_quantile: float = 0.9
+    root_scale: float = 0.2
+    shape_coefficients: Tuple[Tuple[Tuple[int, int], Triple], ...] = ()
+    hybrid_form: str = "paper"
+    gamma: float = 1.5
+
+    def orthogonalize(self, x: Tensor, rows: int, cols: int) -> Tensor:
+        """NS of a stack of ``rows × cols`` matrices with this rule's settings."""
+        table = dict(self.shape_coefficients)
+        coefficients = self.coefficients
+        shape = (min(rows, cols), max(rows, cols))
+        if shape in table:
+            coefficients = (table[shape],)
+        return newton_schulz(x, self.ns_steps, coefficients, self.eps, self.ns_dtype,
+                             add_eps=self.add_eps)
+
+
+def _rms(t: Tensor) -> Tensor:
+    """Root mean square of each matrix of a stack (n × 1 × 1)."""
+    return t.pow(2).mean(dim=(-2, -1), keepdim=True).sqrt()
+
+
+# ------------------------------------------------------------------ the rules, on stacks
+# Each takes the stacked momentum M (n × rows × cols, the parameters' dtype), the rule's
+# per-parameter state as lists (updated in place) and its settings; it returns the direction U
+# (n × rows × cols) that the step scales by lr × Rule.scale.
+
+def muon_update(m: Tensor, state: Dict[str, List[Tensor]], h: Hyper) -> Tensor:
+    return h.orthogonalize(m, *m.shape[-2:])
+
+
+def normuon_update(m: Tensor, state: Dict[str, List[Tensor]], h: Hyper) -> Tensor:
+    u = h.orthogonalize(m, *m.shape[-2:]).float()
+    v = state["row_second_moment"]  # per matrix: rows × 1, float32
+    torch._foreach_mul_(v, h.beta2)
+    torch._foreach_add_(v, list(u.pow(2).mean(dim=-1, keepdim=True).unbind(0)), alpha=1 - h.beta2)
+    normed = u / (torch.stack(v).sqrt() + h.norm_eps)
+    keep = u.norm(dim=(-2, -1), keepdim=True) / normed.norm(dim=(-2, -1), keepdim=True).clamp(min=1e-30)
+    return normed * keep  # Muon's Frobenius norm, as the official code
+
+
+def root_update(m: Tensor, state: Dict[str, List[Tensor]], h: Hyper) -> Tensor:
+    n = m.shape[0]
+    eps = linear_quantile(m.abs().reshape(n, -1).float(), h.root_quantile) + 1e-9
+    eps = eps.to(m.dtype).view(n, 1, 1)
+    return h.orthogonalize(torch.clamp(m, min=-eps, max=eps), *m.shape[-2:])  # M − T_ε[M]
+
+
+def auon_update(m: Tensor, state: Dict[str, List[Tensor]], h: Hyper) -> Tensor:
+    x = m.float()
+    x = x / x.norm(dim=(-2, -1), keepdim=True).clamp(min=h.eps)
+    return x / _rms(torch.cosh(x))
+
+
+def auon_hybrid_update(m: Tensor, state: Dict[str, List[Tensor]], h: Hyper) -> Tensor:
+    x = h.orthogonalize(m, *m.shape[-2:]).float()
+    if h.hybrid_form == "package":
+        unit = x / (x.norm(dim=(-2, -1), keepdim=True) + 1e-7)
+        return x / (_rms(torch.cosh(unit * h.gamma)) + 1e-8)
+    return x / _rms(torch.cosh(x))
+
+
+def aspect_scale(rows: int, cols: int, h: Hyper) -> float:
+    return math.sqrt(max(1.0, rows / cols))
+
+
+def rms_matching_scale(rows: int, cols: int, h: Hyper) -> float:
+    return h.root_scale * math.sqrt(max(rows, cols))
+
+
+def hybrid_scale(rows: int, cols: int, h: Hyper) -> float:
+    return 1.0 if h.hybrid_form == "package" else aspect_scale(rows, cols, h)
+
+
+@dataclass(frozen=True)
+class Rule:
+    update: Callable[[Tensor, Dict[str, List[Tensor]], Hyper], Tensor]
+    momentum: str = "ema"  # ema: B ← μB + (1 − μ)G, Nesterov G + μ(B − G); sum: B ← μB + G, G + μB
+    scale: Callable[[int, int, Hyper], float] = aspect_scale
+    state: Tuple[str, ...] = ()  # per-parameter state beyond the momentum buffer (rows × 1)
+
+
+RULES: Dict[str, Rule] = {
+    "muon": Rule(muon_update),
+    "normuon": Rule(normuon_update, state=("row_second_moment",)),
+    "root": Rule(root_update, momentum="sum", scale=rms_matching_scale),
+    "auon": Rule(auon_update),
+    "auon_hybrid": Rule(auon_hybrid_update, scale=hybrid_scale),
+}
+
+
+def matrix_shape(p: Tensor) -> Tuple[int, int]:
     """A weight as a matrix: rows = output units, a convolution's kernel flattened."""
-    return t.reshape(t.shape[0], -1)
+    return p.shape[0], p[0].numel()
 
 
+def stacks(params: Sequence[Tensor], batched: bool = True) -> List[List[int]]:
+    """Indices of ``params`` that share one stack: equal shapes (or each alone)."""
+    if not batched:
+        return [[i] for i in range(len(params))]
+    by_shape: Dict[tuple, List[int]] = OrderedDict()
+    for i, p in enumerate(params):
+        by_shape.setdefault(tuple(p.shape), []).append(i)
+    return list(by_shape.values())
+
+
+def orthogonalized_step(rule: Rule, h: Hyper, params: List[Tensor], grads: List[Tensor],
+                        bufs: List[Tensor], state: Dict[str, List[Tensor]], lr, momentum: float,
+                        nesterov: bool, weight_decay: float, batched: bool = True) -> None:
+    """One step of ``rule`` for ``params`` (in place). ``lr``: a float, or a 0-d tensor (the
+    compiled step takes it so, so that a changing lr neither recompiles nor syncs)."""
+    if rule.momentum == "sum":
+        torch._foreach_mul_(bufs, momentum)
+        torch._foreach_add_(bufs, grads)
+        moms = torch._foreach_add(grads, bufs, alpha=momentum) if nesterov else bufs
+    else:
+        torch._foreach_lerp_(bufs, grads, 1 - momentum)
+        moms = torch._foreach_lerp(grads, bufs, momentum) if nesterov else bufs
+    by_scale: Dict[float, Tuple[List[Tensor], List[Tensor]]] = {}
+    for idx in stacks(params, batched):
+        rows, cols = matrix_shape(params[idx[0]])
+        m = (moms[idx[0]].reshape(1, rows, cols) if len(idx) == 1
+             else torch.stack([moms[i] for i in idx]).reshape(len(idx), rows, cols))
+        u = rule.update(m, {k: [v[i] for i in idx] for k, v in state.items()}, h)
+        ps, us = by_scale.setdefault(rule.scale(rows, cols, h), ([], []))
+        for i, ui in zip(idx, u.unbind(0)):
+            ps.append(params[i])
+            us.append(ui.view(params[i].shape))
+    tensor_lr = isinstance(lr, Tensor)
+    if weight_decay:
+        torch._foreach_mul_(params, 1 - lr * weight_decay)
+    for scale, (ps, us) in by_scale.items():
+        if tensor_lr:
+            torch._foreach_add_(ps, torch._foreach_mul([u.to(p.dtype) for u, p in zip(us, ps)],
+                                                       -lr * scale))
+        else:
+            torch._foreach_add_(ps, us, alpha=-lr * scale)
+
+
+class OrthogonalizedMomentum(torch.optim.Optimizer):
+    """One optimiser class for every rule of ``RULES`` (see the module docstring).
+
+    ``compile_step(mode)`` compiles the step (``trainer.compile`` calls it); the learning rate
+    then reaches it as a device tensor per param group."""
+
+    def __init__(self, params, lr: float, rule: str = "muon", momentum: float = 0.95,
+                 nesterov: bool = True, weight_decay: float = 0.0, batched: bool = True,
+                 hyper: Optional[Hyper] = None, **hyper_kw):
+        if rule not in RULES:
+            raise ValueError(f"rule must be one of {sorted(RULES)}, got {rule!r}")
+        defaults = dict(lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay)
+        super().__init__(params, defaults)
+        self.rule_name, self.rule, self.batched = rule, RULES[rule], batched
+        self.hyper = hyper or Hyper(**hyper_kw)
+        self._step_fn = orthogonalized_step
+        self._lr_tensors: Optional[List[Tensor]] = None
+        self._static = False  # CUDA graphs: the state's addresses are fixed
+        self.register_load_state_dict_post_hook(OrthogonalizedMomentum._shape_buffers)
+
+    @staticmethod
+    def _shape_buffers(opt: "OrthogonalizedMomentum") -> None:
+        """Momentum buffers saved as the flattened matrix (an earlier format) take the
+        parameter's shape again; the values are the same (a row-major reshape)."""
+        for group in opt.param_groups:
+            for p in group["params"]:
+                buf = opt.state.get(p, {}).get("momentum_buffer")
+                if buf is not None and buf.shape != p.shape:
+                    opt.state[p]["momentum_buffer"] = buf.reshape(p.shape).to(
+                        memory_format=_memory_format(p))
+
+    def compile_step(self, mode: Optional[str] = "default", **kw) -> None:
+        """Compile the step as one graph (``torch.compile(fullgraph=True)``); ``kw`` reaches
+        ``torch.compile`` (e.g. ``backend``)."""
+        self._step_fn = torch.compile(orthogonalized_step, fullgraph=True, mode=mode, **kw)
+        self._lr_tensors = [torch.zeros((), device=g["params"][0].device)
+                            for g in self.param_groups]
+        self._static = mode in ("reduce-overhead", "max-autotune")
+        if self._static:  # CUDA graphs: parameters and state keep their addresses
+            for group in self.param_groups:
+                for p in group["params"]:
+                    torch._dynamo.mark_static_address(p)
+            for st in self.state.values():
+                for t in st.values():
+                    torch._dynamo.mark_static_address(t)
+
+    def _state_lists(self, params: List[Tensor]) -> Tuple[List[Tensor], Dict[str, List[Tensor]]]:
+        bufs = []
+        extra: Dict[str, List[Tensor]] = {k: [] for k in self.rule.state}
+        for p in params:
+            st = self.state[p]
+            if "momentum_buffer" not in st:
+                st["momentum_buffer"] = torch.zeros_like(p, memory_format=_memory_format(p))
+                for k in self.rule.state:
+                    st[k] = torch.zeros(p.shape[0], 1, device=p.device, dtype=torch.float32)
+                if self._static:
+                    for t in [st["momentum_buffer"], *(st[k] for k in self.rule.state)]:
+                        torch._dynamo.mark_static_address(t)
+            bufs.append(st["momentum_buffer"])
+            for k in self.rule.state:
+                extra[k].append(st[k])
+        return bufs, extra
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = closure() if closure is not None else None
+        for gi, group in enumerate(self.param_groups):
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            bufs, extra = self._state_lists(params)
+            lr = group["lr"]
+            if self._lr_tensors is not None:
+                lr = self._lr_tensors[gi]
+                lr.fill_(group["lr"])
+            self._step_fn(self.rule, self.hyper, params, [p.grad for p in params], bufs, extra,
+                          lr, group["momentum"], group["nesterov"], group["weight_decay"],
+                          self.batched)
+        return loss
+
+
+def _memory_format(p: Tensor):
+    return (torch.channels_last if p.ndim == 4 and not p.is_contiguous()
+            and p.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format)
+
+
+# ------------------------------------------------------------------ schemas and builders
 @dataclass
 class OrthoConfig(OptimConfig):
     """Shared by the orthogonalised optimisers; each one's schema sets its own defaults."""
@@ -87,9 +398,8 @@ class OrthoConfig(OptimConfig):
     momentum: float = 0.95
     nesterov: bool = True
     weight_decay: float = 0.0  # decoupled, on the orthogonalised roles
-    ns_steps: int = 5
-    ns_dtype: NSDtype = NSDtype.bf16
     eps: float = 1e-7
+    batched: bool = True  # one step per stack of same-shape matrices (false: one at a time)
     roles: List[str] = field(default_factory=lambda: ["hidden"])  # updated orthogonally
     # the other parameters (stem, 1-D, heads, method-owned without an optimiser of their own)
     other: Other = Other.adamw
@@ -98,109 +408,95 @@ class OrthoConfig(OptimConfig):
     other_momentum: float = 0.9  # with other=sgd
     betas: List[float] = field(default_factory=lambda: [0.9, 0.999])  # with other=adamw
     warmup_epochs: float = 1.0
-    checks: ClassVar[list] = (positive("other_lr", "eps") + at_least(1, "ns_steps")
-                              + at_least(0, "other_weight_decay")
-                              + [("momentum", lambda v: 0 <= v < 1, "in [0, 1)")])
+    checks: ClassVar[list] = (positive("other_lr", "eps") + at_least(0, "other_weight_decay")
+                              + [("momentum", lambda v: 0 <= v < 1, "in [0, 1)"),
+                                 ("roles", check_roles, "a non-empty list of parameter roles ("
+                                  + ", ".join(ROLES) + ")")])
 
 
 @dataclass
-class NorMuonConfig(OrthoConfig):
+class NSConfig(OrthoConfig):
+    """The rules that orthogonalise by Newton–Schulz."""
+
+    ns_steps: Optional[int] = 5
+    ns_dtype: Optional[NSDtype] = NSDtype.bf16
+    ns_coefficients: NSCoefficients = NSCoefficients.original
+    checks: ClassVar[list] = OrthoConfig.checks + [
+        ("ns_steps", lambda v: v is None or 1 <= v <= 100, "in [1, 100]")]
+
+
+@dataclass
+class NorMuonConfig(NSConfig):
     beta2: float = 0.95
     norm_eps: float = 1e-10
-    checks: ClassVar[list] = OrthoConfig.checks + [("beta2", lambda v: 0 <= v < 1, "in [0, 1)")]
+    checks: ClassVar[list] = NSConfig.checks + [("beta2", lambda v: 0 <= v < 1, "in [0, 1)")]
 
 
 @dataclass
-class ROOTConfig(OrthoConfig):
+class ROOTConfig(NSConfig):
+    ns_dtype: Optional[NSDtype] = NSDtype.fp32  # the gradient's dtype, as the official code
     root_quantile: float = 0.9  # ε = this quantile of |M|; entries beyond it are outliers
     root_scale: float = 0.2  # update RMS matching: η·scale·√max(rows, cols)
-    root_coefficients: Dict[str, List[float]] = field(default_factory=dict)
-    checks: ClassVar[list] = OrthoConfig.checks + [
-        ("root_quantile", lambda v: 0 < v <= 1, "in (0, 1]")]
+    # shape-fitted Newton–Schulz coefficients ("ROWSxCOLS": [a, b, c]); others: ns_coefficients
+    root_coefficients: Dict[str, List[float]] = field(
+        default_factory=lambda: {k: list(v) for k, v in ROOT_COEFFICIENTS.items()})
+    checks: ClassVar[list] = NSConfig.checks + [
+        ("root_quantile", lambda v: 0 < v <= 1, "in (0, 1]"),
+        ("root_coefficients", lambda v: parse_coefficient_table(v) is not None,
+         "a table ROWSxCOLS: [a, b, c]")]
 
 
 @dataclass
 class AuONConfig(OrthoConfig):
-    hybrid_ns_steps: int = 1  # auon_hybrid: the paper's one step (its code: 5)
+    """AuON: no Newton–Schulz, so no ``ns_*`` keys."""
 
 
-class OrthogonalizedMomentum(torch.optim.Optimizer):
-    """One optimiser class, five update rules (``rule``); see the module docstring."""
+@dataclass
+class AuONHybridConfig(NSConfig):
+    hybrid_form: HybridForm = HybridForm.paper
+    ns_steps: Optional[int] = None  # null: the form's (paper 1, package 5)
+    ns_dtype: Optional[NSDtype] = None  # null: the form's (paper bf16, package fp32)
+    gamma: Optional[float] = None  # package form: the brake's scale (null: 1.5)
+    checks: ClassVar[list] = NSConfig.checks + [
+        ("gamma", lambda v: v is None or v > 0, "> 0 or null")]
 
-    RULES = ("muon", "normuon", "root", "auon", "auon_hybrid")
 
-    def __init__(self, params, lr: float, rule: str = "muon", momentum: float = 0.95,
-                 nesterov: bool = True, weight_decay: float = 0.0, ns_steps: int = 5,
-                 ns_dtype: torch.dtype = torch.bfloat16, eps: float = 1e-7,
-                 beta2: float = 0.95, norm_eps: float = 1e-10, root_quantile: float = 0.9,
-                 root_scale: float = 0.2, root_coefficients: Optional[Dict[str, List]] = None,
-                 hybrid_ns_steps: int = 1):
-        if rule not in self.RULES:
-            raise ValueError(f"rule must be one of {self.RULES}, got {rule!r}")
-        defaults = dict(lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay)
-        super().__init__(params, defaults)
-        self.rule, self.ns_steps, self.ns_dtype, self.eps = rule, ns_steps, ns_dtype, eps
-        self.beta2, self.norm_eps = beta2, norm_eps
-        self.root_quantile, self.root_scale = root_quantile, root_scale
-        self.root_coefficients = {k: tuple(v) for k, v in (root_coefficients or {}).items()}
-        self.hybrid_ns_steps = hybrid_ns_steps
+#: per rule and form: the NS defaults its official code uses
+_FORM_DEFAULTS = {"paper": dict(ns_steps=1, ns_dtype="bf16", add_eps=False),
+                  "package": dict(ns_steps=5, ns_dtype="fp32", add_eps=True)}
 
-    def coefficients(self, shape: Tuple[int, int]) -> Tuple[float, float, float]:
-        """Newton–Schulz coefficients for a matrix of ``shape`` (ROOT's table, else Muon's)."""
-        if self.rule == "root":
-            return self.root_coefficients.get(f"{shape[0]}x{shape[1]}", MUON_COEFFICIENTS)
-        return MUON_COEFFICIENTS
 
-    def _ns(self, x: Tensor, steps: int) -> Tensor:
-        return newton_schulz(x, steps, self.coefficients(tuple(x.shape)), self.eps, self.ns_dtype)
+def check_config(rule: str, cfg) -> None:
+    """Cross-key checks of an orthogonalised optimiser's config (the pre-flight runs them)."""
+    if rule == "auon_hybrid" and getattr(cfg, "gamma", None) is not None \
+            and str(cfg.hybrid_form) != "package":
+        raise ConfigError(f"optim.gamma={cfg.gamma} only applies to optim.hybrid_form=package "
+                          f"(the paper's form has no scale inside cosh): set "
+                          f"optim.hybrid_form=package or leave optim.gamma null")
+    if rule == "root":
+        parse_coefficient_table(cfg.root_coefficients)
 
-    @torch.no_grad()
-    def step(self, closure=None):
-        loss = closure() if closure is not None else None
-        for group in self.param_groups:
-            lr, mu, wd = group["lr"], group["momentum"], group["weight_decay"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                update, scale = self._direction(p, group, mu)
-                if wd:
-                    p.mul_(1 - lr * wd)
-                p.add_(update.reshape(p.shape).to(p.dtype), alpha=-lr * scale)
-        return loss
 
-    def _direction(self, p: Tensor, group: dict, mu: float) -> Tuple[Tensor, float]:
-        g = matrix_view(p.grad)
-        rows, cols = g.shape
-        state = self.state[p]
-        if "momentum_buffer" not in state:
-            state["momentum_buffer"] = torch.zeros_like(g)
-        buf = state["momentum_buffer"]
-        if self.rule == "root":  # a plain sum, outliers split off by soft-thresholding
-            buf.mul_(mu).add_(g)
-            flat = buf.abs().flatten().float()
-            k = max(1, int(math.ceil(self.root_quantile * flat.numel())))
-            eps = flat.kthvalue(k).values.to(buf.dtype)
-            base = torch.maximum(torch.minimum(buf, eps), -eps)  # M − T_ε[M]
-            return self._ns(base, self.ns_steps), self.root_scale * math.sqrt(max(rows, cols))
-        buf.lerp_(g, 1 - mu)
-        m = g.lerp(buf, mu) if group["nesterov"] else buf
-        scale = math.sqrt(max(1.0, rows / cols))
-        if self.rule in ("muon", "normuon"):
-            u = self._ns(m, self.ns_steps)
-            if self.rule == "normuon":
-                u = u.float()
-                if "row_second_moment" not in state:
-                    state["row_second_moment"] = torch.zeros(rows, 1, device=u.device)
-                v = state["row_second_moment"]
-                v.mul_(self.beta2).add_(u.pow(2).mean(dim=1, keepdim=True), alpha=1 - self.beta2)
-                normed = u / (v.sqrt() + self.norm_eps)
-                u = normed * (u.norm() / normed.norm().clamp(min=1e-30))  # Muon's Frobenius norm
-            return u, scale
-        x = m.float() / m.float().norm().clamp(min=self.eps)
-        u = x / torch.cosh(x).pow(2).mean().sqrt()
-        if self.rule == "auon_hybrid":
-            u = self._ns(u, self.hybrid_ns_steps)
-        return u, scale
+def hyper_from_config(rule: str, cfg) -> Hyper:
+    """The settings of ``rule`` from its (plain) config."""
+    check_config(rule, cfg)
+    kw = dict(eps=float(cfg.eps))
+    if hasattr(cfg, "ns_steps"):
+        form = _FORM_DEFAULTS[str(cfg.hybrid_form)] if rule == "auon_hybrid" else {}
+        steps = cfg.ns_steps if cfg.ns_steps is not None else form.get("ns_steps", 5)
+        dtype = str(cfg.ns_dtype) if cfg.ns_dtype is not None else form.get("ns_dtype", "bf16")
+        kw.update(ns_steps=int(steps), ns_dtype=_DTYPES[dtype],
+                  coefficients=NS_COEFFICIENTS[str(cfg.ns_coefficients)],
+                  add_eps=form.get("add_eps", rule == "root"))
+    if rule == "normuon":
+        kw.update(beta2=float(cfg.beta2), norm_eps=float(cfg.norm_eps))
+    if rule == "root":
+        kw.update(root_quantile=float(cfg.root_quantile), root_scale=float(cfg.root_scale),
+                  shape_coefficients=tuple(parse_coefficient_table(cfg.root_coefficients).items()))
+    if rule == "auon_hybrid":
+        kw.update(hybrid_form=str(cfg.hybrid_form),
+                  gamma=1.5 if cfg.gamma is None else float(cfg.gamma))
+    return Hyper(**kw)
 
 
 def _split(groups: List[ParamGroup], cfg):
@@ -229,28 +525,30 @@ def _other_optimizer(rest: List[ParamGroup], cfg, device):
 def _builder(rule: str):
     def build(groups: List[ParamGroup], cfg, device):
         orth, rest = _split(groups, cfg)
-        out = []
-        if orth:
-            extra = {}
-            if rule == "normuon":
-                extra = dict(beta2=cfg.beta2, norm_eps=cfg.norm_eps)
-            elif rule == "root":
-                extra = dict(root_quantile=cfg.root_quantile, root_scale=cfg.root_scale,
-                             root_coefficients=dict(cfg.root_coefficients))
-            elif rule == "auon_hybrid":
-                extra = dict(hybrid_ns_steps=cfg.hybrid_ns_steps)
-            out.append(OrthogonalizedMomentum(
-                torch_groups(orth, cfg), lr=cfg.lr, rule=rule, momentum=cfg.momentum,
-                nesterov=cfg.nesterov, weight_decay=cfg.weight_decay, ns_steps=cfg.ns_steps,
-                ns_dtype=torch.bfloat16 if str(cfg.ns_dtype) == "bf16" else torch.float32,
-                eps=cfg.eps, **extra))
-        return out + _other_optimizer(rest, cfg, device)
+        if not orth:
+            present = sorted({g.role for g in groups if g.params})
+            raise ConfigError(f"optim={rule}: optim.roles={list(cfg.roles)} selects no trainable "
+                              f"weight matrix, so nothing would be updated by {rule} (the rest "
+                              f"would train with optim.other={cfg.other} alone); the roles with "
+                              f"trainable parameters here: {', '.join(present) or 'none'}")
+        unmatched = [r for r in cfg.roles if not any(g.role == r for g in orth)]
+        if unmatched:
+            import logging
+
+            logging.getLogger("ortho_run").warning(
+                "optim.roles: %s match no trainable weight matrix of this run (updated by %s: "
+                "%s)", ", ".join(unmatched), rule, ", ".join(g.role for g in orth))
+        opt = OrthogonalizedMomentum(
+            torch_groups(orth, cfg), lr=cfg.lr, rule=rule, momentum=cfg.momentum,
+            nesterov=cfg.nesterov, weight_decay=cfg.weight_decay, batched=cfg.batched,
+            hyper=hyper_from_config(rule, cfg))
+        return [opt] + _other_optimizer(rest, cfg, device)
 
     return build
 
 
-OPTIMIZERS.register("muon", schema=OrthoConfig)(_builder("muon"))
+OPTIMIZERS.register("muon", schema=NSConfig)(_builder("muon"))
 OPTIMIZERS.register("normuon", schema=NorMuonConfig)(_builder("normuon"))
 OPTIMIZERS.register("root", schema=ROOTConfig)(_builder("root"))
 OPTIMIZERS.register("auon", schema=AuONConfig)(_builder("auon"))
-OPTIMIZERS.register("auon_hybrid", schema=AuONConfig)(_builder("auon_hybrid"))
+OPTIMIZERS.register("auon_hybrid", schema=AuONHybridConfig)(_builder("auon_hybrid"))

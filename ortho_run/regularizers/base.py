@@ -62,6 +62,24 @@ class Regularizer(nn.Module):
     def weights(self) -> List[Tensor]:
         return [m.weight for m in self._layers]
 
+    def stacks(self, key=lambda m: ()) -> List[List[nn.Module]]:
+        """The chosen layers in groups of equal weight shape (and equal ``key(layer)``): a
+        penalty is one batched computation per group."""
+        groups: Dict[tuple, List[nn.Module]] = {}
+        for m in self._layers:
+            groups.setdefault((tuple(m.weight.shape), key(m)), []).append(m)
+        return list(groups.values())
+
+    @staticmethod
+    def stacked(layers: List[nn.Module]) -> Tensor:
+        """The weights of same-shape ``layers`` as one n × rows × cols stack (a convolution's
+        kernel flattened to out × in·k·k); one layer is a view, several one ``stack``."""
+        w = layers[0].weight
+        rows = w.shape[0]
+        if len(layers) == 1:
+            return w.reshape(1, rows, -1)
+        return torch.stack([m.weight for m in layers]).reshape(len(layers), rows, -1)
+
     def penalty(self) -> Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
 

@@ -1,5 +1,10 @@
 """``regularizer=none | soft_orth | srip | conv_orth | orthogonal``.
 
+Each penalty is computed once per group of same-shape layers (``Regularizer.stacks``): the
+weights of a group as one stack, one batched Gram matrix, power iteration or grouped
+convolution for all of them. ``soft_orth``/``srip``/``conv_orth`` of one weight are the same
+functions on a stack of one.
+
 - ``soft_orth`` — soft orthogonality Σ ‖G − I‖²_F over the chosen layers, G the smaller Gram
   matrix of the weight as a matrix (a wide W can never reach 0 on the larger one).
 - ``srip`` — SRIP (Bansal et al. 2018, VITA-Group/Orthogonality-in-CNNs ``l2_reg_ortho``):
@@ -12,7 +17,8 @@
   official training code's padding is wrong at stride 2 and checks too few shifts at stride
   1); I_r0 is 1 at the centre of channel pairs (i, i), 0 elsewhere. The official distance is
   unsquared (``squared=true`` squares it). Zero exactly when the convolution (as an operator) is
-  orthogonal: a kernel orthogonal as a matrix need not be.
+  orthogonal: a kernel orthogonal as a matrix need not be. Same-shape kernels of equal stride
+  are one grouped convolution.
 - ``orthogonal`` — a hard constraint: ``torch.nn.utils.parametrizations.orthogonal`` on the
   chosen linear layers (the optimiser then works on its parametrisation); no loss term.
 """
@@ -20,7 +26,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import ClassVar, Dict, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -28,7 +34,7 @@ from torch import Tensor, nn
 from torch.nn.utils.parametrizations import orthogonal
 
 from ortho_run.config import at_least
-from ortho_run.orthogonality import gram_error, smaller_gram
+from ortho_run.orthogonality import gram_deviation
 from ortho_run.regularizers.base import REGULARIZERS, Regularizer, RegularizerConfig
 
 
@@ -42,37 +48,69 @@ class NoRegularizer(Regularizer):
         return torch.zeros(())
 
 
-@REGULARIZERS.register("soft_orth")
-class SoftOrth(Regularizer):
-    def penalty(self) -> Tensor:
-        return sum(soft_orth(w) for w in self.weights())
+_CONSTANTS: Dict[Tuple, Tensor] = {}
+
+
+def _constant(key: Tuple, make) -> Tensor:
+    """A constant tensor of a penalty (a start vector, a target), made once per shape and
+    device rather than at every step."""
+    t = _CONSTANTS.get(key)
+    if t is None:
+        t = _CONSTANTS[key] = make()
+    return t
+
+
+def _sum(terms) -> Tensor:
+    terms = list(terms)
+    total = terms[0]
+    for t in terms[1:]:
+        total = total + t
+    return total
+
+
+def soft_orth_stack(stack: Tensor) -> Tensor:
+    """Σ over a stack (n × rows × cols) of ‖G − I‖²_F."""
+    return gram_deviation(stack).pow(2).sum()
 
 
 def soft_orth(w: Tensor) -> Tensor:
-    return gram_error(w).pow(2)
+    return soft_orth_stack(w.reshape(1, w.shape[0], -1))
+
+
+@REGULARIZERS.register("soft_orth")
+class SoftOrth(Regularizer):
+    def penalty(self) -> Tensor:
+        return _sum(soft_orth_stack(self.stacked(g)) for g in self.stacks())
 
 
 @dataclass
 class SRIPConfig(RegularizerConfig):
     power_iterations: int = 2
-    checks: ClassVar[list] = RegularizerConfig.checks + at_least(1, "power_iterations")
+    checks: ClassVar[list] = RegularizerConfig.checks + [
+        ("power_iterations", lambda v: 1 <= v <= 1000, "in [1, 1000]")]
+
+
+def srip_stack(stack: Tensor, iterations: int = 2) -> Tensor:
+    """Σ over a stack of σ²_max(G − I), by the power method from a fixed start."""
+    d = gram_deviation(stack)
+    n, s = d.shape[0], d.shape[-1]
+    v = _constant(("srip", n, s, str(d.device), d.dtype),
+                  lambda: torch.full((n, s, 1), s ** -0.5, device=d.device, dtype=d.dtype))
+    for _ in range(iterations):
+        u = d @ v
+        v = u / u.norm(dim=1, keepdim=True).clamp_min(1e-12)  # exactly orthogonal: no NaN
+    return (d @ v).pow(2).sum()
 
 
 def srip(w: Tensor, iterations: int = 2) -> Tensor:
     """σ²_max(G − I) by the power method from a fixed start (G the smaller Gram matrix)."""
-    g = smaller_gram(w)
-    d = g - torch.eye(len(g), device=g.device, dtype=g.dtype)
-    v = torch.ones(len(g), 1, device=g.device, dtype=g.dtype) / len(g) ** 0.5
-    for _ in range(iterations):
-        u = d @ v
-        v = u / u.norm().clamp_min(1e-12)  # an exactly orthogonal W: d = 0, no NaN
-    return (d @ v).norm().pow(2)
+    return srip_stack(w.reshape(1, w.shape[0], -1), iterations)
 
 
 @REGULARIZERS.register("srip", schema=SRIPConfig)
 class SRIP(Regularizer):
     def penalty(self) -> Tensor:
-        return sum(srip(w, self.cfg.power_iterations) for w in self.weights())
+        return _sum(srip_stack(self.stacked(g), self.cfg.power_iterations) for g in self.stacks())
 
 
 @dataclass
@@ -80,17 +118,33 @@ class ConvOrthConfig(RegularizerConfig):
     squared: bool = False  # the official distance is unsquared
 
 
+def _identity_target(n: int, out: int, h: int, device, dtype) -> Tensor:
+    """I_r0 of ``n`` kernels side by side (out × n·out × h × h)."""
+    t = torch.zeros(out, n, out, h, h, device=device, dtype=dtype)
+    idx = torch.arange(out, device=device)
+    t[idx, :, idx, h // 2, h // 2] = 1.0
+    return t.reshape(out, n * out, h, h)
+
+
+def conv_orth_stack(kernels: Tensor, stride: int = 1, squared: bool = False) -> Tensor:
+    """Σ over kernels (n × out × in × k × k) of ‖Conv(K, K) − I_r0‖_F (Wang et al. 2020): one
+    grouped convolution, group j convolving K_j's rows with K_j's filters."""
+    n, out, cin, k, _ = kernels.shape
+    pad = ((k - 1) // stride) * stride
+    inputs = kernels.transpose(0, 1).reshape(out, n * cin, k, k)  # batch: the rows of every K_j
+    z = F.conv2d(inputs, kernels.reshape(n * out, cin, k, k), stride=stride, padding=pad,
+                 groups=n)  # out × n·out × h × h
+    h = z.shape[-1]
+    target = _constant(("conv_orth", n, out, h, str(z.device), z.dtype),
+                       lambda: _identity_target(n, out, h, z.device, z.dtype))
+    d = (z - target).pow(2)
+    per_kernel = d.reshape(out, n, out * h * h).sum(dim=(0, 2))
+    return per_kernel.sum() if squared else per_kernel.clamp_min(1e-30).sqrt().sum()
+
+
 def conv_orth(kernel: Tensor, stride: int = 1, squared: bool = False) -> Tensor:
     """‖Conv(K, K) − I_r0‖_F (Wang et al. 2020) for K: out × in × k × k."""
-    out, _, k, _ = kernel.shape
-    pad = ((k - 1) // stride) * stride
-    z = F.conv2d(kernel, kernel, stride=stride, padding=pad)  # out × out × h × h
-    target = torch.zeros_like(z)
-    c = z.shape[-1] // 2
-    idx = torch.arange(out, device=z.device)
-    target[idx, idx, c, c] = 1.0
-    d = (z - target).pow(2).sum()
-    return d if squared else d.clamp_min(1e-30).sqrt()
+    return conv_orth_stack(kernel[None], stride, squared)
 
 
 @REGULARIZERS.register("conv_orth", schema=ConvOrthConfig)
@@ -98,7 +152,10 @@ class ConvOrth(Regularizer):
     types = (nn.Conv2d,)
 
     def penalty(self) -> Tensor:
-        return sum(conv_orth(m.weight, m.stride[0], self.cfg.squared) for m in self._layers)
+        return _sum(conv_orth_stack(g[0].weight[None] if len(g) == 1 else
+                                    torch.stack([m.weight for m in g]), g[0].stride[0],
+                                    self.cfg.squared)
+                    for g in self.stacks(key=lambda m: m.stride))
 
 
 @REGULARIZERS.register("orthogonal")

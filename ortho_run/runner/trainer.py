@@ -99,15 +99,21 @@ class Trainer:
 
             self.train_net = DDP(net, device_ids=[device.index] if device.type == "cuda" else None)
         self.loss_fn = net.method.loss
-        if self.tcfg.compile:
-            mode = str(self.tcfg.compile_mode)
-            self.train_net = torch.compile(self.train_net, mode=mode)
-            self.loss_fn = torch.compile(net.method.loss, mode=mode)
-        self.skip_bad = str(self.tcfg.on_nonfinite) == "skip"
         #: an orthogonality regulariser of the backbone adds ``weight × penalty`` as part "reg"
         self.regularizer = regularizer if regularizer is not None and regularizer.adds_loss \
             else None
         self.reg_weight = float(cfg.regularizer.weight) if self.regularizer is not None else 0.0
+        self.penalty_fn = self.regularizer.penalty if self.regularizer is not None else None
+        if self.tcfg.compile:
+            mode = str(self.tcfg.compile_mode)
+            self.train_net = torch.compile(self.train_net, mode=mode)
+            self.loss_fn = torch.compile(net.method.loss, mode=mode)
+            if self.penalty_fn is not None:
+                self.penalty_fn = torch.compile(self.penalty_fn, mode=mode)
+            for o in self.optimizers:  # optimisers whose step compiles (the orthogonalised)
+                if hasattr(o, "compile_step"):
+                    o.compile_step(mode)
+        self.skip_bad = str(self.tcfg.on_nonfinite) == "skip"
         self.guard = NonFiniteGuard(self.tcfg.nonfinite_check_every, device,
                                     self.ckpt_dir / "last.pt")
         self.state = TrainState()
@@ -163,7 +169,7 @@ class Trainer:
             batch, out = self.train_net(x, y)
             parts = self.loss_fn(out, batch)
         if self.regularizer is not None:  # in full precision, outside autocast
-            reg = self.regularizer.penalty()
+            reg = self.penalty_fn()
             parts = dict(parts, loss=parts["loss"] + self.reg_weight * reg, reg=reg)
         loss = parts["loss"]
         for o in self.optimizers:

@@ -1,0 +1,178 @@
+"""The orthogonalised optimisers' update rules as their official code writes them, re-typed
+here one matrix at a time in plain torch (no ortho_run import), for the tests to compare with.
+
+Each ``*_step(params, grads_per_step, ...)`` runs the whole optimiser over several steps and
+returns the final weights. Newton–Schulz runs in the dtype given (the official code's bf16 is
+replaced by float32/float64 where a test compares to 1e-6). Convolution weights are passed to
+the official 2-D code as their flattened out × (in·k·k) matrix, which is what ortho_run does for
+every rule (the NorMuon and HybridAuON code treat a 4-D tensor differently; see the optimiser
+docstrings).
+"""
+
+import math
+
+import torch
+
+MUON = (3.4445, -4.7750, 2.0315)
+
+
+def _ns(g, steps, coeffs=MUON, dtype=torch.float32, additive=True, eps=1e-7):
+    """KellerJordan/Muon ``zeropower_via_newtonschulz5`` (X / (‖X‖ + eps)); with
+    ``additive=False`` torch.optim.Muon's X / max(‖X‖, eps)."""
+    a, b, c = coeffs
+    x = g.to(dtype)
+    tall = x.size(0) > x.size(1)
+    if tall:
+        x = x.T
+    n = x.norm()
+    x = x / (n + eps) if additive else x / n.clamp(min=eps)
+    for _ in range(steps):
+        A = x @ x.T
+        B = b * A + c * A @ A
+        x = a * x + B @ x
+    return x.T if tall else x
+
+
+def _run(params, grads, update):
+    ps = [p.clone() for p in params]
+    states = [{} for _ in ps]
+    for step_grads in grads:
+        for p, g, st in zip(ps, step_grads, states):
+            update(p, g.clone(), st)
+    return ps
+
+
+def muon_step(params, grads, lr=0.02, beta=0.95, wd=0.0, nesterov=True, dtype=torch.float32):
+    """KellerJordan/Muon ``muon_update`` + ``Muon.step`` (torch.optim.Muon's clamp form)."""
+    def update(p, g, st):
+        buf = st.setdefault("m", torch.zeros_like(g))
+        buf.lerp_(g, 1 - beta)
+        u = g.lerp_(buf, beta) if nesterov else buf
+        m = u.reshape(u.shape[0], -1)
+        o = _ns(m, 5, dtype=dtype, additive=False)
+        o = o * max(1, m.size(-2) / m.size(-1)) ** 0.5
+        p.mul_(1 - lr * wd)
+        p.add_(o.reshape(p.shape).to(p.dtype), alpha=-lr)
+    return _run(params, grads, update)
+
+
+def normuon_step(params, grads, lr=0.02, beta=0.95, beta2=0.95, wd=0.0, dtype=torch.float32):
+    """zichongli5/NorMuon ``normuon_update`` + ``SingleDeviceNorMuon.step`` (Nesterov)."""
+    def update(p, g, st):
+        m2 = g.reshape(g.shape[0], -1)
+        buf = st.setdefault("m", torch.zeros_like(m2))
+        sm = st.setdefault("v", torch.zeros(m2.shape[0], 1, dtype=torch.float32))
+        buf.lerp_(m2, 1 - beta)
+        u = m2.lerp(buf, beta)
+        u = _ns(u, 5, dtype=dtype).float()
+        vnorm = u.norm(dim=(-2, -1), keepdim=True)
+        sm.lerp_(torch.mean(u * u, dim=-1, keepdim=True), 1 - beta2)
+        u = u * (1 / sm.sqrt().add(1e-10))
+        u = u * (vnorm / u.norm(dim=(-2, -1), keepdim=True).add(1e-10))
+        u = u * max(1, m2.size(-2) / m2.size(-1)) ** 0.5
+        if wd:
+            p.mul_(1 - lr * wd)
+        p.add_(u.reshape(p.shape).to(p.dtype), alpha=-lr)
+    return _run(params, grads, update)
+
+
+def simple_quantile(t, q):
+    """huawei-noah ROOT ``simple_quantile``."""
+    t = t.flatten()
+    n = t.numel()
+    index = torch.tensor(q * (n - 1))
+    lo, hi = torch.floor(index).long(), torch.ceil(index).long()
+    if lo == hi:
+        return t.kthvalue(int(lo) + 1).values
+    lower, upper = t.kthvalue(int(lo) + 1).values, t.kthvalue(int(hi) + 1).values
+    return torch.lerp(lower, upper, index - lo)
+
+
+def root_step(params, grads, lr=0.02, momentum=0.95, wd=0.1, nesterov=True, steps=5,
+              table=None):
+    """huawei-noah ROOT (``examples/example_train.py``): sum momentum, Nesterov, the 0.9 quantile
+    split, ``root5`` in the gradient's dtype with coefficients keyed (min, max), Moonlight's
+    0.2·√max(A, B) scale, weight decay with the unscaled lr."""
+    table = table or {}
+
+    def root5(G):
+        rows, cols = G.shape
+        a, b, c = table.get((min(rows, cols), max(rows, cols)), MUON)
+        X = G
+        tall = rows > cols
+        if tall:
+            X = X.T
+        X = X / (X.norm() + 1e-7)
+        for _ in range(steps):
+            A = X @ X.T
+            B = b * A + c * A @ A
+            X = a * X + B @ X
+        return X.T if tall else X
+
+    def update(p, g, st):
+        g = g.view(g.size(0), -1)
+        buf = st.setdefault("m", torch.zeros_like(g))
+        buf.mul_(momentum).add_(g)
+        g = g.add(buf, alpha=momentum) if nesterov else buf
+        eps = simple_quantile(g.abs().float(), 0.9) + 1e-9
+        o = torch.sign(g) * torch.nn.functional.relu(torch.abs(g) - eps)
+        u = root5(g - o)
+        rows, cols = g.shape
+        p.mul_(1 - lr * wd)
+        p.add_(u.reshape(p.shape), alpha=-lr * 0.2 * math.sqrt(max(rows, cols)))
+    return _run(params, grads, update)
+
+
+def hybrid_auon_package_step(params, grads, lr=0.24, momentum=0.95, wd=0.0, gamma=1.5,
+                             ns_steps=5):
+    """ryyzn9/AuON ``HybridAuON.step`` (on the flattened matrix of a convolution)."""
+    a, b, c = MUON
+
+    def update(p, g, st):
+        g = g.reshape(g.shape[0], -1)
+        m = st.setdefault("m", torch.zeros_like(g))
+        if wd:
+            p.mul_(1 - lr * wd)
+        m.lerp_(g, 1 - momentum)
+        G = g.lerp_(m, momentum)
+        X = G
+        tall = X.size(-2) > X.size(-1)
+        if tall:
+            X = X.mT
+        X = X / (X.norm(dim=(-2, -1), keepdim=True) + 1e-7)
+        for _ in range(ns_steps):
+            A = X @ X.mT
+            B = b * A + c * (A @ A)
+            X = a * X + B @ X
+        G = X.mT if tall else X
+        scaled = G / (G.norm() + 1e-7) * gamma
+        r = torch.sqrt(torch.mean(torch.cosh(scaled) ** 2))
+        p.add_((G / (r + 1e-8)).reshape(p.shape), alpha=-lr)
+    return _run(params, grads, update)
+
+
+def _paper_auon_like(params, grads, lr, momentum, direction):
+    def update(p, g, st):
+        g = g.reshape(g.shape[0], -1)
+        m = st.setdefault("m", torch.zeros_like(g))
+        m.lerp_(g, 1 - momentum)
+        u = direction(g.lerp(m, momentum))
+        p.add_(u.reshape(p.shape).to(p.dtype), alpha=-lr * max(1, g.size(0) / g.size(1)) ** 0.5)
+    return _run(params, grads, update)
+
+
+def auon_paper_step(params, grads, lr=0.02, momentum=0.95):
+    """The AuON paper: X = M/‖M‖_F, U = X / rms(cosh X), scale √max(1, rows/cols)."""
+    def direction(m):
+        x = m / m.norm()
+        return x / torch.sqrt(torch.mean(torch.cosh(x) ** 2))
+    return _paper_auon_like(params, grads, lr, momentum, direction)
+
+
+def hybrid_auon_paper_step(params, grads, lr=0.02, momentum=0.95, ns_steps=1,
+                           dtype=torch.float32):
+    """The AuON paper's hybrid (§3.2): one Newton–Schulz step, then X / rms(cosh X)."""
+    def direction(m):
+        x = _ns(m, ns_steps, dtype=dtype, additive=False).to(m.dtype)
+        return x / torch.sqrt(torch.mean(torch.cosh(x) ** 2))
+    return _paper_auon_like(params, grads, lr, momentum, direction)
