@@ -183,7 +183,7 @@ def step_calls(model: str = "resnet18_cifar", embed_dim: Optional[int] = 128,
     here (the count is the same in bf16, which a CPU computes far more slowly). Also the number
     of matrices and of distinct matrix shapes the orthogonalised step sees."""
     from ortho_run.assemble import build_net
-    from ortho_run.optim import OPTIMIZERS, backbone_groups, build_optimizers
+    from ortho_run.optim import OPTIMIZERS, build_optimizers
     from ortho_run.regularizers import REGULARIZERS, build_regularizer
 
     optims = list(optims) if optims is not None else OPTIMIZERS.names()
@@ -206,7 +206,7 @@ def step_calls(model: str = "resnet18_cifar", embed_dim: Optional[int] = 128,
         if "ns_dtype" in cfg.optim:
             cfg.optim.ns_dtype = "fp32"
         net = build_net(cfg, shape, cpu)
-        opt = build_optimizers(backbone_groups(net.backbone) + net.method.param_groups(),
+        opt = build_optimizers(net.backbone.param_groups() + net.method.param_groups(),
                                OmegaConf.to_object(cfg.optim), cpu)[0]
         gen = torch.Generator().manual_seed(0)
         for p in net.parameters():

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any, List, Optional
+from typing import Any, Dict, List, Optional
 
 from omegaconf import MISSING
 
@@ -32,6 +32,17 @@ class Augment(Choice):
     none = "none"
     flip = "flip"
     crop_flip = "crop_flip"
+
+
+class FlipMode(Choice):
+    random = "random"  # each image mirrored with probability ½ each epoch
+    alternating = "alternating"  # a random half mirrored once, then every image every other
+    #                              epoch (airbench's scheme): each image seen both ways in turn
+
+
+class PadMode(Choice):
+    zeros = "zeros"  # torchvision's RandomCrop(padding)
+    reflect = "reflect"  # airbench's translate
 
 
 class Device(Choice):
@@ -57,6 +68,11 @@ class CompileMode(Choice):
     reduce_overhead = "reduce-overhead"  # CUDA graphs: for launch-bound steps on a GPU
     max_autotune = "max-autotune"
     max_autotune_no_cudagraphs = "max-autotune-no-cudagraphs"
+
+
+class LossReduction(Choice):
+    mean = "mean"  # the loss of a batch is the mean over its examples
+    sum = "sum"  # the sum: every loss part times the batch size (airbench's recipe)
 
 
 class Progress(Choice):
@@ -91,6 +107,8 @@ class DataConfig:
     num_workers: int = 4
     augment: Augment = Augment.none
     crop_padding: int = 4
+    crop_padding_mode: PadMode = PadMode.zeros
+    flip_mode: FlipMode = FlipMode.random
     color_jitter: float = 0.0  # brightness/contrast/saturation jitter strength (0: off)
 
 
@@ -110,6 +128,14 @@ class MethodConfig:
     name: str = MISSING
 
 
+#: the parameter roles an optimiser sees (``ortho_run.optim.base``)
+ROLES = ("stem", "hidden", "backbone_1d", "head", "method")
+
+
+def _role_table(v) -> bool:
+    return all(str(k) in ROLES and x >= 0 for k, x in dict(v).items())
+
+
 @dataclass
 class OptimConfig:
     """Keys every optimiser has (the learning-rate schedule included); each optimiser's schema
@@ -124,6 +150,10 @@ class OptimConfig:
     warmup_epochs: float = 0.0
     min_lr_factor: float = 0.0  # cosine floor, as a fraction of lr
     fused: bool = True  # fused/foreach kernels on CUDA where torch has them
+    # a role's own lr / weight decay, whichever optimiser updates it (e.g. {head: 0.67});
+    # roles: stem, hidden, backbone_1d, head, method
+    role_lr: Dict[str, float] = field(default_factory=dict)
+    role_weight_decay: Dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -150,6 +180,11 @@ class TrainerConfig:
     geometry: bool = True  # geometry/ diagnostics on the test features at the end
     retrieval: bool = False  # retrieval/ metrics (CMC, mAP) on the test embeddings
     tta_flip: bool = False  # evaluate on the mean logits of the image and its mirror
+    # with tta_flip: airbench's level 2, plus the one-pixel translations (up-left, down-right)
+    tta_translate: bool = False
+    loss_reduction: LossReduction = LossReduction.mean  # sum: the batch's summed loss (airbench)
+    # steps trained and then undone before the run, so compilation happens outside time/train_s
+    warmup_steps: int = 0
 
 
 @dataclass
@@ -228,6 +263,9 @@ RANGES = [
     ("optim.warmup_epochs", lambda v: v >= 0, ">= 0"),
     ("optim.gamma", lambda v: v > 0, "> 0"),
     ("optim.min_lr_factor", lambda v: 0 <= v <= 1, "in [0, 1]"),
+    ("optim.role_lr", _role_table, "a table role: lr >= 0 over the roles " + ", ".join(ROLES)),
+    ("optim.role_weight_decay", _role_table,
+     "a table role: weight decay >= 0 over the roles " + ", ".join(ROLES)),
     ("trainer.max_epochs", lambda v: v >= 1, ">= 1"),
     ("trainer.eval_every", lambda v: v >= 0, ">= 0"),
     ("trainer.checkpoint_every", lambda v: v >= 0, ">= 0"),
@@ -236,6 +274,7 @@ RANGES = [
     ("trainer.label_smoothing", lambda v: 0 <= v < 1, "in [0, 1)"),
     ("trainer.grad_clip", lambda v: v is None or v > 0, "> 0 or null"),
     ("trainer.limit_train_batches", lambda v: v is None or v >= 1, ">= 1 or null"),
+    ("trainer.warmup_steps", lambda v: 0 <= v <= 100_000, "in [0, 100000]"),
     ("logger.init_timeout", lambda v: v > 0, "> 0"),
 ]
 

@@ -176,3 +176,31 @@ def hybrid_auon_paper_step(params, grads, lr=0.02, momentum=0.95, ns_steps=1,
         x = _ns(m, ns_steps, dtype=dtype, additive=False).to(m.dtype)
         return x / torch.sqrt(torch.mean(torch.cosh(x) ** 2))
     return _paper_auon_like(params, grads, lr, momentum, direction)
+
+
+def airbench_muon_step(params, grads, lr=0.24, momentum=0.6, steps=3, dtype=torch.float32):
+    """KellerJordan/cifar10-airbench ``airbench94_muon.py`` ``Muon.step``: sum momentum,
+    Nesterov, the weight renormalised to Frobenius norm √out, then three Newton–Schulz steps
+    (X /= ‖X‖ + eps first) of the flattened update, no shape scale."""
+    a, b, c = MUON
+
+    def zeropower(G, eps=1e-7):
+        X = G.to(dtype)
+        X = X / (X.norm() + eps)
+        if G.size(0) > G.size(1):
+            X = X.T
+        for _ in range(steps):
+            A = X @ X.T
+            B = b * A + c * A @ A
+            X = a * X + B @ X
+        if G.size(0) > G.size(1):
+            X = X.T
+        return X
+
+    def update(p, g, st):
+        buf = st.setdefault("m", torch.zeros_like(g))
+        buf.mul_(momentum).add_(g)
+        g = g.add(buf, alpha=momentum)
+        p.mul_(len(p) ** 0.5 / p.norm())
+        p.add_(zeropower(g.reshape(len(g), -1)).view(g.shape).to(p.dtype), alpha=-lr)
+    return _run(params, grads, update)

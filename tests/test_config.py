@@ -156,6 +156,7 @@ def test_every_experiment_preset_trains_a_step(tmp_path, preset):
     base = compose([f"experiment={preset}"])
     ov = [f"experiment={preset}", "logger.mode=disabled", "trainer.progress=off",
           "trainer.max_epochs=1", "trainer.limit_train_batches=1", "trainer.compile=false",
+          "trainer.warmup_steps=" + str(min(1, base.trainer.warmup_steps)),
           "data.batch_size=8", "data.eval_batch_size=64", f"cache_dir={tmp_path}/cache"]
     if base.data.name in REAL_CLASSES:
         # a multi-step preset builds every step's model (and their class means): fewer images

@@ -283,14 +283,14 @@ def test_root_coefficient_table_keys_and_values_are_checked():
     assert dict(h.shape_coefficients)[(2048, 8192)] == (2.9794, -3.6674, 1.6207)
 
 
-def test_auon_hybrid_forms_take_their_own_defaults_and_gamma_is_package_only():
+def test_auon_hybrid_forms_take_their_own_defaults_and_the_brake_gamma_is_package_only():
     paper = hyper_from_config("auon_hybrid", AuONHybridConfig())
     package = hyper_from_config("auon_hybrid", AuONHybridConfig(hybrid_form="package"))
     assert (paper.ns_steps, paper.ns_dtype, paper.add_eps) == (1, torch.bfloat16, False)
     assert (package.ns_steps, package.ns_dtype, package.add_eps, package.gamma) == (
         5, torch.float32, True, 1.5)
-    with pytest.raises(ConfigError, match="optim.gamma=2.0 only applies to optim.hybrid_form"):
-        hyper_from_config("auon_hybrid", AuONHybridConfig(gamma=2.0))
+    with pytest.raises(ConfigError, match="optim.brake_gamma=2.0 only applies to optim.hybrid"):
+        hyper_from_config("auon_hybrid", AuONHybridConfig(brake_gamma=2.0))
 
 
 def test_roles_that_select_nothing_are_refused(tmp_path):

@@ -34,7 +34,7 @@ class DeviceLoader:
                  std: Sequence[float], train: bool, augment: str = "none", padding: int = 4,
                  seed: int = 0, drop_last: Optional[bool] = None, channels_last: bool = False,
                  rank: int = 0, world_size: int = 1, limit_batches: Optional[int] = None,
-                 color_jitter: float = 0.0):
+                 color_jitter: float = 0.0, pad_mode: str = "zeros", flip_mode: str = "random"):
         if split.x is None:
             raise ConfigError("data.pipeline=resident needs an array data set (digits, synthetic, "
                               "cifar*); image folders use data.pipeline=loader")
@@ -44,7 +44,10 @@ class DeviceLoader:
         if self.augment != "crop_flip":
             self.pad = 0
         x = split.x
-        if self.pad:
+        if self.pad and str(pad_mode) == "reflect":  # uint8 has no reflect pad: in chunks
+            x = torch.cat([torch.nn.functional.pad(c.float(), (self.pad,) * 4, mode="reflect")
+                           .to(torch.uint8) for c in x.split(4096)])
+        elif self.pad:
             x = torch.nn.functional.pad(x, (self.pad,) * 4)  # zero padding, as RandomCrop(pad)
         self.x = x.to(self.device)
         self.y = split.y.to(self.device)
@@ -63,6 +66,11 @@ class DeviceLoader:
         self.inv_std = 1.0 / (torch.tensor(std, device=self.device).view(1, c, 1, 1) * 255)
         self._ar_h = torch.arange(self.h, device=self.device)
         self._ar_w = torch.arange(self.w, device=self.device)
+        #: alternating flips: the images mirrored in even epochs, drawn once (seeded)
+        self.flip_bits = None
+        if str(flip_mode) == "alternating":
+            gen = torch.Generator(device=self.device).manual_seed(epoch_seed(seed, -1))
+            self.flip_bits = torch.rand(self.n, device=self.device, generator=gen) < 0.5
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -94,7 +102,10 @@ class DeviceLoader:
         else:
             xb = self.x[idx]
         if self.augment in ("flip", "crop_flip"):
-            flip = torch.rand(b, device=self.device, generator=gen) < 0.5
+            if self.flip_bits is not None:
+                flip = self.flip_bits[idx] ^ (self.epoch % 2 == 1)
+            else:
+                flip = torch.rand(b, device=self.device, generator=gen) < 0.5
             xb = torch.where(flip[:, None, None, None], xb.flip(3), xb)
         return xb
 
@@ -199,7 +210,7 @@ class _FileImages(torch.utils.data.Dataset):
 
 
 def standard_transform(train: bool, augment: str, padding: int, image_size: int, mean, std,
-                       files: bool, color_jitter: float = 0.0):
+                       files: bool, color_jitter: float = 0.0, pad_mode: str = "zeros"):
     from torchvision import transforms as T
 
     ops = []
@@ -207,7 +218,8 @@ def standard_transform(train: bool, augment: str, padding: int, image_size: int,
         ops += ([T.RandomResizedCrop(image_size)] if train and augment != "none"
                 else [T.Resize(int(image_size * 1.14)), T.CenterCrop(image_size)])
     elif train and augment == "crop_flip":
-        ops.append(T.RandomCrop(image_size, padding=padding))
+        ops.append(T.RandomCrop(image_size, padding=padding,
+                                padding_mode="reflect" if pad_mode == "reflect" else "constant"))
     if train and augment in ("flip", "crop_flip"):
         ops.append(T.RandomHorizontalFlip())
     if train and color_jitter:
@@ -222,10 +234,10 @@ class TorchLoader:
                  seed: int = 0, num_workers: int = 4, channels_last: bool = False,
                  rank: int = 0, world_size: int = 1, limit_batches: Optional[int] = None,
                  drop_last: Optional[bool] = None, color_jitter: float = 0.0,
-                 image_mode: str = "RGB"):
+                 image_mode: str = "RGB", pad_mode: str = "zeros"):
         files = split.x is None
         tf = standard_transform(train, str(augment), padding, image_size, mean, std, files,
-                                color_jitter)
+                                color_jitter, pad_mode)
         if split.records is not None:
             ds = _RecordImages(split.records, split.y, tf, image_mode)
         else:
@@ -298,6 +310,12 @@ def build_loader(ds: DataSet, split: Split, cfg, device, train: bool, seed: int,
                   limit_batches=limit_batches if train else None,
                   color_jitter=cfg.color_jitter if train else 0.0)
     if pipeline == "resident":
-        return DeviceLoader(split, **common)
+        return DeviceLoader(split, pad_mode=str(cfg.crop_padding_mode),
+                            flip_mode=str(cfg.flip_mode), **common)
+    if train and str(cfg.flip_mode) == "alternating" and str(cfg.augment) != "none":
+        raise ConfigError("data.flip_mode=alternating needs data.pipeline=resident (the "
+                          "loader's workers cannot follow the epoch's flips): set "
+                          "data.pipeline=resident or data.flip_mode=random")
     return TorchLoader(split, image_size=ds.image_size, num_workers=cfg.num_workers,
-                       image_mode="L" if ds.channels == 1 else "RGB", **common)
+                       image_mode="L" if ds.channels == 1 else "RGB",
+                       pad_mode=str(cfg.crop_padding_mode), **common)

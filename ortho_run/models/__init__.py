@@ -29,6 +29,32 @@ class Backbone(nn.Module):
         """The input normalisation (and size) a pretrained body expects, or None."""
         return getattr(self.body, "ortho_data_config", None)
 
+    @property
+    def data_init_images(self) -> int:
+        """How many training images the body asks for to initialise itself (0: none)."""
+        return int(getattr(self.body, "data_init_images", 0) or 0)
+
+    def init_from_data(self, images) -> None:
+        """Initialise from normalised training images (the body's ``init_from_data``)."""
+        if self.data_init_images:
+            self.body.init_from_data(images)
+
+    def param_groups(self):
+        """The trainable parameters by role: the body's own ``param_groups()`` where it has one
+        (plus the embedding projection as ``hidden``/``backbone_1d``), else the default split
+        (``optim.backbone_groups``: the first weight matrix is the stem)."""
+        from ortho_run.optim.base import ParamGroup, backbone_groups
+
+        if not hasattr(self.body, "param_groups"):
+            return backbone_groups(self)
+        groups = [g for g in self.body.param_groups() if g.params]
+        if self.embed is not None:
+            ps = [p for p in self.embed.parameters() if p.requires_grad]
+            groups += [g for g in (ParamGroup("hidden", [p for p in ps if p.ndim >= 2]),
+                                   ParamGroup("backbone_1d", [p for p in ps if p.ndim < 2]))
+                       if g.params]
+        return groups
+
     def forward(self, x):
         f = self.body(x)
         return self.embed(f) if self.embed is not None else f

@@ -22,10 +22,8 @@ from typing import Any, Callable, Dict, List, Optional
 import torch
 from torch import nn
 
-from ortho_run.config import OptimConfig
+from ortho_run.config import ROLES, OptimConfig
 from ortho_run.registry import Registry
-
-ROLES = ("stem", "hidden", "backbone_1d", "head", "method")
 
 OPTIMIZERS: Registry[Callable[..., List[torch.optim.Optimizer]]] = Registry(
     "optimiser", group="optim", package="ortho_run.optim", base_schema=OptimConfig)
@@ -41,6 +39,9 @@ class ParamGroup:
     lr_scale: float = 1.0  # this group's lr = optim.lr x lr_scale (then scheduled)
     weight_decay: Optional[float] = None  # None: optim.weight_decay
     options: Dict[str, Any] = field(default_factory=dict)  # for the named optimiser
+    # this group's schedule runs over its first ``schedule_epochs`` epochs, then its lr stays
+    # 0 (airbench's whitening bias); None: over the whole run
+    schedule_epochs: Optional[float] = None
 
     def __post_init__(self):
         if self.role not in ROLES:
@@ -69,24 +70,30 @@ def backbone_groups(backbone: nn.Module) -> List[ParamGroup]:
 
 def torch_groups(groups: List[ParamGroup], cfg, lr: Optional[float] = None,
                  weight_decay: Optional[float] = None) -> List[dict]:
-    """torch param-group dicts, lr and weight decay resolved (from ``cfg``, or the ``lr`` and
-    ``weight_decay`` given for these groups). Groups whose settings are equal share one torch
-    group (its ``role`` lists theirs, e.g. ``stem+hidden``): a fused optimiser launches its
-    kernels per group, so a split that changes nothing would only cost launches."""
+    """torch param-group dicts, lr and weight decay resolved: from ``cfg`` (or the ``lr`` and
+    ``weight_decay`` given for these groups), a role's own ``optim.role_lr`` /
+    ``optim.role_weight_decay`` where set, then the group's ``lr_scale`` and own weight decay.
+    Groups whose settings are equal share one torch group (its ``role`` lists theirs, e.g.
+    ``stem+hidden``): a fused optimiser launches its kernels per group, so a split that changes
+    nothing would only cost launches."""
     base_lr = cfg.lr if lr is None else lr
     base_wd = cfg.weight_decay if weight_decay is None else weight_decay
+    role_lr = dict(getattr(cfg, "role_lr", None) or {})
+    role_wd = dict(getattr(cfg, "role_weight_decay", None) or {})
     out: List[dict] = []
     for g in groups:
         if not g.params:
             continue
-        lr = base_lr * g.lr_scale
-        wd = base_wd if g.weight_decay is None else g.weight_decay
-        same = next((t for t in out if t["lr"] == lr and t["weight_decay"] == wd), None)
+        lr = role_lr.get(g.role, base_lr) * g.lr_scale
+        wd = g.weight_decay if g.weight_decay is not None else role_wd.get(g.role, base_wd)
+        same = next((t for t in out if t["lr"] == lr and t["weight_decay"] == wd
+                     and t["schedule_epochs"] == g.schedule_epochs), None)
         if same is not None:
             same["params"] += list(g.params)
             same["role"] += f"+{g.role}"
         else:
-            out.append({"params": list(g.params), "lr": lr, "weight_decay": wd, "role": g.role})
+            out.append({"params": list(g.params), "lr": lr, "weight_decay": wd, "role": g.role,
+                        "schedule_epochs": g.schedule_epochs})
     return out
 
 

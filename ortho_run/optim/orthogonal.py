@@ -52,9 +52,9 @@ device value on the host).
   (``hybrid_form``). ``paper`` (the default, the paper's §3.2): X = NS(M) with one step, then
   U = X / rms(cosh X), scaled by √max(1, rows/cols). ``package`` (the package's
   ``HybridAuON``): X = NS(M) with five steps in the gradient's dtype from X/(‖X‖_F + ε), then
-  U = X / (rms(cosh(γ·X/(‖X‖_F + 1e-7))) + 1e-8) with γ = 1.5 (``gamma``), no aspect-ratio
-  factor (its lr is 0.24). ``ns_steps`` / ``ns_dtype`` / ``gamma`` left null take the form's
-  own. (Dividing by the cosh RMS *before* Newton–Schulz, as an earlier version here did, is a
+  U = X / (rms(cosh(γ·X/(‖X‖_F + 1e-7))) + 1e-8) with γ = 1.5 (``brake_gamma``), no
+  aspect-ratio factor (its lr is 0.24). ``ns_steps`` / ``ns_dtype`` / ``brake_gamma`` left null
+  take the form's own. (Dividing by the cosh RMS *before* Newton–Schulz, as an earlier version here did, is a
   no-op: Newton–Schulz starts by normalising its input.) On a 4-D weight the package
   orthogonalises each k×k slice of the kernel; here, as for every rule, the flattened matrix.
 """
@@ -97,6 +97,23 @@ class HybridForm(Choice):
 class Other(Choice):
     adamw = "adamw"
     sgd = "sgd"
+
+
+class MomentumForm(Choice):
+    ema = "ema"  # B ← μB + (1 − μ)G, Nesterov G + μ(B − G) (Muon, NorMuon, AuON)
+    sum = "sum"  # B ← μB + G, Nesterov G + μB (ROOT, airbench's Muon)
+
+
+class AdjustLR(Choice):
+    """The step's scale per matrix shape (timm's ``adjust_lr_fn`` names)."""
+    original = "original"  # √max(1, rows/cols): K. Jordan's Muon
+    match_rms_adamw = "match_rms_adamw"  # root_scale·√max(rows, cols) (0.2: Moonlight's, ROOT's)
+    none = "none"  # 1
+
+
+class NormEps(Choice):
+    clamp = "clamp"  # X / max(‖X‖_F, eps): torch.optim.Muon, timm
+    add = "add"  # X / (‖X‖_F + eps): K. Jordan's, ROOT's, AuON's and airbench's code
 
 
 _DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
@@ -169,6 +186,9 @@ class Hyper:
     shape_coefficients: Tuple[Tuple[Tuple[int, int], Triple], ...] = ()
     hybrid_form: str = "paper"
     gamma: float = 1.5
+    momentum: Optional[str] = None  # ema | sum; None: the rule's own
+    adjust_lr: Optional[str] = None  # original | match_rms_adamw | none; None: the rule's own
+    renormalize: bool = False  # each weight to Frobenius norm √rows before its step
 
     def orthogonalize(self, x: Tensor, rows: int, cols: int) -> Tensor:
         """NS of a stack of ``rows × cols`` matrices with this rule's settings."""
@@ -226,32 +246,28 @@ def auon_hybrid_update(m: Tensor, state: Dict[str, List[Tensor]], h: Hyper) -> T
     return x / _rms(torch.cosh(x))
 
 
-def aspect_scale(rows: int, cols: int, h: Hyper) -> float:
-    return math.sqrt(max(1.0, rows / cols))
-
-
-def rms_matching_scale(rows: int, cols: int, h: Hyper) -> float:
-    return h.root_scale * math.sqrt(max(rows, cols))
-
-
-def hybrid_scale(rows: int, cols: int, h: Hyper) -> float:
-    return 1.0 if h.hybrid_form == "package" else aspect_scale(rows, cols, h)
+#: the step's scale per (rows, cols), by ``AdjustLR`` name
+SCALES: Dict[str, Callable[[int, int, Hyper], float]] = {
+    "original": lambda rows, cols, h: math.sqrt(max(1.0, rows / cols)),
+    "match_rms_adamw": lambda rows, cols, h: h.root_scale * math.sqrt(max(rows, cols)),
+    "none": lambda rows, cols, h: 1.0,
+}
 
 
 @dataclass(frozen=True)
 class Rule:
     update: Callable[[Tensor, Dict[str, List[Tensor]], Hyper], Tensor]
-    momentum: str = "ema"  # ema: B ← μB + (1 − μ)G, Nesterov G + μ(B − G); sum: B ← μB + G, G + μB
-    scale: Callable[[int, int, Hyper], float] = aspect_scale
+    momentum: str = "ema"  # its momentum form (MomentumForm) unless the config says otherwise
+    adjust_lr: str = "original"  # its scale (SCALES) unless the config says otherwise
     state: Tuple[str, ...] = ()  # per-parameter state beyond the momentum buffer (rows × 1)
 
 
 RULES: Dict[str, Rule] = {
     "muon": Rule(muon_update),
     "normuon": Rule(normuon_update, state=("row_second_moment",)),
-    "root": Rule(root_update, momentum="sum", scale=rms_matching_scale),
+    "root": Rule(root_update, momentum="sum", adjust_lr="match_rms_adamw"),
     "auon": Rule(auon_update),
-    "auon_hybrid": Rule(auon_hybrid_update, scale=hybrid_scale),
+    "auon_hybrid": Rule(auon_hybrid_update),
 }
 
 
@@ -275,24 +291,28 @@ def orthogonalized_step(rule: Rule, h: Hyper, params: List[Tensor], grads: List[
                         nesterov: bool, weight_decay: float, batched: bool = True) -> None:
     """One step of ``rule`` for ``params`` (in place). ``lr``: a float, or a 0-d tensor (the
     compiled step takes it so, so that a changing lr neither recompiles nor syncs)."""
-    if rule.momentum == "sum":
+    if (h.momentum or rule.momentum) == "sum":
         torch._foreach_mul_(bufs, momentum)
         torch._foreach_add_(bufs, grads)
         moms = torch._foreach_add(grads, bufs, alpha=momentum) if nesterov else bufs
     else:
         torch._foreach_lerp_(bufs, grads, 1 - momentum)
         moms = torch._foreach_lerp(grads, bufs, momentum) if nesterov else bufs
+    scale_of = SCALES[h.adjust_lr or rule.adjust_lr]
     by_scale: Dict[float, Tuple[List[Tensor], List[Tensor]]] = {}
     for idx in stacks(params, batched):
         rows, cols = matrix_shape(params[idx[0]])
         m = (moms[idx[0]].reshape(1, rows, cols) if len(idx) == 1
              else torch.stack([moms[i] for i in idx]).reshape(len(idx), rows, cols))
         u = rule.update(m, {k: [v[i] for i in idx] for k, v in state.items()}, h)
-        ps, us = by_scale.setdefault(rule.scale(rows, cols, h), ([], []))
+        ps, us = by_scale.setdefault(scale_of(rows, cols, h), ([], []))
         for i, ui in zip(idx, u.unbind(0)):
             ps.append(params[i])
             us.append(ui.view(params[i].shape))
     tensor_lr = isinstance(lr, Tensor)
+    if h.renormalize:  # airbench: each weight rescaled to Frobenius norm √rows before its step
+        torch._foreach_div_(params, torch._foreach_norm(params))
+        torch._foreach_mul_(params, [math.sqrt(p.shape[0]) for p in params])
     if weight_decay:
         torch._foreach_mul_(params, 1 - lr * weight_decay)
     for scale, (ps, us) in by_scale.items():
@@ -406,8 +426,12 @@ class OrthoConfig(OptimConfig):
     other_lr: float = 1e-3
     other_weight_decay: float = 0.0
     other_momentum: float = 0.9  # with other=sgd
+    other_nesterov: bool = False  # with other=sgd
     betas: List[float] = field(default_factory=lambda: [0.9, 0.999])  # with other=adamw
     warmup_epochs: float = 1.0
+    momentum_form: Optional[MomentumForm] = None  # null: the rule's own (ROOT sum, others ema)
+    adjust_lr: Optional[AdjustLR] = None  # null: the rule's own scale per matrix shape
+    renormalize: bool = False  # each weight to Frobenius norm √rows before its step (airbench)
     checks: ClassVar[list] = (positive("other_lr", "eps") + at_least(0, "other_weight_decay")
                               + [("momentum", lambda v: 0 <= v < 1, "in [0, 1)"),
                                  ("roles", check_roles, "a non-empty list of parameter roles ("
@@ -421,6 +445,7 @@ class NSConfig(OrthoConfig):
     ns_steps: Optional[int] = 5
     ns_dtype: Optional[NSDtype] = NSDtype.bf16
     ns_coefficients: NSCoefficients = NSCoefficients.original
+    ns_norm_eps: Optional[NormEps] = None  # null: the rule's own (ROOT add, others clamp)
     checks: ClassVar[list] = OrthoConfig.checks + [
         ("ns_steps", lambda v: v is None or 1 <= v <= 100, "in [1, 100]")]
 
@@ -456,38 +481,46 @@ class AuONHybridConfig(NSConfig):
     hybrid_form: HybridForm = HybridForm.paper
     ns_steps: Optional[int] = None  # null: the form's (paper 1, package 5)
     ns_dtype: Optional[NSDtype] = None  # null: the form's (paper bf16, package fp32)
-    gamma: Optional[float] = None  # package form: the brake's scale (null: 1.5)
+    brake_gamma: Optional[float] = None  # package form: the brake's scale γ (null: 1.5)
     checks: ClassVar[list] = NSConfig.checks + [
-        ("gamma", lambda v: v is None or v > 0, "> 0 or null")]
+        ("brake_gamma", lambda v: v is None or v > 0, "> 0 or null")]
 
 
 #: per rule and form: the NS defaults its official code uses
-_FORM_DEFAULTS = {"paper": dict(ns_steps=1, ns_dtype="bf16", add_eps=False),
-                  "package": dict(ns_steps=5, ns_dtype="fp32", add_eps=True)}
+_FORM_DEFAULTS = {"paper": dict(ns_steps=1, ns_dtype="bf16", add_eps=False, adjust_lr="original"),
+                  "package": dict(ns_steps=5, ns_dtype="fp32", add_eps=True, adjust_lr="none")}
 
 
 def check_config(rule: str, cfg) -> None:
     """Cross-key checks of an orthogonalised optimiser's config (the pre-flight runs them)."""
-    if rule == "auon_hybrid" and getattr(cfg, "gamma", None) is not None \
+    if rule == "auon_hybrid" and getattr(cfg, "brake_gamma", None) is not None \
             and str(cfg.hybrid_form) != "package":
-        raise ConfigError(f"optim.gamma={cfg.gamma} only applies to optim.hybrid_form=package "
-                          f"(the paper's form has no scale inside cosh): set "
-                          f"optim.hybrid_form=package or leave optim.gamma null")
+        raise ConfigError(f"optim.brake_gamma={cfg.brake_gamma} only applies to "
+                          f"optim.hybrid_form=package (the paper's form has no scale inside "
+                          f"cosh): set optim.hybrid_form=package or leave optim.brake_gamma null")
     if rule == "root":
         parse_coefficient_table(cfg.root_coefficients)
+
+
+def _opt(v) -> Optional[str]:
+    return None if v is None else str(v)
 
 
 def hyper_from_config(rule: str, cfg) -> Hyper:
     """The settings of ``rule`` from its (plain) config."""
     check_config(rule, cfg)
-    kw = dict(eps=float(cfg.eps))
+    kw = dict(eps=float(cfg.eps), momentum=_opt(cfg.momentum_form),
+              adjust_lr=_opt(cfg.adjust_lr), renormalize=bool(cfg.renormalize))
     if hasattr(cfg, "ns_steps"):
         form = _FORM_DEFAULTS[str(cfg.hybrid_form)] if rule == "auon_hybrid" else {}
         steps = cfg.ns_steps if cfg.ns_steps is not None else form.get("ns_steps", 5)
         dtype = str(cfg.ns_dtype) if cfg.ns_dtype is not None else form.get("ns_dtype", "bf16")
+        add = (str(cfg.ns_norm_eps) == "add" if cfg.ns_norm_eps is not None
+               else form.get("add_eps", rule == "root"))
         kw.update(ns_steps=int(steps), ns_dtype=_DTYPES[dtype],
-                  coefficients=NS_COEFFICIENTS[str(cfg.ns_coefficients)],
-                  add_eps=form.get("add_eps", rule == "root"))
+                  coefficients=NS_COEFFICIENTS[str(cfg.ns_coefficients)], add_eps=add)
+        if form and kw["adjust_lr"] is None:
+            kw["adjust_lr"] = form["adjust_lr"]
     if rule == "normuon":
         kw.update(beta2=float(cfg.beta2), norm_eps=float(cfg.norm_eps))
     if rule == "root":
@@ -495,7 +528,7 @@ def hyper_from_config(rule: str, cfg) -> Hyper:
                   shape_coefficients=tuple(parse_coefficient_table(cfg.root_coefficients).items()))
     if rule == "auon_hybrid":
         kw.update(hybrid_form=str(cfg.hybrid_form),
-                  gamma=1.5 if cfg.gamma is None else float(cfg.gamma))
+                  gamma=1.5 if cfg.brake_gamma is None else float(cfg.brake_gamma))
     return Hyper(**kw)
 
 
@@ -515,7 +548,8 @@ def _other_optimizer(rest: List[ParamGroup], cfg, device):
 
     if str(cfg.other) == "sgd":
         make = lambda kw: torch.optim.SGD(groups(), lr=cfg.other_lr,  # noqa: E731
-                                          momentum=cfg.other_momentum, **kw)
+                                          momentum=cfg.other_momentum,
+                                          nesterov=cfg.other_nesterov, **kw)
     else:
         make = lambda kw: torch.optim.AdamW(groups(), lr=cfg.other_lr,  # noqa: E731
                                             betas=tuple(cfg.betas), **kw)

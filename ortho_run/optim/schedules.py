@@ -28,6 +28,12 @@ def cosine(cfg, step, warm, total, spe):
     return cfg.min_lr_factor + (1 - cfg.min_lr_factor) * 0.5 * (1 + math.cos(math.pi * t))
 
 
+@SCHEDULES.register("linear")
+def linear(cfg, step, warm, total, spe):
+    """From 1 down to 0 at the end of the run (airbench's): step s uses 1 − s/total."""
+    return max(0.0, 1.0 - (step - warm) / max(1, total - warm))
+
+
 @SCHEDULES.register("onecycle")
 def onecycle(cfg, step, warm, total, spe):
     """Linear up over the warm-up (default 30% of the run) from 0.04, cosine down to ~0."""
@@ -42,9 +48,10 @@ def onecycle(cfg, step, warm, total, spe):
 SELF_WARMING = {"onecycle"}
 
 
-def lr_factor(cfg, step: int, steps_per_epoch: int, max_epochs: int) -> float:
-    """Multiplier of the base lr after ``step`` optimiser steps."""
-    total = max(1, steps_per_epoch * max_epochs)
+def lr_factor(cfg, step: int, steps_per_epoch: int, max_epochs: float) -> float:
+    """Multiplier of the base lr after ``step`` optimiser steps of a schedule over
+    ``max_epochs`` epochs."""
+    total = max(1, int(math.ceil(steps_per_epoch * max_epochs)))
     warm = int(round(cfg.warmup_epochs * steps_per_epoch))
     name = str(cfg.scheduler)
     fn = SCHEDULES.get(name)
@@ -54,5 +61,13 @@ def lr_factor(cfg, step: int, steps_per_epoch: int, max_epochs: int) -> float:
 
 
 def build_scheduler(opt: torch.optim.Optimizer, cfg, steps_per_epoch: int, max_epochs: int):
+    """One schedule per param group: over the run, or over a group's own ``schedule_epochs``
+    (after which its lr is 0)."""
+    def factor(epochs):
+        if epochs is None:
+            return lambda s: lr_factor(cfg, s, steps_per_epoch, max_epochs)
+        return lambda s: (lr_factor(cfg, s, steps_per_epoch, epochs)
+                          if s < steps_per_epoch * epochs else 0.0)
+
     return torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: lr_factor(cfg, s, steps_per_epoch, max_epochs))
+        opt, [factor(g.get("schedule_epochs")) for g in opt.param_groups])

@@ -9,15 +9,35 @@ import torch.nn.functional as F
 from torch import Tensor
 
 
+def tta_logits(net, x: Tensor, logits: Tensor, flip: bool, translate: bool) -> Tensor:
+    """Test-time augmentation of ``logits`` (the net's on ``x``). ``flip``: the mean with the
+    mirror's. ``translate`` (airbench's level 2, with ``flip``): ½·that + ½·the mean of the same
+    for ``x`` moved one pixel up-left and one down-right (reflect padding)."""
+    def view(inputs, known=None):
+        out = net(inputs)[1].logits.float() if known is None else known
+        if flip:
+            out = 0.5 * (out + net(inputs.flip(3))[1].logits.float())
+        return out
+
+    out = view(x, logits)
+    if translate:
+        h, w = x.shape[-2:]
+        padded = F.pad(x, (1, 1, 1, 1), mode="reflect")
+        shifted = torch.stack([view(padded[:, :, :h, :w]), view(padded[:, :, 2:, 2:])]).mean(0)
+        out = 0.5 * out + 0.5 * shifted
+    return out
+
+
 @torch.no_grad()
 def evaluate(net, loader, autocast, collect: bool = False, reduce=None,
-             tta_flip: bool = False) -> Dict[str, object]:
+             tta_flip: bool = False, tta_translate: bool = False) -> Dict[str, object]:
     """Top-1/top-5 accuracy and CE loss; with ``collect`` also every named embedding space of
     the method (``new`` first) and the labels.
 
     Sums stay on the device and are read once at the end (one host sync per evaluation).
     ``reduce`` (data-parallel) sums the counters across ranks. ``tta_flip`` averages the
-    logits of each image and its horizontal mirror (embeddings stay those of the image).
+    logits of each image and its horizontal mirror, ``tta_translate`` adds airbench's
+    one-pixel translations (``tta_logits``); embeddings stay those of the image.
     """
     net.eval()
     dev = next(net.parameters()).device
@@ -28,11 +48,12 @@ def evaluate(net, loader, autocast, collect: bool = False, reduce=None,
     for x, y in loader:
         with autocast():
             batch, out = net(x)
-            flipped = net(x.flip(3))[1].logits if tta_flip and out.logits is not None else None
-        if out.logits is not None:
-            logits = out.logits.float()
-            if flipped is not None:
-                logits = 0.5 * (logits + flipped.float())
+            logits = None
+            if out.logits is not None:
+                logits = out.logits.float()
+                if tta_flip or tta_translate:
+                    logits = tta_logits(net, x, logits, tta_flip, tta_translate)
+        if logits is not None:
             k = min(5, logits.shape[1])
             topk = logits.topk(k, dim=1).indices
             correct = topk == y[:, None]

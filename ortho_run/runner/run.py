@@ -320,9 +320,30 @@ def build_job(cfg, run_dir: Path, dist: Dist = Dist(), emit=lambda row: None) ->
     if channels_last:
         net = net.to(memory_format=torch.channels_last)
     trainer = Trainer(cfg, net, train_loader, evals, device, run_dir, emit, dist, shape,
-                      regularizer=regularizer)
+                      regularizer=regularizer,
+                      init_images=init_images(ds, net.backbone.data_init_images, cfg, device))
     return Job(trainer, ds, net, evals, device, pipeline, service, regularizer=regularizer,
                data_config=data_config)
+
+
+def init_images(ds, n: int, cfg, device) -> Optional[torch.Tensor]:
+    """``n`` training images, drawn with ``data.split_seed`` and normalised as the loaders
+    normalise them, for a backbone that initialises itself from data (None when it does not)."""
+    if not n:
+        return None
+    if ds.train.x is None:
+        from ortho_run.errors import ConfigError
+
+        raise ConfigError(f"model={cfg.model.name} initialises itself from {n} training images "
+                          f"held in memory: use an array data set (cifar10, cifar100, digits, "
+                          f"synthetic), not data={cfg.data.name} read from files")
+    gen = torch.Generator().manual_seed(cfg.data.split_seed)
+    idx = torch.randperm(len(ds.train), generator=gen)[:n]
+    x = ds.train.x[idx].to(device).float().div_(255)
+    c = x.shape[1]
+    mean = torch.tensor(ds.mean, device=device).view(1, c, 1, 1)
+    std = torch.tensor(ds.std, device=device).view(1, c, 1, 1)
+    return (x - mean) / std
 
 
 def _train_and_evaluate(cfg, job: Job, dist, facts) -> Dict[str, Any]:
@@ -337,7 +358,8 @@ def _train_and_evaluate(cfg, job: Job, dist, facts) -> Dict[str, Any]:
     # of the last epoch's evaluation: no second pass of the new model over the evaluation splits.
     need_emb = t.geometry or t.retrieval or (service is not None and cfg.compat.evaluate)
     last, collected = trainer.fit(collect_final=need_emb)
-    out: Dict[str, Any] = {"epoch": trainer.state.epoch, "step": trainer.state.step}
+    out: Dict[str, Any] = {"epoch": trainer.state.epoch, "step": trainer.state.step,
+                           "time/train_s": trainer.state.train_s}
     out.update({k: v for k, v in last.items() if "/" in k and not k.startswith("train/")})
     out.update({k: v for k, v in last.items() if k.startswith("train/")})
 

@@ -22,7 +22,7 @@ from omegaconf import OmegaConf
 from ortho_run import checkpoint as ckpt
 from ortho_run.assemble import Net
 from ortho_run.errors import CheckpointError, Preempted, TrainingDiverged
-from ortho_run.optim import backbone_groups, build_optimizers, build_scheduler
+from ortho_run.optim import build_optimizers, build_scheduler
 from ortho_run.runner.env import rng_state, set_rng_state
 from ortho_run.runner.evaluate import evaluate
 from ortho_run.runner.guards import NonFiniteGuard, StopRequest
@@ -56,6 +56,31 @@ class TrainState:
     sums: Dict[str, float] = field(default_factory=dict)  # partial epoch sums (mid-epoch)
     best: Optional[float] = None
     history: List[dict] = field(default_factory=list)
+    #: seconds of the timed regions so far: a backbone's data initialisation, the training
+    #: epochs and the final evaluation (airbench's definition; per-epoch evaluations excluded)
+    train_s: float = 0.0
+
+
+class RegionTimer:
+    """Adds the duration of ``with timer.region():`` blocks to a total: CUDA events on a GPU
+    (one synchronisation at the end of each region), the wall clock elsewhere."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+
+    @contextlib.contextmanager
+    def region(self, state: "TrainState"):
+        if self.cuda:
+            start, end = (torch.cuda.Event(enable_timing=True) for _ in range(2))
+            start.record()
+            yield
+            end.record()
+            end.synchronize()
+            state.train_s += start.elapsed_time(end) / 1000.0
+        else:
+            t0 = time.perf_counter()
+            yield
+            state.train_s += time.perf_counter() - t0
 
 
 #: per evaluation split: ({space name: embeddings}, labels)
@@ -68,7 +93,8 @@ class Trainer:
 
     def __init__(self, cfg, net: Net, train_loader, eval_loaders: Dict[str, object],
                  device: torch.device, run_dir: Path, emit: Callable[[dict], None],
-                 dist: Dist = Dist(), shape: Optional[dict] = None, regularizer=None):
+                 dist: Dist = Dist(), shape: Optional[dict] = None, regularizer=None,
+                 init_images: Optional[torch.Tensor] = None):
         #: what rebuilds the net without the data set (channels, image_size, num_classes, dims)
         self.shape = dict(shape or {})
         # plain dataclasses: the hot loop reads these every step (OmegaConf lookups are slow)
@@ -80,7 +106,7 @@ class Trainer:
         self.ckpt_dir = run_dir / "checkpoints"
         self.stop = StopRequest()
         optim_cfg = OmegaConf.to_object(cfg.optim)
-        groups = backbone_groups(net.backbone) + net.method.param_groups()
+        groups = net.backbone.param_groups() + net.method.param_groups()
         self.optimizers = build_optimizers(groups, optim_cfg, device)
         if not self.optimizers:
             raise TrainingDiverged("nothing to train: every parameter is frozen")
@@ -118,6 +144,10 @@ class Trainer:
                                     self.ckpt_dir / "last.pt")
         self.state = TrainState()
         self.progress: Optional[RunProgress] = None  # the run's bar, while fit() runs
+        self.sum_loss = str(self.tcfg.loss_reduction) == "sum"
+        #: normalised training images a backbone initialises itself from (airbench's whitening)
+        self.init_images = init_images
+        self.timer = RegionTimer(device)
 
     # --- helpers ----------------------------------------------------------------------
     def autocast(self):
@@ -139,6 +169,7 @@ class Trainer:
             "schedulers": [sc.state_dict() for sc in self.schedulers],
             "epoch": s.epoch, "batch": s.batch, "step": s.step, "sums": dict(s.sums),
             "best": s.best, "history": list(s.history), "rng": rng_state(),
+            "train_s": s.train_s,
         }
 
     def load_state_dict(self, st: dict) -> None:
@@ -153,7 +184,7 @@ class Trainer:
                                   f"{str(exc).splitlines()[0] if str(exc) else repr(exc)}") from None
         self.state = TrainState(epoch=st["epoch"], batch=st["batch"], step=st["step"],
                                 sums=dict(st["sums"]), best=st["best"],
-                                history=list(st["history"]))
+                                history=list(st["history"]), train_s=st.get("train_s", 0.0))
         set_rng_state(st["rng"])
 
     def save(self, name: str = "last.pt") -> None:
@@ -176,6 +207,8 @@ class Trainer:
             o.zero_grad(set_to_none=True)
         if self.skip_bad and not bool(torch.isfinite(loss.detach())):
             return None
+        if self.sum_loss:  # the batch's summed loss; the logged parts stay per-example means
+            loss = loss * len(y)
         loss.backward()
         if self.tcfg.grad_clip:
             torch.nn.utils.clip_grad_norm_(self.params, self.tcfg.grad_clip)
@@ -275,7 +308,8 @@ class Trainer:
         for name, loader in self.eval_loaders.items():
             res = evaluate(self.net, loader, self.autocast, collect=collect,
                            reduce=self.dist.all_reduce if self.dist.world_size > 1 else None,
-                           tta_flip=self.tcfg.tta_flip)
+                           tta_flip=self.tcfg.tta_flip,
+                           tta_translate=self.tcfg.tta_translate)
             if collect:
                 collected[name] = (res.pop("embeddings"), res.pop("labels"))
             for k, v in res.items():
@@ -298,13 +332,56 @@ class Trainer:
             self.progress.close()
             self.progress = None
 
+    def warm_up(self, steps: int) -> None:
+        """Train ``steps`` steps, then put the net, the optimisers' state, the schedules, the
+        random state and the counters back as they were: compilation (and CUDA-graph capture)
+        happens here, outside the timed run, which then trains exactly as without it. The
+        optimisers' state tensors are zeroed in place (their addresses stay; zero momentum is
+        the state every optimiser here starts from)."""
+        net_state = {k: v.detach().clone() for k, v in self.net.state_dict().items()}
+        sched = [sc.state_dict() for sc in self.schedulers]
+        rng, st = rng_state(), self.state
+        done = 0
+        while done < steps:
+            self.train_loader.set_epoch(0)
+            for x, y in self.train_loader:
+                self.step(x, y)
+                done += 1
+                if done >= steps:
+                    break
+        self.net.load_state_dict(net_state)
+        for o in self.optimizers:
+            for p_state in o.state.values():
+                for k, v in p_state.items():
+                    if isinstance(v, torch.Tensor):
+                        v.zero_()
+                    elif isinstance(v, (int, float)) and not isinstance(v, bool):
+                        p_state[k] = type(v)(0)
+        for sc, sd in zip(self.schedulers, sched):
+            sc.load_state_dict(sd)
+        for o, sc in zip(self.optimizers, self.schedulers):
+            for g, lr in zip(o.param_groups, sc.get_last_lr()):
+                g["lr"] = lr
+        self.guard.window.zero_()
+        set_rng_state(rng)
+        self.state = st
+        self.state.step = 0
+
     def _fit(self, collect_final: bool, collected: Collected) -> Tuple[dict, Collected]:
         t = self.tcfg
+        fresh = self.state.step == 0 and self.state.epoch == 0
+        if fresh and t.warmup_steps:
+            self.warm_up(t.warmup_steps)
+        if fresh and self.init_images is not None:
+            with self.timer.region(self.state):
+                self.net.backbone.init_from_data(self.init_images)
         while self.state.epoch < t.max_epochs:
-            row = self.train_epoch()
+            with self.timer.region(self.state):
+                row = self.train_epoch()
             last = self.state.epoch == t.max_epochs
             if last or (t.eval_every > 0 and self.state.epoch % t.eval_every == 0):
-                res, got = self.evaluate(collect=last and collect_final)
+                with self.timer.region(self.state) if last else contextlib.nullcontext():
+                    res, got = self.evaluate(collect=last and collect_final)
                 row.update(res)
                 collected.update(got)
                 self._maybe_best(row)
