@@ -6,6 +6,7 @@ it imports neither of them.
 
 from __future__ import annotations
 
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Callable, Dict, Optional, Tuple
 
@@ -16,8 +17,38 @@ from torch import nn
 from ortho_run.checkpoint import load as load_checkpoint
 from ortho_run.errors import CheckpointError
 from ortho_run.methods import METHODS, Batch, MethodContext, MethodOutput
-from ortho_run.methods.base import CompatArtifacts
+from ortho_run.methods.base import CompatArtifacts, CompatShape
 from ortho_run.models import build_backbone
+
+
+@dataclass(frozen=True)
+class NetSpec:
+    """What a net is built for, and what its checkpoint records to rebuild it without the data
+    set or the old model: the images' channels and size, the classes, the backbone's output dim
+    when a method or ``model.embed_dim`` sets it, and a compatibility method's ``CompatShape``."""
+
+    channels: int
+    image_size: int
+    num_classes: int
+    embed_dim: Optional[int] = None
+    compat: Optional[CompatShape] = None
+
+    def with_compat(self, compat: CompatShape, embed_dim: Optional[int]) -> "NetSpec":
+        return replace(self, compat=compat,
+                       embed_dim=self.embed_dim if embed_dim is None else embed_dim)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        if d["compat"] is None:
+            del d["compat"]
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "NetSpec":
+        compat = d.get("compat")
+        return cls(channels=d["channels"], image_size=d["image_size"],
+                   num_classes=d["num_classes"], embed_dim=d.get("embed_dim"),
+                   compat=CompatShape(**compat) if compat else None)
 
 
 class Net(nn.Module):
@@ -46,20 +77,19 @@ def build_method(cfg, num_classes: int, feature_dim: int, device, distributed: b
                  compat=None):
     ctx = MethodContext(feature_dim=feature_dim, num_classes=num_classes, device=device,
                         label_smoothing=cfg.trainer.label_smoothing, cache_dir=cfg.cache_dir,
-                        seed=cfg.seed, compat=compat, distributed=distributed)
+                        seed=cfg.seed, artifacts=compat, distributed=distributed)
     return METHODS.get(cfg.method.name)(cfg.method, ctx)
 
 
-def build_net(cfg, shape: dict, device, distributed: bool = False, compat=None,
+def build_net(cfg, spec: NetSpec, device, distributed: bool = False, compat=None,
               frozen: Optional[Dict[str, Callable]] = None) -> Net:
-    """The net for ``cfg`` on data of ``shape`` (channels, image_size, num_classes and, when a
-    method sized it, embed_dim). Model weights are initialised from ``cfg.seed``."""
+    """The net for ``cfg`` on data of ``spec``. Model weights are initialised from ``cfg.seed``."""
     model_cfg = cfg.model
-    if shape.get("embed_dim", model_cfg.embed_dim) != model_cfg.embed_dim:
-        model_cfg = OmegaConf.merge(model_cfg, {"embed_dim": shape["embed_dim"]})
+    if spec.embed_dim != model_cfg.embed_dim:
+        model_cfg = OmegaConf.merge(model_cfg, {"embed_dim": spec.embed_dim})
     torch.manual_seed(cfg.seed)  # model init does not depend on the data set's RNG use
-    backbone = build_backbone(model_cfg, shape["channels"], shape["image_size"])
-    method = build_method(cfg, shape["num_classes"], backbone.feature_dim, device, distributed,
+    backbone = build_backbone(model_cfg, spec.channels, spec.image_size)
+    method = build_method(cfg, spec.num_classes, backbone.feature_dim, device, distributed,
                           compat)
     return Net(backbone, method, frozen).to(device)
 
@@ -80,18 +110,18 @@ def load_run(run_dir: Path, device):
 
     cfg = structured(OmegaConf.load(conf), source=str(conf))
     state = load_checkpoint(f, map_location=device)
-    shape = state.get("shape") or {}
-    if not shape:
+    if state.get("shape"):
+        spec = NetSpec.from_dict(state["shape"])
+    else:  # a checkpoint from before the net spec was recorded
         ds = load_dataset(cfg.data)
-        shape = {"channels": ds.channels, "image_size": ds.image_size,
-                 "num_classes": ds.num_classes}
+        spec = NetSpec(ds.channels, ds.image_size, ds.num_classes, cfg.model.embed_dim)
     compat = None
-    if shape.get("compat"):  # a compatibility method's net: built without its old model
-        compat = CompatArtifacts.placeholder(shape["compat"], shape["num_classes"])
-    net = build_net(cfg, shape, device, compat=compat)
+    if spec.compat is not None:  # a compatibility method's net: built without its old model
+        compat = CompatArtifacts.placeholder(spec.compat, spec.num_classes)
+    net = build_net(cfg, spec, device, compat=compat)
     try:
         net.load_state_dict(state["net"])
     except RuntimeError as exc:
         raise CheckpointError(f"{f} does not fit the model its resolved_config.yaml describes: "
                               f"{str(exc).splitlines()[0]}") from None
-    return net, cfg, shape["num_classes"]
+    return net, cfg, spec.num_classes

@@ -182,14 +182,14 @@ def step_calls(model: str = "resnet18_cifar", embed_dim: Optional[int] = 128,
     the host issues per step, which does not depend on the machine. Newton–Schulz runs in fp32
     here (the count is the same in bf16, which a CPU computes far more slowly). Also the number
     of matrices and of distinct matrix shapes the orthogonalised step sees."""
-    from ortho_run.assemble import build_net
+    from ortho_run.assemble import NetSpec, build_net
     from ortho_run.optim import OPTIMIZERS, build_optimizers
     from ortho_run.regularizers import REGULARIZERS, build_regularizer
 
     optims = list(optims) if optims is not None else OPTIMIZERS.names()
     regularizers = list(regularizers) if regularizers is not None else REGULARIZERS.names()
     cpu = torch.device("cpu")
-    shape = {"channels": 3, "image_size": 32, "num_classes": 10, "embed_dim": embed_dim}
+    spec = NetSpec(channels=3, image_size=32, num_classes=10, embed_dim=embed_dim)
     base = [f"model={model}", "logger.mode=disabled", *overrides]
     if embed_dim:
         base.append(f"model.embed_dim={embed_dim}")
@@ -205,7 +205,7 @@ def step_calls(model: str = "resnet18_cifar", embed_dim: Optional[int] = 128,
         cfg = compose_config(base + [f"optim={name}"])
         if "ns_dtype" in cfg.optim:
             cfg.optim.ns_dtype = "fp32"
-        net = build_net(cfg, shape, cpu)
+        net = build_net(cfg, spec, cpu)
         opt = build_optimizers(net.backbone.param_groups() + net.method.param_groups(),
                                OmegaConf.to_object(cfg.optim), cpu)[0]
         gen = torch.Generator().manual_seed(0)
@@ -216,7 +216,7 @@ def step_calls(model: str = "resnet18_cifar", embed_dim: Optional[int] = 128,
                                "shapes": len({tuple(p.shape) for p in params})}
     for name in regularizers:
         cfg = compose_config(base + [f"regularizer={name}"])
-        net = build_net(cfg, shape, cpu)
+        net = build_net(cfg, spec, cpu)
         reg = build_regularizer(cfg.regularizer, net.backbone)
         if reg.adds_loss:
             out["regularizers"][name] = {"calls": calls(reg.penalty), "layers": len(reg.names)}
@@ -266,7 +266,8 @@ def main(argv=None):
     p.add_argument("--compile-mode", default="default",
                    help="with --compile: default|reduce_overhead (CUDA graphs)|max_autotune|"
                         "max_autotune_no_cudagraphs")
-    p.add_argument("--methods", default="ce,opl,gcr,ebv")
+    p.add_argument("--methods", default=None,
+                   help="methods to time against ce (default: every method that trains alone)")
     p.add_argument("--optims", default="",
                    help="optimisers to time against sgd on method ce, e.g. sgd,muon,normuon,"
                         "root,auon,auon_hybrid,timm_muon (timm's Muon on our Muon's parameters; "
@@ -308,6 +309,10 @@ def main(argv=None):
         args.regularizers = args.regularizers or ",".join(["none", *REGULARIZERS.names()])
 
     args.model = args.model or "resnet18_cifar"
+    if args.methods is None:
+        from ortho_run.store import compatibility_methods
+
+        args.methods = ",".join(compatibility_methods(compat=False))
     res = {"args": vars(args)}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)

@@ -30,16 +30,8 @@ def fingerprint(cfg) -> Dict[str, Any]:
     }
 
 
-#: keys that do not change what a run learns: a resume may differ in them. ``max_epochs`` may
-#: grow (checked separately); the rest is where and how results are reported or computed.
-RESUME_FREE = (
-    "logger", "output_root", "cache_dir", "tag", "objective", "compat.evaluate",
-    "trainer.max_epochs", "trainer.progress", "trainer.device", "trainer.resume",
-    "trainer.eval_every", "trainer.checkpoint_every", "trainer.log_every_steps",
-    "trainer.nonfinite_check_every", "trainer.geometry", "trainer.retrieval",
-    "trainer.tta_flip", "trainer.compile", "trainer.compile_mode", "trainer.channels_last",
-    "data.eval_batch_size", "data.num_workers",
-)
+#: a key that changes what is learned but may grow on resume (checked in ``check_resume``)
+GROWABLE = ("trainer.max_epochs",)
 
 
 def run_config(cfg) -> Dict[str, Any]:
@@ -57,9 +49,13 @@ def _flat(d: Any, prefix: str = "") -> Dict[str, Any]:
 
 def config_differences(saved: Dict[str, Any], cfg) -> Dict[str, tuple]:
     """``{key: (checkpoint value, this run's value)}`` for the keys that change what is
-    learned."""
-    a, b = _flat(saved), _flat(run_config(cfg))
-    free = lambda k: any(k == f or k.startswith(f + ".") for f in RESUME_FREE)  # noqa: E731
+    learned (``ortho_run.store.effect_of``). The checkpoint's config is read as today's schemas
+    read it: a key added since (at its default) is no difference."""
+    from ortho_run.config import LEARNED
+    from ortho_run.store import effect_of, upgraded
+
+    a, b = _flat(upgraded(saved)), _flat(run_config(cfg))
+    free = lambda k: k in GROWABLE or effect_of(k) != LEARNED  # noqa: E731
     missing = object()
     diff = {k: (a.get(k, missing), b.get(k, missing)) for k in sorted(set(a) | set(b))
             if not free(k) and a.get(k, missing) != b.get(k, missing)}

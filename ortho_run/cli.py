@@ -150,9 +150,11 @@ def _deepest_existing(path: Path) -> Path:
 
 
 def _check_output_root(config) -> None:
-    if not str(config.get("output_root", "x")).strip():
-        print("ortho-run: error: output_root is empty: set it to a folder (default: outputs)",
-              file=sys.stderr)
+    from ortho_run.config import output_root_error
+
+    why = output_root_error(config.get("output_root", "outputs"))
+    if why:
+        print(f"ortho-run: error: {why}", file=sys.stderr)
         sys.exit(2)
 
 

@@ -13,6 +13,30 @@ from typing import Any, Dict, List, Optional
 
 from omegaconf import MISSING
 
+# --- what a key changes --------------------------------------------------------------------
+#: A key changes what a run learns unless its schema field says otherwise, once, here or in its
+#: plugin's schema: ``EVALUATION`` keys change how the run is computed, evaluated or checked but
+#: not the weights it learns (the resume check and the cached-model key ignore them);
+#: ``REPORT`` keys change only where or how a run is reported (run names, report groups and
+#: sweep folder names ignore them too). Read through ``ortho_run.store.effect_of``.
+LEARNED, EVALUATION, REPORT = "learned", "evaluation", "report"
+
+
+def evaluation(default=MISSING, *, factory=None):
+    """A schema field that does not change what is learned (see ``EVALUATION``)."""
+    return _marked(EVALUATION, default, factory)
+
+
+def report(default=MISSING, *, factory=None):
+    """A schema field that only changes where or how a run is reported (see ``REPORT``)."""
+    return _marked(REPORT, default, factory)
+
+
+def _marked(effect, default, factory):
+    if factory is not None:
+        return field(default_factory=factory, metadata={"effect": effect})
+    return field(default=default, metadata={"effect": effect})
+
 
 class Choice(str, Enum):
     """String enum: validated by OmegaConf, compares and prints as its plain value."""
@@ -103,8 +127,8 @@ class DataConfig:
     # loading
     pipeline: Pipeline = Pipeline.auto
     batch_size: int = 128
-    eval_batch_size: int = 1024
-    num_workers: int = 4
+    eval_batch_size: int = evaluation(1024)
+    num_workers: int = report(4)
     augment: Augment = Augment.none
     crop_padding: int = 4
     crop_padding_mode: PadMode = PadMode.zeros
@@ -159,32 +183,32 @@ class OptimConfig:
 @dataclass
 class TrainerConfig:
     max_epochs: int = 30
-    device: Device = Device.auto
+    device: Device = evaluation(Device.auto)
     precision: Precision = Precision.auto
     label_smoothing: float = 0.0
     grad_clip: Optional[float] = None
-    eval_every: int = 5
-    checkpoint_every: int = 1
+    eval_every: int = evaluation(5)
+    checkpoint_every: int = report(1)
     # auto: resume in place when the run dir holds checkpoints/last.pt (SLURM requeue, reruns);
     # none; force (resume although the config changed); or a run dir / checkpoint path
-    resume: str = "auto"
+    resume: str = report("auto")
     deterministic: bool = False
-    progress: Progress = Progress.auto
-    log_every_steps: int = 0  # 0: one metrics.jsonl row per epoch (no per-step host sync)
-    nonfinite_check_every: int = 50  # steps between (device->host) non-finite checks
+    progress: Progress = report(Progress.auto)
+    log_every_steps: int = report(0)  # 0: one metrics.jsonl row per epoch (no per-step host sync)
+    nonfinite_check_every: int = evaluation(50)  # steps between (device->host) non-finite checks
     on_nonfinite: OnNonFinite = OnNonFinite.stop
     limit_train_batches: Optional[int] = None
-    channels_last: bool = True  # CUDA only
-    compile: bool = False
-    compile_mode: CompileMode = CompileMode.default  # with compile=true
-    geometry: bool = True  # geometry/ diagnostics on the test features at the end
-    retrieval: bool = False  # retrieval/ metrics (CMC, mAP) on the test embeddings
-    tta_flip: bool = False  # evaluate on the mean logits of the image and its mirror
+    channels_last: bool = evaluation(True)  # CUDA only
+    compile: bool = evaluation(False)
+    compile_mode: CompileMode = evaluation(CompileMode.default)  # with compile=true
+    geometry: bool = evaluation(True)  # geometry/ diagnostics on the test features at the end
+    retrieval: bool = evaluation(False)  # retrieval/ metrics (CMC, mAP) on the test embeddings
+    tta_flip: bool = evaluation(False)  # evaluate on the mean logits of the image and its mirror
     # with tta_flip: airbench's level 2, plus the one-pixel translations (up-left, down-right)
-    tta_translate: bool = False
+    tta_translate: bool = evaluation(False)
     loss_reduction: LossReduction = LossReduction.mean  # sum: the batch's summed loss (airbench)
     # steps trained and then undone before the run, so compilation happens outside time/train_s
-    warmup_steps: int = 0
+    warmup_steps: int = evaluation(0)
 
 
 @dataclass
@@ -217,7 +241,7 @@ class CompatConfig:
     # step t with this run's method against step t-1 (each cached like the old model).
     # null: one step, from old_classes to this run.
     steps: Optional[List[Any]] = None
-    evaluate: bool = True
+    evaluate: bool = evaluation(True)
 
 
 @dataclass
@@ -228,13 +252,13 @@ class RunConfig:
     optim: Any = MISSING  # an optimiser's schema (ortho_run/optim/)
     regularizer: Any = MISSING  # a regulariser's schema (ortho_run/regularizers/)
     trainer: TrainerConfig = MISSING
-    logger: LoggerConfig = MISSING
+    logger: LoggerConfig = report(MISSING)  # every logger key
     compat: CompatConfig = field(default_factory=CompatConfig)
     seed: int = 0
-    output_root: str = "outputs"
-    cache_dir: str = "~/.cache/ortho_run"
-    tag: str = ""  # free text, kept in summary.json
-    objective: str = "test/acc1"  # the summary metric a job returns (Optuna maximises it)
+    output_root: str = report("outputs")
+    cache_dir: str = report("~/.cache/ortho_run")
+    tag: str = report("")  # free text, kept in summary.json
+    objective: str = report("test/acc1")  # the summary metric a job returns (Optuna maximises it)
 
 
 #: groups with one schema for all their options (the plugin groups' schemas live in their
@@ -243,6 +267,28 @@ GROUP_SCHEMAS = {
     "trainer": TrainerConfig,
     "logger": LoggerConfig,
 }
+
+
+def positive(*keys: str):
+    """A schema's ``checks``: each key must be > 0 (it divides, or scales a logit)."""
+    return [(k, lambda v: v > 0, "> 0") for k in keys]
+
+
+def at_least(value, *keys: str):
+    return [(k, lambda v, m=value: v is None or v >= m, f">= {value}") for k in keys]
+
+
+def in_unit_interval(*keys: str):
+    return [(k, lambda v: 0 <= v < 1, "in [0, 1)") for k in keys]
+
+
+def output_root_error(value) -> Optional[str]:
+    """Why ``output_root`` cannot hold runs, or None (the CLI asks before Hydra makes folders,
+    the pre-flight for in-process runs)."""
+    if not str(value).strip():
+        return "output_root is empty: set it to a folder (default: outputs)"
+    return None
+
 
 # (key, check, what it must be): value checks the type system cannot express. A key that the
 # chosen plugin's schema does not have is skipped.
@@ -254,7 +300,7 @@ RANGES = [
     ("data.crop_padding", lambda v: v >= 0, ">= 0"),
     ("data.color_jitter", lambda v: 0 <= v <= 1, "in [0, 1]"),
     ("data.max_train_samples", lambda v: v is None or v >= 1, ">= 1 or null"),
-    ("data.val_fraction", lambda v: 0 <= v < 1, "in [0, 1)"),
+    *in_unit_interval("data.val_fraction"),
     ("data.train_fraction", lambda v: 0 < v <= 1, "in (0, 1]"),
     ("data.split_seed", lambda v: 0 <= v < 2**63, "in [0, 2^63)"),
     ("model.embed_dim", lambda v: v is None or v >= 1, ">= 1 or null"),
@@ -271,22 +317,9 @@ RANGES = [
     ("trainer.checkpoint_every", lambda v: v >= 0, ">= 0"),
     ("trainer.nonfinite_check_every", lambda v: v >= 0, ">= 0"),
     ("trainer.log_every_steps", lambda v: v >= 0, ">= 0"),
-    ("trainer.label_smoothing", lambda v: 0 <= v < 1, "in [0, 1)"),
+    *in_unit_interval("trainer.label_smoothing"),
     ("trainer.grad_clip", lambda v: v is None or v > 0, "> 0 or null"),
     ("trainer.limit_train_batches", lambda v: v is None or v >= 1, ">= 1 or null"),
     ("trainer.warmup_steps", lambda v: 0 <= v <= 100_000, "in [0, 100000]"),
     ("logger.init_timeout", lambda v: v > 0, "> 0"),
 ]
-
-
-def positive(*keys: str):
-    """A schema's ``checks``: each key must be > 0 (it divides, or scales a logit)."""
-    return [(k, lambda v: v > 0, "> 0") for k in keys]
-
-
-def at_least(value, *keys: str):
-    return [(k, lambda v, m=value: v is None or v >= m, f">= {value}") for k in keys]
-
-
-def in_unit_interval(*keys: str):
-    return [(k, lambda v: 0 <= v < 1, "in [0, 1)") for k in keys]

@@ -3,22 +3,25 @@ by ``ortho-report``'s groups, so a W&B run and a report row carry the same label
 
 from __future__ import annotations
 
-from typing import Iterable, List
-
-#: overrides that change where or how a run is reported, not what it is (and the seed, which
-#: a group averages over)
-IGNORED_KEYS = ("seed", "output_root", "logger.", "trainer.progress", "hydra.", "cache_dir",
-                "trainer.resume")
+from typing import Iterable, List, Optional
 
 
 def key_of(override: str) -> str:
     return override.split("=", 1)[0].lstrip("+~")
 
 
+def _ignored(key: str) -> bool:
+    """The seed (a group averages over it), Hydra's own keys and the keys that only change where
+    or how a run is reported (``config.REPORT``, read through ``store.effect_of``)."""
+    from ortho_run.config import REPORT
+    from ortho_run.store import effect_of
+
+    return key == "seed" or key.startswith("hydra.") or effect_of(key) == REPORT
+
+
 def relevant_overrides(overrides: Iterable[str]) -> List[str]:
     """The overrides that define an experiment (sorted), without the ignored keys."""
-    return sorted(o for o in overrides
-                  if not any(key_of(o).startswith(k) for k in IGNORED_KEYS))
+    return sorted(o for o in overrides if not _ignored(key_of(o)))
 
 
 def group_key(summary: dict) -> str:
@@ -28,13 +31,16 @@ def group_key(summary: dict) -> str:
     return " ".join(ovs)
 
 
-def run_name(method: str, data: str, seed: int, overrides: Iterable[str] = ()) -> str:
-    """``<method>_<data>_s<seed>``, plus the other overrides that define the run, so that two
-    jobs of a sweep that differ only in, say, ``method.gamma`` get different names."""
-    extra = [o for o in relevant_overrides(overrides)
-             if key_of(o) not in ("method", "data", "experiment")]
+def run_name(method: str, data: str, seed: int, overrides: Iterable[str] = (),
+             job_num: Optional[int] = None) -> str:
+    """``<method>_<data>_s<seed>``, plus every other override that defines the run (an
+    ``experiment=`` too), so that two jobs of a sweep that differ only in, say, ``method.gamma``
+    get different names; in a sweep, ``#<job number>`` as well, so that no two jobs share a
+    name even when they differ only in keys that do not define an experiment."""
+    extra = [o for o in relevant_overrides(overrides) if key_of(o) not in ("method", "data")]
     base = f"{method}_{data}_s{seed}"
-    return f"{base}[{','.join(extra)}]" if extra else base
+    name = f"{base}[{','.join(extra)}]" if extra else base
+    return name if job_num is None else f"{name}#{job_num}"
 
 
 def step_labels(summary: dict) -> List[str]:

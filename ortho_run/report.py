@@ -60,27 +60,31 @@ LEGEND = {
                                    "(0: orthogonal class means)",
     "geometry/intra_class_cos": "mean cosine between test embeddings of the same class",
     "geometry/effective_rank": "effective rank of the centred test embeddings (Roy & Vetterli)",
-    "geometry/classifier_orth_err": "for linear heads (ce, cosine, opl, bct, oca, bt2; "
-                                    "ebv's fixed basis): ‖ŴŴᵀ − I‖_F of the row-normalised "
-                                    "class vectors; for gcr: the largest ‖SᵀS − I‖_F over the class bases "
-                                    "(orthonormality of each basis, another quantity)",
-    "geometry/classifier_mean_abs_cos": "mean |cos| between the class vectors of the head",
-    "geometry/subspace_mean_cos2": "gcr: mean squared cosine of the principal angles between "
-                                   "two classes' subspaces",
-    "geometry/basis_max_abs_cos": "ebv: the largest |cos| between two basis vectors",
-    "geometry/b_orth_dev": "lambda_orth: ‖G − I‖_F of the backward adapter (G its smaller "
-                           "Gram matrix)",
-    "geometry/transform_orth_err": "oca: ‖QQᵀ − I‖_F of the orthogonal layer",
-    "geometry/o_p_orth_err": "bt2: ‖O_pO_pᵀ − I‖_F of the basis transformation of f̂",
-    "geometry/o_2_orth_err": "bt2: ‖O_2O_2ᵀ − I‖_F of the basis transformation into the old "
-                             "space",
     "retrieval/*": "retrieval of the test split against itself (trainer.retrieval)",
 }
+
+
+def plugin_legend() -> Dict[str, str]:
+    """``geometry/<key>`` → what it is, from every method and regulariser that declares it
+    (``DIAGNOSTICS``), the plugins that describe it alike named together."""
+    from ortho_run.store import plugin_registries
+
+    texts: Dict[str, Dict[str, List[str]]] = defaultdict(lambda: defaultdict(list))
+    for group in ("method", "regularizer"):
+        reg = plugin_registries()[group]
+        for name in reg.names():
+            for key, text in getattr(reg.get(name), "DIAGNOSTICS", {}).items():
+                texts[f"geometry/{key}"][text].append(name)
+    return {k: "; ".join(f"{', '.join(names)}: {text}" for text, names in by.items())
+            for k, by in texts.items()}
 
 
 def describe(metric: str) -> str:
     if metric in LEGEND:
         return LEGEND[metric]
+    plugins = plugin_legend()
+    if metric in plugins:
+        return plugins[metric]
     head, _, rest = metric.partition("/")
     tail = rest.rsplit("/", 1)[-1]
     for pattern in (f"{head}/*/{tail}", f"{head}/*"):

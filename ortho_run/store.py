@@ -29,6 +29,81 @@ def plugin_registries() -> Dict[str, object]:
             "regularizer": REGULARIZERS}
 
 
+def key_effects() -> Dict[str, str]:
+    """Every schema key whose field says it does not change what is learned, with its effect
+    (``config.EVALUATION`` or ``config.REPORT``): the run's own fields, the trainer, logger and
+    compat groups, and every registered plugin's schema (a key marked by one plugin is marked
+    for its group)."""
+    import dataclasses
+    import typing
+
+    out: Dict[str, str] = {}
+
+    def walk(schema, prefix: str) -> None:
+        hints = typing.get_type_hints(schema)
+        for f in dataclasses.fields(schema):
+            key = prefix + f.name
+            if f.metadata.get("effect"):
+                out[key] = f.metadata["effect"]
+            elif dataclasses.is_dataclass(hints.get(f.name)):
+                walk(hints[f.name], key + ".")
+
+    walk(RunConfig, "")
+    for group, schema in GROUP_SCHEMAS.items():
+        if group not in out:
+            walk(schema, group + ".")
+    for group, reg in plugin_registries().items():
+        for name in reg.names(internal=True):
+            walk(reg.schema(name), group + ".")
+    return out
+
+
+def effect_of(key: str) -> str:
+    """What an override key (``trainer.progress``, ``logger.mode``, ``logger``, ``+tag``)
+    changes: ``learned`` unless the key, or a group above it, is marked."""
+    from ortho_run.config import LEARNED
+
+    key = key.lstrip("+~")
+    effects = _effects()
+    parts = key.split(".")
+    for i in range(len(parts), 0, -1):
+        e = effects.get(".".join(parts[:i]))
+        if e:
+            return e
+    return LEARNED
+
+
+def report_override_keys() -> list:
+    """The override keys Hydra leaves out of sweep folder names (``conf/config.yaml``,
+    ``hydra.job.config.override_dirname.exclude_keys``, held equal to this by a test): every
+    ``REPORT`` key, a group marked whole with each of its keys."""
+    from ortho_run.config import REPORT
+
+    keys = {k for k, e in key_effects().items() if e == REPORT}
+    for group, schema in GROUP_SCHEMAS.items():
+        if group in keys:
+            keys |= {f"{group}.{name}" for name in schema.__dataclass_fields__}
+    return sorted(keys)
+
+
+_EFFECTS: Dict[str, str] = {}
+
+
+def _effects() -> Dict[str, str]:
+    if not _EFFECTS:
+        _EFFECTS.update(key_effects())
+    return _EFFECTS
+
+
+def compatibility_methods(compat: bool = True) -> list:
+    """The methods (by the registry) that need an old model (``compat=False``: those that train
+    alone), as ``method=<name>`` composes them."""
+    from ortho_run.methods import METHODS
+
+    return [n for n in METHODS.names()
+            if METHODS.get(n).needs(load_option("method", n)).any == compat]
+
+
 def register_configs() -> None:
     """Store every schema in Hydra's ConfigStore (idempotent: a plugin registered since the
     last call is added). Discovers every plugin."""
@@ -56,6 +131,29 @@ def load_option(group: str, name: str) -> DictConfig:
         y.pop("defaults", None)
         node = OmegaConf.merge(node, y)
     return node
+
+
+def upgraded(container: dict) -> dict:
+    """A saved run config as today's schemas read it: keys added since take their defaults,
+    keys no schema has any more are left out (today's code cannot read them). A config naming a
+    plugin that no longer exists comes back unchanged."""
+    try:
+        base = OmegaConf.to_container(OmegaConf.structured(RunConfig), enum_to_str=True)
+        for group, reg in plugin_registries().items():
+            name = (container.get(group) or {}).get("name", OPTIONAL_GROUPS.get(group))
+            base[group] = OmegaConf.to_container(OmegaConf.structured(reg.schema(str(name))),
+                                                 enum_to_str=True)
+        for group, schema in GROUP_SCHEMAS.items():
+            base[group] = OmegaConf.to_container(OmegaConf.structured(schema), enum_to_str=True)
+    except ConfigError:
+        return container
+
+    def merge(default, saved):
+        if not isinstance(default, dict) or not isinstance(saved, dict):
+            return saved
+        return {k: merge(v, saved[k]) if k in saved else v for k, v in default.items()}
+
+    return merge(base, container)
 
 
 def structured(container, source: str = "config") -> DictConfig:

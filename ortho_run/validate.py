@@ -1,7 +1,11 @@
-"""Config checks the type system cannot express, run before anything is written.
+"""The pre-flight: every config check the type system cannot express, in one place, run
+before anything is read or written.
 
 Plugin names against their registries, every number finite, the ranges in ``config.RANGES``
-and each chosen plugin schema's own ``checks`` (``[(field, ok, what it must be), ...]``).
+(built from the shared helpers ``positive``, ``at_least``, ``in_unit_interval``), each chosen
+plugin schema's own ``checks`` (``[(field, ok, what it must be), ...]``) and each chosen
+plugin's ``check(run_cfg)`` for what spans keys or groups. What needs the data or a built
+model (a class count, a feature dim) is checked where those are first known, in the plan.
 """
 
 from __future__ import annotations
@@ -12,7 +16,7 @@ from typing import Any, Iterator, Tuple
 
 from omegaconf import OmegaConf
 
-from ortho_run.config import RANGES
+from ortho_run.config import RANGES, output_root_error
 from ortho_run.errors import ConfigError
 
 _ABSENT = object()
@@ -42,6 +46,23 @@ def _check(cfg, key: str, ok, what: str) -> None:
         raise ConfigError(f"{key}={v} is out of range: it must be {what}")
 
 
+def _check_trained_roles(cfg) -> None:
+    """An optimiser's ``optim.roles`` must select something this run trains: a method that keeps
+    the backbone frozen (an independently trained one) trains no backbone role."""
+    from ortho_run.methods import METHODS
+
+    roles = OmegaConf.select(cfg, "optim.roles", default=None)
+    if roles is None:
+        return
+    needs = METHODS.get(str(cfg.method.name)).needs(cfg.method)
+    backbone = {"stem", "hidden", "backbone_1d"}
+    if needs.independent_backbone and set(roles) <= backbone:
+        raise ConfigError(f"optim={cfg.optim.name}: optim.roles={list(roles)} are backbone roles, "
+                          f"but method={cfg.method.name} keeps its backbone frozen (an "
+                          f"independently trained model), so {cfg.optim.name} would update "
+                          f"nothing; add head or method to optim.roles, or use optim=adamw/sgd")
+
+
 def validate(cfg) -> None:
     """Raise ConfigError naming the first bad key."""
     from ortho_run.optim import SCHEDULES
@@ -67,11 +88,16 @@ def validate(cfg) -> None:
     for group, reg in regs.items():
         for field, ok, what in getattr(reg.schema(str(cfg[group].name)), "checks", ()):
             _check(cfg, f"{group}.{field}", ok, what)
-    from ortho_run.methods import METHODS
-
-    METHODS.get(str(cfg.method.name)).check(cfg)
-    if not str(cfg.output_root).strip():
-        raise ConfigError("output_root is empty: set it to a folder (default: outputs)")
+    # each chosen plugin's checks of the whole config (cross-key, other groups): a method's
+    # ``check`` classmethod, a builder's ``check`` attribute
+    for group, reg in regs.items():
+        check = getattr(reg.get(str(cfg[group].name)), "check", None)
+        if check is not None:
+            check(cfg)
+    why = output_root_error(cfg.output_root)
+    if why:
+        raise ConfigError(why)
+    _check_trained_roles(cfg)
     if cfg.optim.warmup_epochs > cfg.trainer.max_epochs:
         log.warning("optim.warmup_epochs=%g is longer than the run (trainer.max_epochs=%d): the "
                     "learning rate never reaches optim.lr=%g", cfg.optim.warmup_epochs,

@@ -9,8 +9,10 @@ import torch
 import torch.nn.functional as F
 
 from conftest import run_inprocess
+from ortho_run.methods import METHODS
 from ortho_run.methods.lambda_orth import lambda_penalty
 from ortho_run.retrieval import multistep_scores, retrieval_metrics
+from ortho_run.store import compatibility_methods
 
 
 def brute_force(q, g, labels, ks=(1, 5)):
@@ -100,6 +102,10 @@ def test_lambda_penalty_is_zero_inside_the_ball_and_grows_outside():
     assert lambda_penalty(w * 1.1, 0.0, 50.0).item() > 0  # λ=0: soft orthogonality
 
 
+#: the compatibility protocol's reference rows (expected to fail ECC), by the registry
+REFERENCES = [m for m in compatibility_methods() if METHODS.get(m).reference]
+
+
 class _Root(type(Path())):
     old_ckpt_sha = None
 
@@ -107,7 +113,7 @@ class _Root(type(Path())):
 @pytest.fixture(scope="module")
 def compat_runs(tmp_path_factory):
     root = _Root(tmp_path_factory.mktemp("compat"))
-    methods = {m: [f"method={m}"] for m in ("independent", "bct", "oca", "lambda_orth", "bt2")}
+    methods = {m: [f"method={m}"] for m in compatibility_methods()}
     methods["bct_means"] = ["method=bct", "method.influence=class_means"]
     runs = {}
     for m, extra in methods.items():
@@ -128,10 +134,11 @@ def test_smoke_protocol_independent_fails_ecc_and_the_methods_pass(compat_runs):
     assert ind["compat/new_new/cmc1"] > 0.9
     # ECC on mAP: every method, 3 of 3 seeds on the CLI; on top-1 OCA passes 3 of 3, the BCT
     # variants 2 of 3 and λ-orth 1 of 3 (README), so only OCA's top-1 is asserted
-    for m in ("oca", "lambda_orth", "bct", "bct_means", "bt2"):
+    methods = [m for m in runs if m not in REFERENCES]
+    for m in methods:
         assert runs[m]["compat/ecc_map"] == 1.0, m
     assert runs["oca"]["compat/ecc"] == 1.0
-    for m in ("bct", "bct_means", "oca", "lambda_orth", "bt2"):
+    for m in methods:
         assert runs[m]["compat/new_old/cmc1"] > ind["compat/new_old/cmc1"] + 0.5, m
         assert runs[m]["compat/new_new/cmc1"] > 0.85, m  # λ-orth: its adapted space
 
@@ -153,7 +160,7 @@ def test_old_model_cached_once_and_frozen_parts_bit_identical(compat_runs):
     old_old = {m: {k: v for k, v in r.items() if k.startswith("compat/old_old/")}
                for m, r in runs.items()}
     assert all(v == old_old["independent"] and v for v in old_old.values()), old_old
-    for m in ("bct", "oca", "lambda_orth", "bt2"):  # and the new checkpoints do not carry it
+    for m in [m for m in compatibility_methods() if m not in REFERENCES]:  # nor the new ones
         new = torch.load(root / m / "checkpoints" / "last.pt", weights_only=False)["net"]
         assert not any(k.startswith(("method.old.", "old.")) for k in new), m
 

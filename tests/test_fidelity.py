@@ -27,7 +27,7 @@ def artifacts(d_old=D, unit_head=False, seed=0):
 
 def build(name, *overrides, feature_dim=D, art=None, smoothing=0.0):
     cfg = compose([f"method={name}", *overrides]).method
-    ctx = MethodContext(feature_dim=feature_dim, num_classes=C, compat=art or artifacts(),
+    ctx = MethodContext(feature_dim=feature_dim, num_classes=C, artifacts=art or artifacts(),
                         label_smoothing=smoothing)
     return METHODS.get(name)(cfg, ctx)
 
@@ -200,6 +200,7 @@ def test_lambda_orth_trains_between_models_of_different_dims(tmp_path):
 # ------------------------------------------------------------------ the old-model protocol
 def test_old_model_protocol_follows_bt2_with_normalised_features(tmp_path):
     from ortho_run.compat import old_config
+    from ortho_run.roles import INDEPENDENT
 
     cfg = compose(["experiment=compat_smoke", "method=oca", f"cache_dir={tmp_path}"])
     assert cfg.compat.old_norm_feature is True  # the presets follow the BT²/OCA recipe
@@ -209,7 +210,7 @@ def test_old_model_protocol_follows_bt2_with_normalised_features(tmp_path):
     assert m.fc.bias is None and m.classifier().unit_features
     x = torch.randn(2, 4)
     assert torch.allclose(m(Batch(x, features=x)).logits, F.normalize(x, dim=1) @ m.fc.weight.t())
-    independent = old_config(cfg, None, "ce", seed_offset=2)  # the new side stays plain CE
+    independent = old_config(cfg, None, "ce", role=INDEPENDENT)  # the new side stays plain CE
     assert independent.method.norm_feature is False
 
 

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from omegaconf import OmegaConf
 
 from conftest import compose, run_inprocess
-from ortho_run.methods.base import CompatArtifacts
+from ortho_run.methods.base import CompatArtifacts, CompatShape
 from ortho_run.errors import ConfigError
 from ortho_run.methods import METHODS, Batch, MethodContext
 from ortho_run.orthogonality import gram_error
@@ -22,13 +22,13 @@ from test_compat import brute_force
 def make(name, feature_dim, n=5, d_old=6, tmp=None, **over):
     """A method built on a placeholder old model of ``d_old`` dims (random unit class means)."""
     cfg = OmegaConf.merge(load_option("method", name), over)
-    art = CompatArtifacts.placeholder({"old_dim": d_old, "num_old_classes": 3,
-                                       "old_head_bias": True}, n)
+    art = CompatArtifacts.placeholder(CompatShape(old_dim=d_old, num_old_classes=3,
+                                                  old_head_bias=True), n)
     g = torch.Generator().manual_seed(0)
     art.class_means = torch.randn(n, d_old, generator=g)
     art.unit_class_means = F.normalize(art.class_means, dim=1) * 0.7
     torch.manual_seed(0)
-    ctx = MethodContext(feature_dim=feature_dim, num_classes=n, compat=art,
+    ctx = MethodContext(feature_dim=feature_dim, num_classes=n, artifacts=art,
                         cache_dir=str(tmp or "/nonexistent"))
     return METHODS.get(name)(cfg, ctx)
 
@@ -107,8 +107,7 @@ def test_bt2_dimensions_are_checked():
     assert m(Batch(h, features=h)).embedding.shape[1] == m.embedding_dim() == 8
 
 
-@pytest.mark.parametrize("name", ["ce", "cosine", "opl", "gcr", "ebv", "independent", "bct",
-                                  "oca", "lambda_orth", "bt2"])
+@pytest.mark.parametrize("name", METHODS.names())
 def test_embedding_dim_is_the_dim_of_the_new_embedding(name, tmp_path):
     """What a later step reads as the old dim is the retrieval embedding's, not the backbone's."""
     over = {"ebv": {"gen_steps": 50}, "bt2": {"extra_dims": 2}}.get(name, {})
@@ -292,14 +291,14 @@ def test_the_matrix_is_each_step_model_against_each_earlier_gallery(chain_runs):
     """Recompute every entry from the cached step models and the run's own checkpoint."""
     from ortho_run.assemble import load_run
     from ortho_run.compat.artifacts import FrozenNet, embed_all
-    from ortho_run.compat.provider import load_model, model_chain
+    from ortho_run.compat.provider import load_model, plan_compat
     from ortho_run.runner.run import build_job
 
     root, ov, runs, _ = chain_runs
     cfg = compose(["logger.mode=disabled", "trainer.progress=off", *ov, "method=bt2"])
     job = build_job(cfg, root / "probe")  # every model comes from the cache: nothing trains
     test = job.evals["test"]
-    chain = model_chain(cfg, 10)
+    chain = plan_compat(cfg, 10).chain
     nets = [load_model(src, None, "cpu")[0] for src in chain] + [load_run(root / "bt2", "cpu")[0]]
     embs = [embed_all(FrozenNet(n, None), test) for n in nets]
     labels = embs[0][1]
@@ -322,7 +321,7 @@ def test_bt2_training_leaves_the_frozen_models_bit_identical(chain_runs):
     root, ov, _, _ = chain_runs
     cfg = compose(["logger.mode=disabled", "trainer.progress=off", *ov, "method=bt2"])
     job = build_job(cfg, root / "probe2")
-    old = job.compat.old.net
+    old = job.service.old.net
     saved = {k: v.clone() for k, v in old.state_dict().items()}
     job.trainer.train_epoch(limit=5)
     assert all(torch.equal(v, saved[k]) for k, v in old.state_dict().items())  # BN stats too

@@ -131,7 +131,7 @@ def test_report_legend_n1_cells_and_readable_default(tmp_path):
     main([str(tmp_path), "--no-plots", "--all"])
     md = (tmp_path / "report.md").read_text()
     assert "geometry/effective_rank" in md and "geometry/classifier_orth_err" in md
-    assert "for gcr: the largest ‖SᵀS − I‖_F" in md  # the two meanings, said
+    assert "gcr: the largest ‖SᵀS − I‖_F" in md and "ce, cosine" in md  # both meanings, said
     main([str(tmp_path), "--no-plots", "--metrics", "test/acc5"])
     assert (tmp_path / "report.md").read_text().splitlines()[2] == "| group | test/acc5 |"
 

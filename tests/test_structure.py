@@ -14,7 +14,7 @@ from torch import nn
 
 from conftest import REPO
 
-PLUGIN_GROUPS = ("data", "model", "method", "optim")
+PLUGIN_GROUPS = ("data", "model", "method", "optim", "regularizer")
 
 
 def _schema_defaults(schema) -> dict:
@@ -133,16 +133,38 @@ def toy_plugins(tmp_path):
     def toy_schedule(cfg, step, warm, total, spe):
         return 1.0 / (1 + step)
 
+    from ortho_run.config import evaluation
+    from ortho_run.regularizers import REGULARIZERS, Regularizer, RegularizerConfig
+
+    @dataclass
+    class ToyRegularizerConfig(RegularizerConfig):
+        power: float = 2.0
+        report_every: int = evaluation(1)  # a key that does not change what is learned
+
+    @REGULARIZERS.register("toy_regularizer", schema=ToyRegularizerConfig)
+    class ToyRegularizer(Regularizer):
+        DIAGNOSTICS = {"toy_norm": "the toy regulariser's weight norm"}
+
+        def penalty(self):
+            return sum(w.norm() ** self.cfg.power for w in self.weights())
+
+        def diagnostics(self):
+            return {**super().diagnostics(), "toy_norm": float(self.penalty().detach())}
+
     conf = tmp_path / "conf"
     shutil.copytree(REPO / "conf", conf)
     for group, name in (("data", "toy_data"), ("model", "toy_model"), ("method", "toy_method"),
-                        ("optim", "toy_optim")):
+                        ("optim", "toy_optim"), ("regularizer", "toy_regularizer")):
         (conf / group / f"{name}.yaml").write_text(
             f"defaults: [/schema/{group}/{name}@_here_, _self_]\n")
     yield conf, calls
     for reg, name in ((SOURCES, "toy_data"), (MODELS, "toy_model"), (METHODS, "toy_method"),
-                      (OPTIMIZERS, "toy_optim"), (SCHEDULES, "toy_schedule")):
+                      (OPTIMIZERS, "toy_optim"), (SCHEDULES, "toy_schedule"),
+                      (REGULARIZERS, "toy_regularizer")):
         reg.unregister(name)
+    from ortho_run import store
+
+    store._EFFECTS.clear()
 
 
 def test_a_toy_plugin_of_each_kind_is_one_registration_plus_one_yaml(tmp_path, toy_plugins):
@@ -156,10 +178,20 @@ def test_a_toy_plugin_of_each_kind_is_one_registration_plus_one_yaml(tmp_path, t
     with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
         cfg = compose(config_name="config", overrides=[
             "data=toy_data", "model=toy_model", "method=toy_method", "optim=toy_optim",
+            "regularizer=toy_regularizer", "regularizer.weight=0.001",
             "logger.mode=disabled", "trainer.progress=off", "trainer.max_epochs=3",
             "data.batch_size=8", "method.temperature=0.5", "model.hidden=6"])
     s = run(cfg, tmp_path / "run")
     assert s["status"] == "finished" and s["test/acc1"] == 1.0  # a separable toy task
+    assert s["train/reg"] > 0 and s["geometry/toy_norm"] > 0  # the toy regulariser ran
+    # the report describes what the toy plugins declare; the bench and the tests' lists
+    # (registries) include them; a key the toy schema marks is ignored by the resume check
+    from ortho_run.report import describe
+    from ortho_run.store import compatibility_methods, effect_of
+
+    assert describe("geometry/toy_norm") == "toy_regularizer: the toy regulariser's weight norm"
+    assert "toy_method" in compatibility_methods(compat=False)
+    assert effect_of("regularizer.report_every") == "evaluation"
     assert calls == [["backbone_1d", "head", "stem"]]  # role-tagged groups reached the optimiser
     rows = [OmegaConf.to_container(OmegaConf.create(l)) for l in
             (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
@@ -180,6 +212,94 @@ def test_gcr_bases_go_to_the_riemannian_optimiser_by_name():
     roles = [g["role"] for g in job.trainer.optimizers[0].param_groups]
     assert roles == ["stem+hidden+backbone_1d"]  # one torch group; the bases are not in SGD
     assert job.trainer.optimizers[1].param_groups[0]["params"][0] is job.net.method.bases
+
+
+# ------------------------------------------------------------------ one source for each idea
+def test_sweep_folder_names_leave_out_exactly_the_report_keys():
+    """Hydra's exclude_keys (conf/config.yaml) is the list of keys the schemas mark REPORT."""
+    from ortho_run.store import config_dir, report_override_keys
+
+    cfg = OmegaConf.load(config_dir() / "config.yaml")
+    assert list(cfg.hydra.job.config.override_dirname.exclude_keys) == report_override_keys()
+
+
+@pytest.mark.parametrize("key,value,effect", [
+    ("trainer.progress", "off", "report"), ("logger.mode", "online", "report"),
+    ("trainer.eval_every", 3, "evaluation"), ("trainer.compile", True, "evaluation"),
+    ("optim.lr", 0.05, "learned"), ("method.gamma", 0.3, "learned")])
+def test_a_keys_mark_drives_the_resume_check_the_cache_key_and_the_names_together(
+        key, value, effect):
+    from conftest import compose
+
+    from ortho_run import naming
+    from ortho_run.checkpoint import config_differences, config_hash, run_config
+    from ortho_run.compat.provider import learned_part
+    from ortho_run.store import effect_of
+
+    assert effect_of(key) == effect
+    base = compose(["method=opl"])
+    other = compose(["method=opl", f"{key}={value}"])
+    resume_refused = bool(config_differences(run_config(base), other))
+    cache_key_changes = (config_hash(learned_part(run_config(base)))
+                         != config_hash(learned_part(run_config(other))))
+    name_changes = (naming.run_name("opl", "digits", 0, ["method=opl"])
+                    != naming.run_name("opl", "digits", 0, ["method=opl", f"{key}={value}"]))
+    assert resume_refused == cache_key_changes == (effect == "learned")
+    assert name_changes == (effect != "report")
+
+
+def test_a_key_added_to_a_schema_since_a_checkpoint_is_no_difference_at_its_default():
+    from conftest import compose
+
+    from ortho_run.checkpoint import config_differences, run_config
+
+    cfg = compose(["optim=muon"])
+    saved = run_config(cfg)
+    del saved["optim"]["ns_coefficients"], saved["trainer"]["loss_reduction"]  # an older run's
+    saved["optim"]["a_key_since_removed"] = 3
+    assert config_differences(saved, cfg) == {}
+    assert config_differences(saved, compose(["optim=muon", "optim.ns_coefficients=quintic"]))
+
+
+def test_no_plugin_schema_gives_a_base_key_another_type_or_mark():
+    """A plugin's field of the same name as its group's base field (``optim.gamma``, the
+    multistep factor) must mean the same thing: same type, same effect."""
+    import typing
+
+    from ortho_run.store import plugin_registries
+
+    clashes = []
+    for group, reg in plugin_registries().items():
+        base = reg.base_schema
+        base_fields = {f.name: f for f in dataclasses.fields(base)}
+        base_hints = typing.get_type_hints(base)
+        for name in reg.names(internal=True):
+            schema = reg.schema(name)
+            hints = typing.get_type_hints(schema)
+            for f in dataclasses.fields(schema):
+                if f.name in base_fields and f.name != "name":
+                    same = (hints[f.name] == base_hints[f.name]
+                            and f.metadata.get("effect") == base_fields[f.name].metadata.get("effect"))
+                    if not same:
+                        clashes.append(f"{group}={name}: {f.name}")
+    assert not clashes, clashes
+
+
+def test_every_diagnostic_a_plugin_reports_is_declared_and_described():
+    from conftest import compose
+
+    from ortho_run.report import describe
+    from ortho_run.runner.run import build_job
+    from ortho_run.store import compatibility_methods
+
+    for method in compatibility_methods(compat=False):
+        extra = ["method.gen_steps=50"] if method == "ebv" else []
+        job = build_job(compose(["experiment=smoke", f"method={method}", "logger.mode=disabled",
+                                 *extra]), Path("/nonexistent"))
+        keys = set(job.net.method.diagnostics())
+        declared = set(type(job.net.method).DIAGNOSTICS)
+        assert keys <= declared, (method, keys - declared)
+        assert all(describe(f"geometry/{k}") != describe("unknown/x") for k in keys)
 
 
 # ------------------------------------------------------------------ the import graph
@@ -225,8 +345,11 @@ def test_the_runner_hands_compat_a_launch_function_and_compat_calls_only_that(mo
         raise RuntimeError("stop here")
 
     cfg = compose(["experiment=compat_smoke", "method=bct", f"cache_dir={tmp_path}"])
+    service = provider.CompatService(cfg, provider_needs(), provider.plan_compat(cfg, 10),
+                                     fake_launch, torch.device("cpu"))
+    assert launched == []  # planned and built: nothing trains until it is prepared
     with pytest.raises(RuntimeError, match="stop here"):
-        provider.CompatService(cfg, provider_needs(), fake_launch, torch.device("cpu"))
+        service.prepare()
     assert launched == ["old-model"]
 
 

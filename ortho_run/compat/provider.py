@@ -24,48 +24,75 @@ from ortho_run.compat.evaluate import compat_matrix, multistep_matrix
 from ortho_run.datasets.base import resolve_classes
 from ortho_run.errors import ConfigError
 from ortho_run.io import cache_folder
+from ortho_run import keys
 from ortho_run.methods.base import CompatArtifacts
+from ortho_run.roles import INDEPENDENT, OLD, STEP, ModelRole
 
 log = logging.getLogger("ortho_run")
 
-#: keys that change where/how a run is reported, not what it learns
-VOLATILE = ("logger", "output_root", "cache_dir", "tag")
-OLD_SEED_OFFSET = 10_007
-STEP_SEED_OFFSET = 3  # the seed offsets: old model 1, independent model 2, earlier step 3
+
+def learned_part(container: dict, prefix: str = "") -> dict:
+    """The keys of a run config that change what it learns (``store.effect_of``): what a
+    cached model's key is made of."""
+    from ortho_run.config import LEARNED
+    from ortho_run.store import effect_of
+
+    out = {}
+    for k, v in container.items():
+        key = prefix + str(k)
+        if effect_of(key) != LEARNED:
+            continue
+        out[k] = learned_part(v, key + ".") if isinstance(v, dict) else v
+    return out
+
 
 Launch = Callable[[object, Path], object]
 
 
-def old_config(cfg, classes, method: str, overrides=(), seed_offset: int = 1,
-               norm_feature: bool = False, fraction: Optional[float] = None):
-    """The config that trains the old (or an independent) model: the same data, model, optim
-    and trainer; ``method`` composed from its yaml and schema, exactly as ``method=<name>``
-    would give it on the command line."""
-    from ortho_run.methods import METHODS
-    from ortho_run.store import load_option, structured
+def derived_config(cfg, role: ModelRole, classes, fraction: Optional[float] = None,
+                   step: Optional[int] = None, edit: Optional[Callable[[dict], None]] = None):
+    """The config of a model that ``cfg``'s run trains besides its own (``roles``): the same
+    data, model, optim and trainer on ``classes`` (and ``fraction`` of their training data), the
+    role's seed and tag, resumable in its cache folder and without a W&B run of its own; ``edit``
+    changes the plain config before it is typed (a method, the steps)."""
+    from ortho_run.store import structured
 
-    if METHODS.get(method).needs(load_option("method", method)).compat:
-        raise ConfigError(f"compat.old_method={method} is itself a compatibility method; use "
-                          f"a method that trains alone (ce, cosine, opl, ...)")
     base = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
-    base["method"] = OmegaConf.to_container(load_option("method", method), enum_to_str=True)
-    if norm_feature:  # the old model of the BT²/OCA protocol
-        if "norm_feature" not in base["method"]:
-            raise ConfigError(f"compat.old_norm_feature=true: compat.old_method={method} has no "
-                              f"norm_feature option; use compat.old_method=ce")
-        base["method"]["norm_feature"] = True
     base["data"]["classes"] = classes
-    if fraction is not None:  # the first step of a data-incremental update
+    if fraction is not None:
         base["data"]["train_fraction"] = fraction
-    # Another seed: an old model is trained at another time, from another init. With the same
-    # seed the "independent" spaces would share their initialisation and partly align.
-    base["seed"] = cfg.seed + OLD_SEED_OFFSET * seed_offset
-    base["compat"]["old_ckpt"] = None
-    base["compat"]["steps"] = None  # a model of one step, trained alone
+    base["seed"] = role.seed(cfg.seed)
     base["trainer"]["resume"] = "auto"  # a crashed cache build resumes
     base["logger"]["mode"] = "disabled"  # never a W&B run of its own (nor touching the main one)
-    base["tag"] = "old-model" if seed_offset == 1 else "independent-model"
-    out = structured(base)
+    base["tag"] = role.tag(step)
+    if edit is not None:
+        edit(base)
+    return structured(base)
+
+
+def old_config(cfg, classes, method: str, overrides=(), role: ModelRole = OLD,
+               norm_feature: bool = False, fraction: Optional[float] = None):
+    """The config that trains the old (or an independent) model: ``derived_config`` with
+    ``method`` composed from its yaml and schema, exactly as ``method=<name>`` would give it on
+    the command line, as a model of one step, plus ``overrides`` (a dotlist)."""
+    from ortho_run.methods import METHODS
+    from ortho_run.store import load_option
+
+    if METHODS.get(method).needs(load_option("method", method)).any:
+        raise ConfigError(f"compat.old_method={method} is itself a compatibility method; use "
+                          f"a method that trains alone (ce, cosine, opl, ...)")
+
+    def edit(base):
+        base["method"] = OmegaConf.to_container(load_option("method", method), enum_to_str=True)
+        if norm_feature:  # the old model of the BT²/OCA protocol
+            if "norm_feature" not in base["method"]:
+                raise ConfigError(f"compat.old_norm_feature=true: compat.old_method={method} has "
+                                  f"no norm_feature option; use compat.old_method=ce")
+            base["method"]["norm_feature"] = True
+        base["compat"]["old_ckpt"] = None
+        base["compat"]["steps"] = None
+
+    out = derived_config(cfg, role, classes, fraction, edit=edit)
     if overrides:
         try:
             out = OmegaConf.merge(out, OmegaConf.from_dotlist(list(overrides)))
@@ -75,16 +102,19 @@ def old_config(cfg, classes, method: str, overrides=(), seed_offset: int = 1,
     return out
 
 
+def train_or_load(cfg, classes, method: str, launch: Launch, overrides=(), device=None,
+                  role: ModelRole = OLD, norm_feature: bool = False):
+    """A trained model for (cfg with these classes and method), from the cache or trained now."""
+    return cached_run(old_config(cfg, classes, method, overrides, role, norm_feature),
+                      launch, device)
+
+
 def cached_run(sub, launch: Launch, device=None):
     """The trained model of config ``sub``, from the cache or trained now (under a file lock,
     so concurrent sweep jobs train it once): (net, config, number of classes, run dir)."""
     from filelock import FileLock
 
-    key_src = {k: v for k, v in OmegaConf.to_container(sub, resolve=True, enum_to_str=True).items()
-               if k not in VOLATILE}
-    key_src["trainer"] = {k: v for k, v in key_src["trainer"].items()
-                          if k not in ("progress", "resume", "device")}
-    key = config_hash(key_src)
+    key = config_hash(learned_part(OmegaConf.to_container(sub, resolve=True, enum_to_str=True)))
     root = cache_folder(sub.cache_dir, "models")
     run_dir = root / key
     with FileLock(str(run_dir) + ".lock"):
@@ -98,13 +128,6 @@ def cached_run(sub, launch: Launch, device=None):
             log.info("reusing the cached %s %s", sub.tag.replace("-", " "), run_dir)
     net, _, n_classes = load_run(run_dir, device)
     return net, sub, n_classes, run_dir
-
-
-def train_or_load(cfg, classes, method: str, launch: Launch, overrides=(), device=None,
-                  seed_offset: int = 1, norm_feature: bool = False):
-    """A trained model for (cfg with these classes and method), from the cache or trained now."""
-    return cached_run(old_config(cfg, classes, method, overrides, seed_offset, norm_feature),
-                      launch, device)
 
 
 class Step(NamedTuple):
@@ -170,47 +193,63 @@ def resolve_steps(cfg, source_classes: int) -> Optional[List[Step]]:
     return steps
 
 
-def previous_model(cfg, source_classes: int):
+def previous_model(cfg, source_classes: int, steps: Optional[List[Step]] = None):
     """What the run with ``cfg`` is made compatible with: a config to train (or find in the
-    cache), or the path of ``compat.old_ckpt``. With ``compat.steps``, step T-2's model, trained
-    with this run's method against step T-3's (one cache entry per step and method); the first
-    step is the ``compat.old_method`` model."""
+    cache), or the path of ``compat.old_ckpt``. With ``compat.steps`` (``steps``: already
+    resolved), step T-2's model, trained with this run's method against step T-3's (one cache
+    entry per step and method); the first step is the ``compat.old_method`` model."""
     c = cfg.compat
-    steps = resolve_steps(cfg, source_classes)
+    if steps is None:
+        steps = resolve_steps(cfg, source_classes)
     if steps is not None and len(steps) > 2:
-        base = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
-        base["data"].update(classes=steps[-2].classes, train_fraction=steps[-2].fraction)
-        base["compat"]["steps"] = [s.as_config() for s in steps[:-1]]
-        base["compat"]["evaluate"] = False  # the last step evaluates every pair
-        base["seed"] = cfg.seed + OLD_SEED_OFFSET * STEP_SEED_OFFSET
-        base["trainer"]["resume"] = "auto"
-        base["logger"]["mode"] = "disabled"
-        base["tag"] = f"step-{len(steps) - 2}-model"
-        from ortho_run.store import structured
+        def edit(base):
+            base["compat"]["steps"] = [s.as_config() for s in steps[:-1]]
+            base["compat"]["evaluate"] = False  # the last step evaluates every pair
 
-        return structured(base)
+        return derived_config(cfg, STEP, steps[-2].classes, steps[-2].fraction,
+                              step=len(steps) - 2, edit=edit)
     if c.old_ckpt:
         return Path(c.old_ckpt).expanduser()
-    if steps is None:
-        return old_config(cfg, c.old_classes, c.old_method, c.old_overrides,
-                          norm_feature=c.old_norm_feature)
-    return old_config(cfg, steps[0].classes, c.old_method, c.old_overrides,
-                      norm_feature=c.old_norm_feature, fraction=steps[0].fraction)
+    first = steps[0] if steps is not None else Step(c.old_classes, None)
+    return old_config(cfg, first.classes, c.old_method, c.old_overrides,
+                      norm_feature=c.old_norm_feature, fraction=first.fraction)
 
 
-def model_chain(cfg, source_classes: int) -> list:
-    """The models of every earlier step of ``cfg``'s update, oldest first (configs or paths)."""
-    chain, current = [], cfg
+class CompatPlan(NamedTuple):
+    """What a compatibility run is made compatible with, resolved once before any work: its
+    steps (None: one update) and the models of every earlier step, oldest first (configs to
+    train or find in the cache, or the path of ``compat.old_ckpt``); the last is the model the
+    run's method reads."""
+
+    steps: Optional[List[Step]]
+    chain: List[object]
+
+    @property
+    def previous(self):
+        return self.chain[-1]
+
+
+def plan_compat(cfg, source_classes: int) -> CompatPlan:
+    """``compat.steps`` and ``compat.old_classes`` checked (named as the user set them), and the
+    chain of earlier models, each level's steps resolved once."""
+    steps = resolve_steps(cfg, source_classes)
+    if not cfg.compat.old_ckpt and steps is None:
+        resolve_classes(OmegaConf.to_container(cfg.compat, resolve=True)["old_classes"],
+                        source_classes, key="compat.old_classes")
+    chain, current, current_steps = [], cfg, steps
     while True:
-        prev = previous_model(current, source_classes)
+        prev = previous_model(current, source_classes, current_steps)
         chain.insert(0, prev)
-        if isinstance(prev, Path) or resolve_steps(prev, source_classes) is None:
-            return chain
-        current = prev
+        if isinstance(prev, Path):
+            break
+        current, current_steps = prev, resolve_steps(prev, source_classes)
+        if current_steps is None:
+            break
+    return CompatPlan(steps, chain)
 
 
 def load_model(source, launch: Launch, device):
-    """(net, config, number of classes) of a ``previous_model`` result."""
+    """(net, config, number of classes) of a chain entry."""
     if isinstance(source, Path):
         net, cfg, n = load_run(source if source.is_dir() else source.parent.parent, device)
         return net, cfg, n
@@ -220,33 +259,27 @@ def load_model(source, launch: Launch, device):
 
 class CompatService:
     """Computes what a method's ``needs`` declared, and evaluates the compatibility matrix
-    (and, for a multi-step update, the matrix of every step against every earlier one).
-
-    ``loader(split, train)`` builds an evaluation loader over a split of the new task's data
-    set (the runner's, so old and new models see identical batches).
+    (and, for a multi-step update, the matrix of every step against every earlier one), for the
+    ``CompatPlan`` a run resolved. Nothing is trained or loaded until ``prepare()``.
     """
 
-    def __init__(self, cfg, needs, launch: Launch, device, source_classes: Optional[int] = None):
-        self.cfg, self.needs, self.launch, self.device = cfg, needs, launch, device
-        c = cfg.compat
-        self.source_classes = source_classes
-        self.steps = None
-        if source_classes is not None:  # checked here, named as the user set it
-            self.steps = resolve_steps(cfg, source_classes)
-            if not c.old_ckpt and self.steps is None:
-                resolve_classes(OmegaConf.to_container(c, resolve=True)["old_classes"],
-                                source_classes, key="compat.old_classes")
-        # without the data set's class count (a caller that only wants the old model), a
-        # one-step config needs none: its old_classes are resolved by the old model's run
-        source = previous_model(cfg, source_classes or 0)
-        net, old_cfg, n_old = load_model(source, launch, device)
+    def __init__(self, cfg, needs, plan: CompatPlan, launch: Launch, device):
+        self.cfg, self.needs, self.plan, self.launch, self.device = cfg, needs, plan, launch, device
+        self.steps = plan.steps
+        self.old: Optional[FrozenNet] = None
+        self.num_old_classes = 0
+        self._old_gallery: Optional[tuple] = None
+
+    def prepare(self) -> "CompatService":
+        """The previous model, loaded or trained (and cached) now."""
+        net, old_cfg, n_old = load_model(self.plan.previous, self.launch, self.device)
         if self.steps is not None and n_old != len(self.steps[-2].classes):
             raise ConfigError(f"the previous step's model knows {n_old} classes, compat.steps"
                               f"[-2] has {len(self.steps[-2].classes)}: point compat.old_ckpt "
                               f"at a run on compat.steps[0]'s classes")
         self.old = FrozenNet(net, old_cfg)
         self.num_old_classes = n_old
-        self._old_gallery: Optional[tuple] = None
+        return self
 
     def artifacts(self, ds, loader_for) -> CompatArtifacts:
         if self.num_old_classes > ds.num_classes:
@@ -285,7 +318,7 @@ class CompatService:
         """An independently trained new model: ``ce`` on this run's classes, another seed,
         cached (one per step of a multi-step update, shared by every method)."""
         return train_or_load(self.cfg, OmegaConf.to_container(self.cfg.data, resolve=True)[
-            "classes"], "ce", self.launch, (), self.device, seed_offset=2)
+            "classes"], "ce", self.launch, (), self.device, role=INDEPENDENT)
 
     def independent_backbone(self) -> Dict[str, torch.Tensor]:
         """The backbone weights of the independently trained new model."""
@@ -303,15 +336,14 @@ class CompatService:
             raise RuntimeError("old and new embeddings are not of the same test images")
         out: Dict[str, object] = dict(compat_matrix(spaces, old, labels))
         if self.steps is not None:
-            chain = model_chain(self.cfg, self.source_classes)
             step_embs = [embed_all(FrozenNet(load_model(src, self.launch, self.device)[0],
                                              None), test_loader)[0]
-                         for src in chain[:-1]]
+                         for src in self.plan.chain[:-1]]
             step_embs += [old, spaces["new"]]
             t = len(step_embs)  # the last update's three pairs are in ``out`` already
             pairs = {(t - 1, t - 2): "new_old", (t - 2, t - 2): "old_old",
                      (t - 1, t - 1): "new_new"}
-            known = {ik: {m: out[f"compat/{p}/{m}"] for m in ("cmc1", "map")}
+            known = {ik: {m: out[keys.compat(p, m)] for m in keys.STEP_METRICS}
                      for ik, p in pairs.items()}
             out.update(multistep_matrix(step_embs, labels, [len(s.classes) for s in self.steps],
                                         [s.fraction for s in self.steps], known))

@@ -178,8 +178,6 @@ def finalize(ds: DataSet, cfg) -> DataSet:
         class_ids = ids
         names = [names[i] for i in ids] if names else []
     val = None
-    if not 0.0 <= cfg.val_fraction < 1.0:
-        raise ConfigError(f"data.val_fraction={cfg.val_fraction} must be in [0, 1)")
     if cfg.val_fraction > 0:
         keep, held = stratified_holdout(train.y, cfg.val_fraction, cfg.split_seed)
         if len(held) == 0:

@@ -17,7 +17,7 @@ from typing import ClassVar
 import torch
 from omegaconf import MISSING
 
-from ortho_run.config import Augment, DataConfig, Pipeline, at_least
+from ortho_run.config import Augment, DataConfig, Pipeline, at_least, report
 from ortho_run.datasets.base import SOURCES, DataSet, Split
 from ortho_run.errors import DataError
 
@@ -32,7 +32,7 @@ class ImageFolderConfig(DataConfig):
     batch_size: int = 256
     augment: Augment = Augment.crop_flip
     pipeline: Pipeline = Pipeline.loader
-    num_workers: int = 8
+    num_workers: int = report(8)
     # open every image once at load time and leave out (with a count) those that cannot be
     # decoded; off: a bad image stops the run naming the file
     verify_images: bool = False

@@ -63,7 +63,7 @@ class LinearHead(NamedTuple):
 class Needs:
     """What a method asks of the compatibility service (nothing, for most methods).
 
-    The service computes exactly what is declared and hands it over as ``ctx.compat``
+    The service computes exactly what is declared and hands it over as ``ctx.artifacts``
     (``ortho_run.compat.CompatArtifacts``); the runner evaluates the old/new retrieval matrix
     whenever an old model is involved.
     """
@@ -78,14 +78,25 @@ class Needs:
     #                                      each batch (it stays frozen, outside this net)
 
     @property
-    def compat(self) -> bool:
+    def any(self) -> bool:
+        """Whether anything is declared (the method is a compatibility method)."""
         return (self.old_model or self.old_embedding or self.class_means or self.old_head
                 or self.independent_backbone or self.independent_embedding)
 
 
+@dataclass(frozen=True)
+class CompatShape:
+    """What a checkpoint records to rebuild a compatibility method's net without its old
+    model: the old embedding's dim, the old model's classes, whether its head had a bias."""
+
+    old_dim: int
+    num_old_classes: int
+    old_head_bias: Optional[bool] = None  # None: the method uses no old head
+
+
 @dataclass
 class CompatArtifacts:
-    """``ctx.compat`` of a compatibility method: only what its ``needs`` declared is set."""
+    """``ctx.artifacts`` of a compatibility method: only what its ``needs`` declared is set."""
 
     old_dim: int
     num_old_classes: int
@@ -93,22 +104,22 @@ class CompatArtifacts:
     unit_class_means: Optional[Tensor] = None  # C_new × d_old: mean of unit old features
     old_head: Optional[object] = None  # the old classifier (a methods.LinearHead)
 
-    def shapes(self) -> dict:
+    def shape(self) -> CompatShape:
         """What a checkpoint records to rebuild a net of this run without its old model."""
         head = self.old_head
-        return {"old_dim": self.old_dim, "num_old_classes": self.num_old_classes,
-                "old_head_bias": None if head is None else head.bias is not None}
+        return CompatShape(self.old_dim, self.num_old_classes,
+                           None if head is None else head.bias is not None)
 
     @classmethod
-    def placeholder(cls, shapes: dict, num_classes: int) -> "CompatArtifacts":
-        """Zeros of the recorded shapes: enough to build the net, whose state dict then holds
+    def placeholder(cls, shape: CompatShape, num_classes: int) -> "CompatArtifacts":
+        """Zeros of the recorded shape: enough to build the net, whose state dict then holds
         the values its method derived from the old model (class means, the old head)."""
-        d, n_old = shapes["old_dim"], shapes["num_old_classes"]
+        d, n_old = shape.old_dim, shape.num_old_classes
         art = cls(old_dim=d, num_old_classes=n_old, class_means=torch.zeros(num_classes, d),
                   unit_class_means=torch.zeros(num_classes, d))
-        if shapes.get("old_head_bias") is not None:
+        if shape.old_head_bias is not None:
             art.old_head = LinearHead(torch.zeros(n_old, d),
-                                      torch.zeros(n_old) if shapes["old_head_bias"] else None)
+                                      torch.zeros(n_old) if shape.old_head_bias else None)
         return art
 
 
@@ -120,13 +131,18 @@ class MethodContext:
     label_smoothing: float = 0.0
     cache_dir: str = "~/.cache/ortho_run"
     seed: int = 0
-    compat: Any = None  # CompatArtifacts: what ``needs`` declared
+    artifacts: Optional[CompatArtifacts] = None  # what ``needs`` declared, for its method
     distributed: bool = False
 
 
 class Method(nn.Module):
     Config = MethodConfig
     plugin_name = "base"
+    #: what each ``geometry/<key>`` of ``diagnostics()`` is (``ortho-report``'s legend reads it)
+    DIAGNOSTICS: Dict[str, str] = {}
+    #: a reference row of its protocol, not expected to improve on it (``independent``: the
+    #: compatibility protocol's incompatible model)
+    reference: bool = False
 
     def __init__(self, cfg, ctx: MethodContext):
         super().__init__()
@@ -153,17 +169,17 @@ class Method(nn.Module):
         return None
 
     @property
-    def compat(self):
-        """The compatibility artifacts this method declared (``ctx.compat``), checked."""
-        if self.ctx.compat is None:
+    def artifacts(self) -> CompatArtifacts:
+        """The compatibility artifacts this method declared (``ctx.artifacts``), checked."""
+        if self.ctx.artifacts is None:
             raise ConfigError(f"method={self.plugin_name} needs an old model: set compat.old_ckpt "
                               f"to a run dir, or leave it null to train one on "
                               f"compat.old_classes")
-        return self.ctx.compat
+        return self.ctx.artifacts
 
     def require_old_dim(self, why: str) -> int:
         """The old model's dim, which must equal the new feature dim because ``why``."""
-        d_old = self.compat.old_dim
+        d_old = self.artifacts.old_dim
         if d_old != self.ctx.feature_dim:
             raise ConfigError(f"method={self.plugin_name}: {why}, but the new feature dim "
                               f"{self.ctx.feature_dim} differs from the old model's {d_old}; "
@@ -210,6 +226,13 @@ class Method(nn.Module):
     def diagnostics(self) -> Dict[str, float]:
         """Geometry of the classifier itself (logged under ``geometry/``)."""
         return {}
+
+
+#: the keys of ``row_orthogonality``, described
+ROW_ORTHOGONALITY = {
+    "classifier_orth_err": "‖ŴŴᵀ − I‖_F of the row-normalised class vectors of the head",
+    "classifier_mean_abs_cos": "mean |cos| between the class vectors of the head",
+}
 
 
 def row_orthogonality(w: Tensor) -> Dict[str, float]:

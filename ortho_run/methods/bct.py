@@ -73,7 +73,7 @@ class BCT(CE):
     def __init__(self, cfg, ctx):
         super().__init__(cfg, ctx)
         self.require_old_dim("the old classifier scores the new features")
-        art = self.compat
+        art = self.artifacts
         self.alpha = self.cfg.alpha if self.cfg.alpha is not None else (
             10.0 if _class_means(self.cfg) else 1.0)
         #: class_means scores unit features against means of the old model's unit features;

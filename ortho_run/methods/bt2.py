@@ -49,7 +49,8 @@ from torch.nn.utils.parametrizations import orthogonal
 
 from ortho_run.config import MethodConfig, at_least, positive
 from ortho_run.errors import ConfigError
-from ortho_run.methods.base import Method, MethodOutput, Needs, register, row_orthogonality
+from ortho_run.methods.base import (ROW_ORTHOGONALITY, Method, MethodOutput, Needs, register,
+                                    row_orthogonality)
 from ortho_run.methods.oca import Pseudo, pseudo_classifier
 from ortho_run.orthogonality import gram_error
 
@@ -71,6 +72,10 @@ class BT2Config(MethodConfig):
 
 @register("bt2")
 class BT2(Method):
+    DIAGNOSTICS = {**ROW_ORTHOGONALITY,
+                   "o_p_orth_err": "‖O_pO_pᵀ − I‖_F of the basis transformation of f̂",
+                   "o_2_orth_err": "‖O_2O_2ᵀ − I‖_F of the basis transformation into the old "
+                                   "space"}
     Config = BT2Config
 
     @classmethod
@@ -91,7 +96,7 @@ class BT2(Method):
 
     def __init__(self, cfg, ctx):
         super().__init__(cfg, ctx)
-        art = self.compat
+        art = self.artifacts
         d_old, k = art.old_dim, self.cfg.extra_dims
         d = ctx.feature_dim - d_old
         if d < 1:

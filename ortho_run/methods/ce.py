@@ -18,7 +18,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ortho_run.config import MethodConfig
-from ortho_run.methods.base import LinearHead, Method, MethodOutput, register, row_orthogonality
+from ortho_run.methods.base import (ROW_ORTHOGONALITY, LinearHead, Method, MethodOutput, register,
+                                    row_orthogonality)
 
 
 @dataclass
@@ -34,6 +35,7 @@ class CEConfig(MethodConfig):
 @register("ce")
 class CE(Method):
     Config = CEConfig
+    DIAGNOSTICS = ROW_ORTHOGONALITY
 
     def __init__(self, cfg, ctx):
         super().__init__(cfg, ctx)

@@ -14,7 +14,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ortho_run.config import MethodConfig, positive
-from ortho_run.methods.base import Method, MethodOutput, register, row_orthogonality
+from ortho_run.methods.base import (ROW_ORTHOGONALITY, Method, MethodOutput, register,
+                                    row_orthogonality)
 
 
 @dataclass
@@ -26,6 +27,7 @@ class CosineConfig(MethodConfig):
 
 @register("cosine")
 class Cosine(Method):
+    DIAGNOSTICS = ROW_ORTHOGONALITY
     Config = CosineConfig
 
     def __init__(self, cfg, ctx):

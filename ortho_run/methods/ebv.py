@@ -29,10 +29,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ortho_run.config import Choice, MethodConfig, at_least, positive
+from ortho_run.config import Choice, MethodConfig, at_least, in_unit_interval, positive
 from ortho_run.errors import ConfigError
 from ortho_run.io import atomic_torch_save, cache_folder
-from ortho_run.methods.base import Method, MethodOutput, register, row_orthogonality
+from ortho_run.methods.base import (ROW_ORTHOGONALITY, Method, MethodOutput, register,
+                                    row_orthogonality)
 
 log = logging.getLogger(__name__)
 
@@ -56,8 +57,8 @@ class EBVConfig(MethodConfig):
     welch_margin: float = 0.05  # with use_bound: α = bound·(1 + margin)
     checks: ClassVar[list] = (
         positive("tau", "gen_lr") + at_least(1, "dim", "gen_steps") + at_least(0, "gen_tol")
-        + [("alpha", lambda v: 0 <= v < 1, "in [0, 1)"),
-           ("welch_margin", lambda v: v >= 0, ">= 0")])
+        + in_unit_interval("alpha")
+        + [("welch_margin", lambda v: v >= 0, ">= 0")])
 
 
 def welch_bound(n: int, d: int) -> float:
@@ -111,6 +112,9 @@ def cached_ebv(n: int, d: int, alpha: float, lr: float, steps: int, tol: float, 
 
 @register("ebv")
 class EBV(Method):
+    DIAGNOSTICS = {**{k: v.replace("the head", "the fixed basis")
+                      for k, v in ROW_ORTHOGONALITY.items()},
+                   "basis_max_abs_cos": "the largest |cos| between two basis vectors"}
     Config = EBVConfig
 
     def __init__(self, cfg, ctx):

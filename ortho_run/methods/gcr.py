@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ortho_run.config import Choice, MethodConfig, at_least, positive
+from ortho_run.config import Choice, MethodConfig, at_least, in_unit_interval, positive
 from ortho_run.methods.base import Method, MethodOutput, register
 from ortho_run.optim import ParamGroup
 from ortho_run.optim.grassmann import orthonormalize
@@ -59,11 +59,17 @@ class GCRConfig(MethodConfig):
     reorth_every: int = 5
     checks: ClassVar[list] = (positive("scale", "head_lr_scale") + at_least(1, "k")
                               + at_least(0, "reorth_every")
-                              + [("momentum", lambda v: 0 <= v < 1, "in [0, 1)")])
+                              + in_unit_interval("momentum"))
 
 
 @register("gcr")
 class GCR(Method):
+    DIAGNOSTICS = {
+        "classifier_orth_err": "the largest ‖SᵀS − I‖_F over the class bases (orthonormality "
+                               "of each basis, another quantity than a linear head's)",
+        "subspace_mean_cos2": "mean squared cosine of the principal angles between two "
+                              "classes' subspaces",
+    }
     Config = GCRConfig
 
     def __init__(self, cfg, ctx):

@@ -19,6 +19,7 @@ class IndependentConfig(CEConfig):
 
 @register("independent")
 class Independent(CE):
+    reference = True
     Config = IndependentConfig
 
     @classmethod

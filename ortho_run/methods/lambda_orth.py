@@ -90,6 +90,7 @@ class SkewExp(nn.Module):
 
 @register("lambda_orth")
 class LambdaOrth(Method):
+    DIAGNOSTICS = {"b_orth_dev": "‖G − I‖_F of the backward adapter (G its smaller Gram matrix)"}
     Config = LambdaOrthConfig
 
     @classmethod
@@ -100,7 +101,7 @@ class LambdaOrth(Method):
 
     def __init__(self, cfg, ctx):
         super().__init__(cfg, ctx)
-        d_old, d_new = self.compat.old_dim, ctx.feature_dim
+        d_old, d_new = self.artifacts.old_dim, ctx.feature_dim
         if self.cfg.strict:
             self.require_old_dim("method.strict=true makes B an exact rotation")
         self.backward_adapter = SkewExp(d_old) if self.cfg.strict else nn.Linear(d_new, d_old)
@@ -131,7 +132,7 @@ class LambdaOrth(Method):
         return {"loss": loss, "l_f": l_f, "l_b": l_b, "l_c": l_c, "l_lambda": l_lam}
 
     def embedding_dim(self):
-        return self.compat.old_dim  # B maps into the old space
+        return self.artifacts.old_dim  # B maps into the old space
 
     def embeddings(self, out, batch):
         return {"new": out.embedding, "raw": out.extras["h_new"]}

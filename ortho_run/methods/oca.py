@@ -28,7 +28,8 @@ from torch.nn.utils.parametrizations import orthogonal
 
 from ortho_run.config import Choice, MethodConfig, at_least, positive
 from ortho_run.errors import ConfigError
-from ortho_run.methods.base import Method, MethodOutput, Needs, register, row_orthogonality
+from ortho_run.methods.base import (ROW_ORTHOGONALITY, Method, MethodOutput, Needs, register,
+                                    row_orthogonality)
 from ortho_run.orthogonality import gram_error
 
 
@@ -60,6 +61,8 @@ class OCAConfig(MethodConfig):
 
 @register("oca")
 class OCA(Method):
+    DIAGNOSTICS = {**ROW_ORTHOGONALITY,
+                   "transform_orth_err": "‖QQᵀ − I‖_F of the orthogonal layer"}
     Config = OCAConfig
 
     @classmethod
@@ -72,7 +75,7 @@ class OCA(Method):
 
     def __init__(self, cfg, ctx):
         super().__init__(cfg, ctx)
-        art = self.compat
+        art = self.artifacts
         d_old, d = art.old_dim, ctx.feature_dim
         if d != d_old + self.cfg.extra_dims:
             raise ConfigError(f"method=oca: the new feature dim must be d_old + extra_dims = "

@@ -60,9 +60,16 @@ class Backbone(nn.Module):
         return self.embed(f) if self.embed is not None else f
 
 
+def model_data_config(cfg, in_channels: int, image_size: int):
+    """The input normalisation (and size) the backbone ``cfg`` names will ask for, known before
+    it is built: its builder's ``data_config(cfg, in_channels, image_size)``, or None."""
+    hook = getattr(MODELS.get(cfg.name), "data_config", None)
+    return hook(cfg, in_channels, image_size) if hook is not None else None
+
+
 def build_backbone(cfg, in_channels: int, image_size: int) -> Backbone:
     body, dim = MODELS.get(cfg.name)(cfg, in_channels=in_channels, image_size=image_size)
     return Backbone(body, dim, cfg.embed_dim, cfg.embed_bn)
 
 
-__all__ = ["MODELS", "Backbone", "build_backbone"]
+__all__ = ["MODELS", "Backbone", "build_backbone", "model_data_config"]

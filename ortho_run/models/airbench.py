@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ortho_run.config import ModelConfig, at_least, positive
+from ortho_run.config import ModelConfig, at_least, in_unit_interval, positive
 from ortho_run.models.registry import MODELS
 
 
@@ -45,8 +45,8 @@ class Airbench94Config(ModelConfig):
     bn_eps: float = 1e-12
     checks: ClassVar[list] = (at_least(1, "whiten_kernel", "init_images")
                               + positive("whiten_eps") + at_least(0, "whiten_bias_epochs")
-                              + [("bn_momentum", lambda v: 0 <= v < 1, "in [0, 1)"),
-                                 ("widths", lambda v: len(v) == 3 and all(w >= 1 for w in v),
+                              + in_unit_interval("bn_momentum")
+                              + [("widths", lambda v: len(v) == 3 and all(w >= 1 for w in v),
                                   "three positive widths")])
 
 

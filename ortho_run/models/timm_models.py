@@ -85,12 +85,32 @@ def timm_backbone(cfg, in_channels: int, image_size: int):
     if cfg.checkpoint:
         load_weights(model, Path(cfg.checkpoint).expanduser())
     if pretrained or cfg.checkpoint:
-        dc = timm.data.resolve_data_config({}, model=model)
-        model.ortho_data_config = {"mean": list(dc["mean"]), "std": list(dc["std"]),
-                                   "input_size": list(dc["input_size"]),
-                                   "interpolation": dc.get("interpolation"),
-                                   "crop_pct": dc.get("crop_pct")}
+        model.ortho_data_config = _data_config(timm, model)
     return model, int(model.num_features)
+
+
+def _data_config(timm, model) -> dict:
+    dc = timm.data.resolve_data_config({}, model=model)
+    return {"mean": list(dc["mean"]), "std": list(dc["std"]),
+            "input_size": list(dc["input_size"]), "interpolation": dc.get("interpolation"),
+            "crop_pct": dc.get("crop_pct")}
+
+
+def timm_data_config(cfg, in_channels: int, image_size: int):
+    """What a pretrained (or checkpoint-loaded) timm backbone's data config says, read from the
+    architecture's pretrained config on a model built without memory (the meta device)."""
+    if not (cfg.pretrained or cfg.checkpoint):
+        return None
+    timm = require_timm()
+    arch = str(cfg.arch)
+    if not timm.is_model(arch):
+        return None  # the build names the error
+    with torch.device("meta"):
+        model = _create(timm, arch, False, in_channels, image_size)
+    return _data_config(timm, model)
+
+
+timm_backbone.data_config = timm_data_config
 
 
 def load_weights(model: torch.nn.Module, path: Path) -> None:

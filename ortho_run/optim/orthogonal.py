@@ -70,7 +70,7 @@ from typing import Callable, ClassVar, Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
-from ortho_run.config import Choice, OptimConfig, at_least, positive
+from ortho_run.config import Choice, OptimConfig, at_least, in_unit_interval, positive
 from ortho_run.errors import ConfigError
 from ortho_run.optim.base import (OPTIMIZERS, ROLES, ParamGroup, check_roles, torch_groups,
                                   with_fused_fallback)
@@ -433,8 +433,8 @@ class OrthoConfig(OptimConfig):
     adjust_lr: Optional[AdjustLR] = None  # null: the rule's own scale per matrix shape
     renormalize: bool = False  # each weight to Frobenius norm √rows before its step (airbench)
     checks: ClassVar[list] = (positive("other_lr", "eps") + at_least(0, "other_weight_decay")
-                              + [("momentum", lambda v: 0 <= v < 1, "in [0, 1)"),
-                                 ("roles", check_roles, "a non-empty list of parameter roles ("
+                              + in_unit_interval("momentum")
+                              + [("roles", check_roles, "a non-empty list of parameter roles ("
                                   + ", ".join(ROLES) + ")")])
 
 
@@ -454,7 +454,7 @@ class NSConfig(OrthoConfig):
 class NorMuonConfig(NSConfig):
     beta2: float = 0.95
     norm_eps: float = 1e-10
-    checks: ClassVar[list] = NSConfig.checks + [("beta2", lambda v: 0 <= v < 1, "in [0, 1)")]
+    checks: ClassVar[list] = NSConfig.checks + in_unit_interval("beta2")
 
 
 @dataclass
@@ -578,6 +578,12 @@ def _builder(rule: str):
             hyper=hyper_from_config(rule, cfg))
         return [opt] + _other_optimizer(rest, cfg, device)
 
+    def check(run_cfg) -> None:  # the pre-flight's (validate): this rule's cross-key checks
+        from omegaconf import OmegaConf
+
+        check_config(rule, OmegaConf.to_object(run_cfg.optim))
+
+    build.check = check
     return build
 
 

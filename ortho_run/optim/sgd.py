@@ -7,7 +7,7 @@ from typing import ClassVar
 
 import torch
 
-from ortho_run.config import OptimConfig
+from ortho_run.config import OptimConfig, in_unit_interval
 from ortho_run.optim.base import OPTIMIZERS, torch_groups, with_fused_fallback
 
 
@@ -21,7 +21,7 @@ class SGDConfig(OptimConfig):
     # Linear warm-up. EBV's official recipe warms up (5 epochs on ImageNet); without it EBV at
     # lr 0.1 can stall on digits (cos/0.07 logits, growing ||h||). Same for every method.
     warmup_epochs: float = 2.0
-    checks: ClassVar[list] = [("momentum", lambda v: 0 <= v < 1, "in [0, 1)")]
+    checks: ClassVar[list] = in_unit_interval("momentum")
 
 
 @OPTIMIZERS.register("sgd", schema=SGDConfig)

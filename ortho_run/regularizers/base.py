@@ -43,6 +43,8 @@ class Regularizer(nn.Module):
 
     types = LAYER_TYPES  # the layer kinds a regulariser applies to
     adds_loss = True
+    DIAGNOSTICS = {"layer_orth_err": "mean ‖G − I‖_F of the chosen backbone layers (G the "
+                                     "smaller Gram matrix of each weight as a matrix)"}
 
     def __init__(self, cfg, backbone: nn.Module):
         super().__init__()

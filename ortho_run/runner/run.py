@@ -13,7 +13,6 @@ import signal
 import threading
 import time
 import traceback
-from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Dict, Optional
 
@@ -21,18 +20,13 @@ import torch
 from omegaconf import OmegaConf
 
 from ortho_run import checkpoint as ckpt
-from ortho_run.assemble import build_net
-from ortho_run.datasets import load_dataset
-from ortho_run.datasets.loaders import build_loader, choose_pipeline
-from ortho_run.errors import OrthoRunError, Preempted, TrainingDiverged
 from ortho_run import naming
+from ortho_run.errors import OrthoRunError, Preempted, TrainingDiverged
 from ortho_run.io import atomic_write_json, cache_root, dumps
-from ortho_run.methods import METHODS
-from ortho_run.regularizers import build_regularizer
 from ortho_run.retrieval import retrieval_metrics
-from ortho_run.runner.env import (device_name, git_commit, package_versions, pick_device,
-                                  seed_everything)
+from ortho_run.runner.env import device_name, git_commit, package_versions
 from ortho_run.runner.evaluate import feature_geometry
+from ortho_run.runner.job import Job, build, plan
 from ortho_run.runner.rundir import RunDir
 from ortho_run.runner.sinks import MetricsFile, WandbSink
 from ortho_run.runner.trainer import Dist, Trainer
@@ -69,8 +63,9 @@ def resume_command(run_dir: Path, sweep: Optional[Dict[str, Any]]) -> str:
 
 
 def run_name(cfg, sweep: Optional[Dict[str, Any]] = None) -> str:
+    sweep = sweep or {}
     return cfg.logger.name or naming.run_name(cfg.method.name, cfg.data.name, cfg.seed,
-                                              (sweep or {}).get("overrides", ()))
+                                              sweep.get("overrides", ()), sweep.get("job_num"))
 
 
 class _Signals:
@@ -233,8 +228,8 @@ def _write_summary(summary: Dict[str, Any], run_dir: Path) -> None:
 
 
 def _prepare(cfg, run_dir: Path, dist: Dist, emit):
-    """Build the job and load the checkpoint it resumes from, checking that it may."""
-    job = build_job(cfg, run_dir, dist, emit)
+    """Plan and build the job and load the checkpoint it resumes from, checking that it may."""
+    job = build(plan(cfg, run_dir, dist), launch=run, emit=emit)
     forced: Dict[str, tuple] = {}
     path = ckpt.resolve_resume(cfg.trainer.resume, run_dir)
     if path is not None:
@@ -247,112 +242,18 @@ def _prepare(cfg, run_dir: Path, dist: Dist, emit):
     return job, forced
 
 
-@dataclass
-class Job:
-    trainer: Trainer
-    ds: object
-    net: torch.nn.Module
-    evals: Dict[str, object]
-    device: torch.device
-    pipeline: str
-    compat: object = None  # the CompatService, when the method declared compat needs
-    resumed: bool = False
-    regularizer: object = None
-    data_config: object = None  # the backbone's own input normalisation, when it has one
-
-
 def build_job(cfg, run_dir: Path, dist: Dist = Dist(), emit=lambda row: None) -> Job:
-    """Data → loaders → (compat service) → net → trainer, exactly as a run builds them."""
-    t = cfg.trainer
-    device = pick_device(t.device)
-    if device.type == "cuda" and dist.world_size > 1:
-        device = torch.device("cuda", dist.local_rank)
-    seed_everything(cfg.seed + dist.rank, t.deterministic)
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-
-    ds = load_dataset(cfg.data)
-    pipeline = choose_pipeline(str(cfg.data.pipeline), ds, device)
-    channels_last = bool(t.channels_last and device.type == "cuda")
-
-    shape = {"channels": ds.channels, "image_size": ds.image_size,
-             "num_classes": ds.num_classes, "embed_dim": cfg.model.embed_dim}
-    method_cls = METHODS.get(cfg.method.name)
-    needs = method_cls.needs(cfg.method)
-    service = artifacts = None
-    frozen = {}
-    if not needs.compat and cfg.compat.steps:
-        log.warning("compat.steps is set, but method=%s trains alone (no old model): the steps "
-                    "are ignored; pick a compatibility method (bct, bt2, oca, lambda_orth, "
-                    "independent)", cfg.method.name)
-    if needs.compat:
-        from ortho_run.compat import CompatService
-
-        # the service trains what it needs through ``run`` (handed in: compat never imports
-        # the runner); the old model sees the new task's data through the same loaders
-        service = CompatService(cfg, needs, launch=run, device=device,
-                                source_classes=ds.source_classes)
-        artifacts = service.artifacts(
-            ds, lambda split: build_loader(ds, split, cfg.data, device, False, cfg.seed, pipeline))
-        frozen = service.frozen_embeddings()
-        dim = method_cls.feature_dim(cfg.method, artifacts.old_dim, cfg.model.embed_dim)
-        if dim is not None:
-            shape["embed_dim"] = dim
-        shape["compat"] = artifacts.shapes()
-    net = build_net(cfg, shape, device, dist.world_size > 1, artifacts, frozen)
-    if needs.independent_backbone:
-        net.backbone.load_state_dict(service.independent_backbone())
-        net.backbone.requires_grad_(False)
-    regularizer = build_regularizer(cfg.regularizer, net.backbone)  # before the optimisers
-    # a pretrained backbone brings its own input normalisation (and size, for file data)
-    data_config = net.backbone.data_config
-    if data_config:
-        ds = replace(ds, mean=tuple(data_config["mean"]), std=tuple(data_config["std"]),
-                     image_size=ds.image_size if ds.is_array else data_config["input_size"][-1])
-    loader_kw = dict(pipeline=pipeline, channels_last=channels_last, rank=dist.rank,
-                     world_size=dist.world_size)
-    train_loader = build_loader(ds, ds.train, cfg.data, device, True, cfg.seed,
-                                limit_batches=t.limit_train_batches, **loader_kw)
-    evals = {"test": build_loader(ds, ds.test, cfg.data, device, False, cfg.seed, **loader_kw)}
-    if ds.val is not None:
-        evals["val"] = build_loader(ds, ds.val, cfg.data, device, False, cfg.seed, **loader_kw)
-    if channels_last:
-        net = net.to(memory_format=torch.channels_last)
-    trainer = Trainer(cfg, net, train_loader, evals, device, run_dir, emit, dist, shape,
-                      regularizer=regularizer,
-                      init_images=init_images(ds, net.backbone.data_init_images, cfg, device))
-    return Job(trainer, ds, net, evals, device, pipeline, service, regularizer=regularizer,
-               data_config=data_config)
-
-
-def init_images(ds, n: int, cfg, device) -> Optional[torch.Tensor]:
-    """``n`` training images, drawn with ``data.split_seed`` and normalised as the loaders
-    normalise them, for a backbone that initialises itself from data (None when it does not)."""
-    if not n:
-        return None
-    if ds.train.x is None:
-        from ortho_run.errors import ConfigError
-
-        raise ConfigError(f"model={cfg.model.name} initialises itself from {n} training images "
-                          f"held in memory: use an array data set (cifar10, cifar100, digits, "
-                          f"synthetic), not data={cfg.data.name} read from files")
-    gen = torch.Generator().manual_seed(cfg.data.split_seed)
-    idx = torch.randperm(len(ds.train), generator=gen)[:n]
-    x = ds.train.x[idx].to(device).float().div_(255)
-    c = x.shape[1]
-    mean = torch.tensor(ds.mean, device=device).view(1, c, 1, 1)
-    std = torch.tensor(ds.std, device=device).view(1, c, 1, 1)
-    return (x - mean) / std
+    """Plan, then build, exactly as a run does (the bench and tests take jobs so)."""
+    return build(plan(cfg, run_dir, dist), launch=run, emit=emit)
 
 
 def _train_and_evaluate(cfg, job: Job, dist, facts) -> Dict[str, Any]:
     t = cfg.trainer
-    trainer, ds, net, evals, service = job.trainer, job.ds, job.net, job.evals, job.compat
+    trainer, ds, net, evals, service = job.trainer, job.ds, job.net, job.evals, job.service
     facts.update(pipeline=job.pipeline, device=device_name(job.device),
                  num_classes=ds.num_classes, train_size=len(ds.train), test_size=len(ds.test))
-    if job.data_config:
-        facts["model_data_config"] = job.data_config
+    if job.plan.data_config:
+        facts["model_data_config"] = job.plan.data_config
 
     # Final analysis on the test split (geometry, retrieval, compatibility) uses the embeddings
     # of the last epoch's evaluation: no second pass of the new model over the evaluation splits.

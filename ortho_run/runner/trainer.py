@@ -20,7 +20,7 @@ import torch
 from omegaconf import OmegaConf
 
 from ortho_run import checkpoint as ckpt
-from ortho_run.assemble import Net
+from ortho_run.assemble import Net, NetSpec
 from ortho_run.errors import CheckpointError, Preempted, TrainingDiverged
 from ortho_run.optim import build_optimizers, build_scheduler
 from ortho_run.runner.env import rng_state, set_rng_state
@@ -93,10 +93,10 @@ class Trainer:
 
     def __init__(self, cfg, net: Net, train_loader, eval_loaders: Dict[str, object],
                  device: torch.device, run_dir: Path, emit: Callable[[dict], None],
-                 dist: Dist = Dist(), shape: Optional[dict] = None, regularizer=None,
+                 dist: Dist = Dist(), spec: Optional[NetSpec] = None, regularizer=None,
                  init_images: Optional[torch.Tensor] = None):
-        #: what rebuilds the net without the data set (channels, image_size, num_classes, dims)
-        self.shape = dict(shape or {})
+        #: what rebuilds the net without the data set or an old model (the checkpoint's "shape")
+        self.spec = spec
         # plain dataclasses: the hot loop reads these every step (OmegaConf lookups are slow)
         self.cfg, self.tcfg = cfg, OmegaConf.to_object(cfg.trainer)
         self.config = ckpt.run_config(cfg)
@@ -163,7 +163,7 @@ class Trainer:
         return {
             "config": self.config,  # compared on resume
             "fingerprint": ckpt.fingerprint(self.cfg),
-            "shape": self.shape,
+            "shape": self.spec.to_dict() if self.spec is not None else {},
             "net": self.net.state_dict(),
             "optimizers": [o.state_dict() for o in self.optimizers],
             "schedulers": [sc.state_dict() for sc in self.schedulers],

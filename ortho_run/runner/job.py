@@ -1,0 +1,151 @@
+"""A run's job in two steps: ``plan(cfg)`` resolves everything the run needs from the config
+and the data once (device, the data set with the input normalisation its backbone asks for,
+the pipeline, what the method needs, the chain of earlier models of a compatibility run, the
+net spec); ``build(plan)`` makes the models, the net, the loaders and the trainer from it, in
+that order. Nothing goes back to change what an earlier step made."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Callable, Dict, Optional
+
+import torch
+
+from ortho_run.assemble import Net, NetSpec, build_net
+from ortho_run.compat import CompatPlan, CompatService, plan_compat
+from ortho_run.datasets import load_dataset
+from ortho_run.datasets.base import DataSet
+from ortho_run.datasets.loaders import build_loader, choose_pipeline
+from ortho_run.methods import METHODS, Needs
+from ortho_run.models import model_data_config
+from ortho_run.regularizers import Regularizer, build_regularizer
+from ortho_run.runner.env import pick_device, seed_everything
+from ortho_run.runner.trainer import Dist, Trainer
+from ortho_run.store import compatibility_methods
+
+log = logging.getLogger("ortho_run")
+
+
+@dataclass
+class Plan:
+    cfg: object
+    run_dir: Path
+    dist: Dist
+    device: torch.device
+    ds: DataSet  # split, subset and normalised as the loaders will read it
+    pipeline: str  # resident | loader
+    channels_last: bool
+    needs: Needs  # what the method asks of earlier models
+    compat: Optional[CompatPlan]  # a compatibility run's steps and earlier models
+    spec: NetSpec  # the net, before what an old model adds to it
+    data_config: Optional[dict]  # a pretrained backbone's own input normalisation
+
+
+def plan(cfg, run_dir: Path, dist: Dist = Dist()) -> Plan:
+    t = cfg.trainer
+    device = pick_device(t.device)
+    if device.type == "cuda" and dist.world_size > 1:
+        device = torch.device("cuda", dist.local_rank)
+    seed_everything(cfg.seed + dist.rank, t.deterministic)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    ds = load_dataset(cfg.data)
+    # a pretrained backbone brings its own input normalisation (and size, for file data)
+    data_config = model_data_config(cfg.model, ds.channels, ds.image_size)
+    if data_config:
+        ds = replace(ds, mean=tuple(data_config["mean"]), std=tuple(data_config["std"]),
+                     image_size=ds.image_size if ds.is_array else data_config["input_size"][-1])
+    pipeline = choose_pipeline(str(cfg.data.pipeline), ds, device)
+    needs = METHODS.get(cfg.method.name).needs(cfg.method)
+    if not needs.any and cfg.compat.steps:
+        log.warning("compat.steps is set, but method=%s trains alone (no old model): the steps "
+                    "are ignored; pick a compatibility method (%s)", cfg.method.name,
+                    ", ".join(compatibility_methods()))
+    return Plan(cfg=cfg, run_dir=Path(run_dir), dist=dist, device=device, ds=ds,
+                pipeline=pipeline,
+                channels_last=bool(t.channels_last and device.type == "cuda"), needs=needs,
+                compat=plan_compat(cfg, ds.source_classes) if needs.any else None,
+                spec=NetSpec(ds.channels, ds.image_size, ds.num_classes, cfg.model.embed_dim),
+                data_config=data_config)
+
+
+@dataclass
+class Job:
+    plan: Plan
+    trainer: Trainer
+    net: Net
+    evals: Dict[str, object]  # evaluation loaders by split name
+    service: Optional[CompatService] = None  # when the method declared compatibility needs
+    regularizer: Optional[Regularizer] = None
+    resumed: bool = False
+
+    @property
+    def ds(self) -> DataSet:
+        return self.plan.ds
+
+    @property
+    def device(self) -> torch.device:
+        return self.plan.device
+
+    @property
+    def pipeline(self) -> str:
+        return self.plan.pipeline
+
+
+def build(p: Plan, launch: Callable, emit=lambda row: None) -> Job:
+    """The earlier models a compatibility method needs (trained through ``launch`` or found in
+    the cache), the net, the regulariser, the loaders and the trainer of plan ``p``."""
+    cfg, ds, device = p.cfg, p.ds, p.device
+    service = artifacts = None
+    frozen: Dict[str, Callable] = {}
+    spec = p.spec
+    if p.compat is not None:
+        service = CompatService(cfg, p.needs, p.compat, launch=launch, device=device).prepare()
+        # the old model sees the new task's data through the same loaders
+        artifacts = service.artifacts(ds, lambda split: build_loader(
+            ds, split, cfg.data, device, False, cfg.seed, p.pipeline))
+        frozen = service.frozen_embeddings()
+        spec = spec.with_compat(artifacts.shape(), METHODS.get(cfg.method.name).feature_dim(
+            cfg.method, artifacts.old_dim, cfg.model.embed_dim))
+    net = build_net(cfg, spec, device, p.dist.world_size > 1, artifacts, frozen)
+    if p.needs.independent_backbone:
+        net.backbone.load_state_dict(service.independent_backbone())
+        net.backbone.requires_grad_(False)
+    regularizer = build_regularizer(cfg.regularizer, net.backbone)  # before the optimisers
+    loader_kw = dict(pipeline=p.pipeline, channels_last=p.channels_last, rank=p.dist.rank,
+                     world_size=p.dist.world_size)
+    t = cfg.trainer
+    train_loader = build_loader(ds, ds.train, cfg.data, device, True, cfg.seed,
+                                limit_batches=t.limit_train_batches, **loader_kw)
+    evals = {"test": build_loader(ds, ds.test, cfg.data, device, False, cfg.seed, **loader_kw)}
+    if ds.val is not None:
+        evals["val"] = build_loader(ds, ds.val, cfg.data, device, False, cfg.seed, **loader_kw)
+    if p.channels_last:
+        net = net.to(memory_format=torch.channels_last)
+    trainer = Trainer(cfg, net, train_loader, evals, device, p.run_dir, emit, p.dist, spec,
+                      regularizer=regularizer,
+                      init_images=init_images(ds, net.backbone.data_init_images, cfg, device))
+    return Job(p, trainer, net, evals, service, regularizer)
+
+
+def init_images(ds: DataSet, n: int, cfg, device) -> Optional[torch.Tensor]:
+    """``n`` training images, drawn with ``data.split_seed`` and normalised as the loaders
+    normalise them, for a backbone that initialises itself from data (None when it does not)."""
+    if not n:
+        return None
+    if ds.train.x is None:
+        from ortho_run.errors import ConfigError
+
+        raise ConfigError(f"model={cfg.model.name} initialises itself from {n} training images "
+                          f"held in memory: use an array data set (cifar10, cifar100, digits, "
+                          f"synthetic), not data={cfg.data.name} read from files")
+    gen = torch.Generator().manual_seed(cfg.data.split_seed)
+    idx = torch.randperm(len(ds.train), generator=gen)[:n]
+    x = ds.train.x[idx].to(device).float().div_(255)
+    c = x.shape[1]
+    mean = torch.tensor(ds.mean, device=device).view(1, c, 1, 1)
+    std = torch.tensor(ds.std, device=device).view(1, c, 1, 1)
+    return (x - mean) / std
