@@ -118,6 +118,13 @@ def load_run(run_dir: Path, device):
     compat = None
     if spec.compat is not None:  # a compatibility method's net: built without its old model
         compat = CompatArtifacts.placeholder(spec.compat, spec.num_classes)
+    elif METHODS.get(cfg.method.name).needs(cfg.method).any:
+        raise CheckpointError(f"{f} is a method={cfg.method.name} checkpoint without the record of "
+                              f"the old model it was trained against (its net spec has no "
+                              f"compat entry), so its net cannot be rebuilt: it was written by "
+                              f"another run or version. Delete {run_dir} if it is a cache entry "
+                              f"(it is trained again), or point compat.old_ckpt at a run dir "
+                              f"that holds a complete checkpoint.")
     net = build_net(cfg, spec, device, compat=compat)
     try:
         net.load_state_dict(state["net"])

@@ -36,7 +36,10 @@ def _job_info():
     multirun = hc.mode == RunMode.MULTIRUN
     info = {"overrides": list(hc.overrides.task)}
     if multirun:
-        info.update(sweep=Path(hc.sweep.dir).name, job_num=hc.job.num)
+        info.update(sweep=Path(hc.sweep.dir).name, job_num=hc.job.num,
+                    sweep_dir=str(hc.sweep.dir))
+        if _STATE.get("sweep_overrides") is not None:  # the launching process's command line
+            info["sweep_overrides"] = list(_STATE["sweep_overrides"])
     return Path(hc.runtime.output_dir), multirun, info
 
 
@@ -167,6 +170,7 @@ class SweepReport(Callback):
         _STATE["existing"] = _deepest_existing(Path(config.hydra.run.dir))
 
     def on_multirun_start(self, config, **kwargs) -> None:
+        _STATE["sweep_overrides"] = list(config.hydra.overrides.task)
         _check_output_root(config)
         _check_writable(Path(config.hydra.sweep.dir), "hydra.sweep.dir")
 

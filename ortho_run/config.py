@@ -278,6 +278,13 @@ def at_least(value, *keys: str):
     return [(k, lambda v, m=value: v is None or v >= m, f">= {value}") for k in keys]
 
 
+def at_most(value, *keys: str, why: str = ""):
+    """Upper bounds for keys that size an allocation (a window, a batch, a layer): an absurd
+    but finite value is refused before it exhausts memory."""
+    what = f"<= {value}" + (f" ({why})" if why else "")
+    return [(k, lambda v, m=value: v is None or v <= m, what) for k in keys]
+
+
 def in_unit_interval(*keys: str):
     return [(k, lambda v: 0 <= v < 1, "in [0, 1)") for k in keys]
 
@@ -296,6 +303,13 @@ RANGES = [
     ("seed", lambda v: 0 <= v < 2**62, "in [0, 2^62)"),
     ("data.batch_size", lambda v: v >= 1, ">= 1"),
     ("data.eval_batch_size", lambda v: v >= 1, ">= 1"),
+    *at_most(2 ** 20, "data.batch_size", "data.eval_batch_size", why="images in one batch"),
+    *at_most(256, "data.crop_padding", why="pixels of padding around every image"),
+    *at_most(2 ** 16, "model.embed_dim", why="the width of the embedding layer"),
+    *at_most(10 ** 6, "trainer.nonfinite_check_every",
+             why="a window of that many losses is kept on the device"),
+    *at_most(10 ** 6, "trainer.max_epochs"),
+    *at_most(86400, "logger.init_timeout", why="seconds"),
     ("data.num_workers", lambda v: v >= 0, ">= 0"),
     ("data.crop_padding", lambda v: v >= 0, ">= 0"),
     ("data.color_jitter", lambda v: 0 <= v <= 1, "in [0, 1]"),

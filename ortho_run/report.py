@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import math
 import statistics
 import textwrap
 from collections import defaultdict
@@ -23,9 +24,10 @@ from pathlib import Path
 from typing import Dict, List, Optional
 
 from ortho_run.naming import group_key, step_labels
+from ortho_run import keys
+from ortho_run.roles import role_of
 
 ACCURACY = ["test/acc1", "val/best_acc1"]
-CACHE_TAGS = ("old-model", "independent-model")
 COMPAT = [f"compat/{p}/{m}" for m in ("cmc1", "map") for p in ("old_old", "new_old", "new_new")]
 COMPAT += ["compat/ecc", "compat/ecc_map", "compat/ac", "compat/am", "compat/ac_map",
            "compat/am_map"]
@@ -106,8 +108,7 @@ def collect(dirs: List[Path]):
                 problems.append((str(f.parent), f"summary.json is not a JSON object "
                                                   f"({type(s).__name__})"))
                 continue
-            tag = str(s.get("tag"))
-            if tag in CACHE_TAGS or tag.startswith("step-"):  # a cached model, not a result
+            if role_of(str(s.get("tag"))) is not None:  # a cached model, not a result
                 continue
             if s.get("status") != "finished":
                 problems.append((str(f.parent), f"status {s.get('status')}: "
@@ -137,9 +138,12 @@ def aggregate(runs: List[dict], metrics: List[str]) -> Dict[str, Dict[str, dict]
 
 
 def _stats(vals: List[float]) -> dict:
-    """Mean, sample std (0 for one value) and n."""
-    return {"mean": statistics.fmean(vals),
-            "std": statistics.stdev(vals) if len(vals) > 1 else 0.0, "n": len(vals)}
+    """Mean, sample std (0 for one value) and n; a NaN or infinite value makes both NaN (or
+    the mean infinite), shown as such, never dropped."""
+    finite = all(math.isfinite(v) for v in vals)
+    mean = statistics.fmean(vals) if finite else float(sum(vals)) / len(vals)
+    std = 0.0 if len(vals) == 1 else (statistics.stdev(vals) if finite else float("nan"))
+    return {"mean": mean, "std": std, "n": len(vals)}
 
 
 def step_matrices(runs: List[dict]) -> Dict[str, Dict[str, dict]]:
@@ -385,11 +389,38 @@ def plot_curves(runs, out: Path, plt, MaxNLocator) -> Path:
     return f
 
 
+def unshown(runs: List[dict], metrics: List[str]) -> List[tuple]:
+    """(run dir, why) for the finished runs that no table shows: none of the table's metrics,
+    or a multi-step update without its matrices."""
+    out = []
+    for r in runs:
+        if not any(_numeric(r.get(m)) for m in metrics):
+            out.append((r["_dir"], "finished, but holds none of the table's metrics ("
+                        + ", ".join(metrics[:4]) + "); pick others with --metrics or --all"))
+        elif _multistep(r) and not isinstance(r.get(keys.steps_matrix("cmc1")), list):
+            out.append((r["_dir"], "a multi-step update without its step matrices "
+                                   "(compat.evaluate=false?): in the table, not in the matrices"))
+    return out
+
+
+def _multistep(run: dict) -> bool:
+    """Whether the run's resolved config sets compat.steps (an unreadable one: no claim)."""
+    from omegaconf import OmegaConf
+
+    try:
+        return bool(OmegaConf.select(OmegaConf.load(Path(run["_dir"]) / "resolved_config.yaml"),
+                                     "compat.steps"))
+    except Exception:
+        return False
+
+
 def report(dirs, out=None, metrics=None, plots: bool = True, every: bool = False):
-    """Write report.md / report.csv (and PNGs) for the runs under ``dirs``; return the table."""
+    """Write report.md / report.csv (and PNGs) for the runs under ``dirs``; return the table.
+    Every run read is in a table or in the list of runs left out, with its reason."""
     runs, problems = collect([Path(d) for d in dirs])
     out = Path(out or dirs[0])
     metrics = pick_metrics(runs, metrics, every)
+    problems = problems + unshown(runs, metrics)
     table = aggregate(runs, metrics)
     steps = step_matrices(runs)
     write_tables(table, metrics, problems, out, steps)

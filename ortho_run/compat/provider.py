@@ -274,9 +274,12 @@ class CompatService:
         """The previous model, loaded or trained (and cached) now."""
         net, old_cfg, n_old = load_model(self.plan.previous, self.launch, self.device)
         if self.steps is not None and n_old != len(self.steps[-2].classes):
-            raise ConfigError(f"the previous step's model knows {n_old} classes, compat.steps"
-                              f"[-2] has {len(self.steps[-2].classes)}: point compat.old_ckpt "
-                              f"at a run on compat.steps[0]'s classes")
+            where = (f"compat.old_ckpt={self.plan.previous}" if isinstance(self.plan.previous, Path)
+                     else f"the cached model of step {len(self.steps) - 2}")
+            raise ConfigError(f"{where} knows {n_old} classes, but compat.steps[-2] has "
+                              f"{len(self.steps[-2].classes)}: it is a model of another step. "
+                              f"Point compat.old_ckpt at a run on compat.steps[0]'s classes (or "
+                              f"leave it null to train the first step here)")
         self.old = FrozenNet(net, old_cfg)
         self.num_old_classes = n_old
         return self

@@ -75,10 +75,40 @@ class DataSet:
     std: Tuple[float, ...] = ()
     class_ids: List[int] = field(default_factory=list)  # original label of each class index
     source_classes: int = 0  # the source's number of classes, before ``data.classes``
+    #: labels that were names (a CSV's "cat"): each name's class id (recorded in summary.json)
+    label_names: Optional[Dict[str, int]] = None
 
     @property
     def is_array(self) -> bool:
         return self.train.x is not None
+
+
+def label_ids(columns: Sequence[Sequence], key: str
+              ) -> Tuple[List[List[int]], Optional[List[str]]]:
+    """The label columns of a data set's splits as class ids. Integers (also written as
+    integral floats, as CSV files hold them) stay as they are; labels that are names (``"cat"``)
+    become the ids of their sorted set over every split, and that set is returned as the class
+    names (else None). ``key`` names the label column in errors."""
+    values = [v for col in columns for v in col]
+
+    def integral(v):
+        if isinstance(v, bool):
+            return True
+        if isinstance(v, (int,)) or (hasattr(v, "dtype") and getattr(v, "ndim", 1) == 0):
+            try:
+                return float(v) == int(v)
+            except (TypeError, ValueError):
+                return False
+        return isinstance(v, float) and v.is_integer()
+
+    if all(integral(v) for v in values):
+        return [[int(v) for v in col] for col in columns], None
+    if any(v is None or (isinstance(v, float) and v != v) for v in values):
+        raise DataError(f"{key}: the label column has missing values (None/NaN): give every "
+                        f"image a label, or drop those rows")
+    names = sorted({str(v) for v in values})
+    ids = {n: i for i, n in enumerate(names)}
+    return [[ids[str(v)] for v in col] for col in columns], names
 
 
 def channel_stats(x: torch.Tensor) -> Tuple[Tuple[float, ...], Tuple[float, ...]]:

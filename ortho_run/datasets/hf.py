@@ -21,7 +21,7 @@ import torch
 from omegaconf import MISSING
 
 from ortho_run.config import DataConfig, at_least
-from ortho_run.datasets.base import SOURCES, DataSet, stratified_holdout
+from ortho_run.datasets.base import SOURCES, DataSet, label_ids, stratified_holdout
 from ortho_run.datasets.records import Field, channels_of, image_split
 from ortho_run.errors import ConfigError, DataError
 
@@ -94,11 +94,15 @@ def load_hf(cfg) -> DataSet:
                             f"{', '.join(train.column_names)}")
     feature = train.features.get(cfg.label_key)
     names = list(getattr(feature, "names", None) or [])
-    labels = [int(v) for v in train[cfg.label_key]]
-    if cfg.test_split in d:
-        test = d[cfg.test_split]
-        test_labels = [int(v) for v in test[cfg.label_key]]
-        parts = [(train, labels), (test, test_labels)]
+    key = f"data.label_key={cfg.label_key}"
+    test = d[cfg.test_split] if cfg.test_split in d else None
+    columns = [train[cfg.label_key]] + ([test[cfg.label_key]] if test is not None else [])
+    ids, named = label_ids(columns, key)
+    if named:
+        names = named
+    labels = ids[0]
+    if test is not None:
+        parts = [(train, labels), (test, ids[1])]
     else:  # one split: a stratified hold-out as the test split
         keep, held = stratified_holdout(torch.tensor(labels), cfg.test_fraction, seed=0)
         parts = [(train.select(keep.tolist()), [labels[i] for i in keep.tolist()]),
@@ -113,7 +117,8 @@ def load_hf(cfg) -> DataSet:
                           cfg.in_memory_mb, f"data=hf {cfg.path}") for s, ys in parts]
     size = splits[0].x.shape[-1] if splits[0].x is not None else (cfg.image_size or 224)
     return DataSet(name="hf", train=splits[0], test=splits[1], num_classes=k, channels=channels,
-                   image_size=int(size), class_names=names or [str(i) for i in range(k)])
+                   image_size=int(size), class_names=names or [str(i) for i in range(k)],
+                   label_names={n: i for i, n in enumerate(named)} if named else None)
 
 
 __all__ = ["load_hf"]

@@ -13,7 +13,7 @@ from typing import ClassVar
 
 import torch
 
-from ortho_run.config import Augment, DataConfig, at_least
+from ortho_run.config import Augment, DataConfig, at_least, at_most
 from ortho_run.datasets.base import SOURCES, DataSet, Split
 
 
@@ -28,6 +28,9 @@ class SyntheticConfig(DataConfig):
     noise: float = 0.6  # in units of the class prototype's std
     augment: Augment = Augment.flip
     checks: ClassVar[list] = (at_least(2, "num_classes") + at_least(4, "image_size")
+                              + at_most(10 ** 5, "num_classes") + at_most(2048, "image_size")
+                              + at_most(64, "channels")
+                              + at_most(10 ** 6, "train_per_class", "test_per_class")
                               + at_least(1, "channels", "train_per_class", "test_per_class")
                               + at_least(0, "noise"))
 

@@ -21,7 +21,7 @@ from typing import ClassVar, Optional
 from omegaconf import MISSING
 
 from ortho_run.config import DataConfig, at_least
-from ortho_run.datasets.base import SOURCES, DataSet
+from ortho_run.datasets.base import SOURCES, DataSet, label_ids
 from ortho_run.datasets.records import Field, channels_of, image_split
 from ortho_run.errors import ConfigError, DataError
 
@@ -54,8 +54,48 @@ def _labels(d):
     for attr in ("targets", "labels", "_labels", "y"):
         v = getattr(d, attr, None)
         if v is not None and len(v) == len(d):
-            return [int(t) for t in v]
-    return [int(d[i][1]) for i in range(len(d))]
+            return list(v)
+    return [d[i][1] for i in range(len(d))]
+
+
+def expected_files(cls, root: Path, train_split: str, test_split: str) -> str:
+    """The files a torchvision data set class reads, as far as its class attributes say
+    (``base_folder``, ``filename``, ``train_list``/``test_list``, ``split_list``,
+    ``resources``, ``url``), joined for a message; empty when it names none."""
+    folder = getattr(cls, "base_folder", None)
+    names = []
+
+    def add(v):
+        if isinstance(v, (list, tuple)):
+            v = next((x for x in v if isinstance(x, str) and "." in Path(x).name
+                      and not x.startswith("http")), None) or (
+                Path(v[0]).name if v and isinstance(v[0], str) else None)
+        if isinstance(v, str) and v and v not in names:
+            names.append(Path(v).name if v.startswith("http") else v)
+
+    for attr in ("filename", "zip_filename", "tgz_filename"):
+        add(getattr(cls, attr, None))
+    for attr in ("train_list", "test_list", "resources", "mirrors_resources"):
+        for entry in getattr(cls, attr, None) or []:
+            add(entry)
+    split_list = getattr(cls, "split_list", None)
+    if isinstance(split_list, dict):
+        for split in (train_split, test_split):
+            if split in split_list:
+                add(split_list[split])
+    for entry in (getattr(cls, "_file_dict", None) or {}).values():
+        add(entry)
+    for attr in ("url", "_URL", "_URLS"):
+        if not names and isinstance(getattr(cls, attr, None), str):
+            add(getattr(cls, attr))
+    if isinstance(getattr(cls, "raw_folder", None), property):  # MNIST and its kin
+        folder = f"{cls.__name__}/raw"
+    if not names and not folder:
+        if not {"train", "split"} & set(inspect.signature(cls.__init__).parameters):
+            return f"one folder per split: {root / train_split}/ and {root / test_split}/"
+        return ""
+    where = root / folder if folder else root
+    return f"{where}/" + (f" with {', '.join(names[:8])}" if names else "")
 
 
 @SOURCES.register("torchvision", schema=TorchvisionDataConfig)
@@ -72,11 +112,14 @@ def load_torchvision(cfg) -> DataSet:
     try:
         parts = [_open(cls, cfg, cfg.train_split, True), _open(cls, cfg, cfg.test_split, False)]
     except (RuntimeError, FileNotFoundError, OSError, ValueError) as exc:
+        files = expected_files(cls, Path(str(cfg.root)).expanduser(), cfg.train_split,
+                               cfg.test_split)
         raise DataError(f"data=torchvision {name}: {str(exc).splitlines()[0][:300]} (data.root="
-                        f"{cfg.root}). Put its files under data.root, or set data.download=true "
-                        f"on a machine with network.") from None
-    labels = [_labels(d) for d in parts]
-    classes = list(getattr(parts[0], "classes", None) or [])
+                        f"{cfg.root}). " + (f"It reads {files}. " if files else "")
+                        + "Put those files under data.root, or set data.download=true on a "
+                          "machine with network.") from None
+    labels, named = label_ids([_labels(d) for d in parts], f"data=torchvision {name} targets")
+    classes = named or list(getattr(parts[0], "classes", None) or [])
     k = len(classes) if classes else max(max(ys) for ys in labels) + 1
     channels = channels_of(parts[0][0][0])
     splits = [image_split(Field(d, 0), ys, channels, cfg.image_size, cfg.in_memory_mb,
@@ -84,4 +127,5 @@ def load_torchvision(cfg) -> DataSet:
     size = splits[0].x.shape[-1] if splits[0].x is not None else (cfg.image_size or 224)
     return DataSet(name=f"torchvision/{name}", train=splits[0], test=splits[1], num_classes=k,
                    channels=channels, image_size=int(size),
-                   class_names=[str(c) for c in classes] or [str(i) for i in range(k)])
+                   class_names=[str(c) for c in classes] or [str(i) for i in range(k)],
+                   label_names={n: i for i, n in enumerate(named)} if named else None)

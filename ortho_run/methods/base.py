@@ -172,9 +172,10 @@ class Method(nn.Module):
     def artifacts(self) -> CompatArtifacts:
         """The compatibility artifacts this method declared (``ctx.artifacts``), checked."""
         if self.ctx.artifacts is None:
-            raise ConfigError(f"method={self.plugin_name} needs an old model: set compat.old_ckpt "
-                              f"to a run dir, or leave it null to train one on "
-                              f"compat.old_classes")
+            raise ConfigError(f"method={self.plugin_name} was built without the old model it "
+                              f"needs: in a run, set compat.old_ckpt to a run dir or leave it "
+                              f"null to train one on compat.old_classes; when building it "
+                              f"yourself, give MethodContext(artifacts=...)")
         return self.ctx.artifacts
 
     def require_old_dim(self, why: str) -> int:

@@ -47,7 +47,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.parametrizations import orthogonal
 
-from ortho_run.config import MethodConfig, at_least, positive
+from ortho_run.config import MethodConfig, at_least, at_most, positive
 from ortho_run.errors import ConfigError
 from ortho_run.methods.base import (ROW_ORTHOGONALITY, Method, MethodOutput, Needs, register,
                                     row_orthogonality)
@@ -65,7 +65,7 @@ class BT2Config(MethodConfig):
     w_new: float = 1.0  # lambda_1: 1 − cos(φ′_new, f̂)
     label_smoothing: Optional[float] = 0.0  # of the CE terms; null: trainer.label_smoothing
     pseudo: Pseudo = Pseudo.unit_mean
-    checks: ClassVar[list] = (positive("c", "extra_dims")
+    checks: ClassVar[list] = (positive("c", "extra_dims") + at_most(2 ** 16, "extra_dims")
                               + at_least(0, "w_influence", "w_old", "w_new")
                               + at_least(0, "label_smoothing"))
 

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ortho_run.config import Choice, MethodConfig, at_least, in_unit_interval, positive
+from ortho_run.config import Choice, MethodConfig, at_least, at_most, in_unit_interval, positive
 from ortho_run.errors import ConfigError
 from ortho_run.io import atomic_torch_save, cache_folder
 from ortho_run.methods.base import (ROW_ORTHOGONALITY, Method, MethodOutput, register,
@@ -57,6 +57,7 @@ class EBVConfig(MethodConfig):
     welch_margin: float = 0.05  # with use_bound: α = bound·(1 + margin)
     checks: ClassVar[list] = (
         positive("tau", "gen_lr") + at_least(1, "dim", "gen_steps") + at_least(0, "gen_tol")
+        + at_most(2 ** 16, "dim") + at_most(10 ** 8, "gen_steps")
         + in_unit_interval("alpha")
         + [("welch_margin", lambda v: v >= 0, ">= 0")])
 

@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ortho_run.config import Choice, MethodConfig, at_least, in_unit_interval, positive
+from ortho_run.config import Choice, MethodConfig, at_least, at_most, in_unit_interval, positive
 from ortho_run.methods.base import Method, MethodOutput, register
 from ortho_run.optim import ParamGroup
 from ortho_run.optim.grassmann import orthonormalize
@@ -58,6 +58,7 @@ class GCRConfig(MethodConfig):
     retraction: Retraction = Retraction.geodesic
     reorth_every: int = 5
     checks: ClassVar[list] = (positive("scale", "head_lr_scale") + at_least(1, "k")
+                              + at_most(4096, "k")
                               + at_least(0, "reorth_every")
                               + in_unit_interval("momentum"))
 

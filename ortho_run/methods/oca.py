@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.parametrizations import orthogonal
 
-from ortho_run.config import Choice, MethodConfig, at_least, positive
+from ortho_run.config import Choice, MethodConfig, at_least, at_most, positive
 from ortho_run.errors import ConfigError
 from ortho_run.methods.base import (ROW_ORTHOGONALITY, Method, MethodOutput, Needs, register,
                                     row_orthogonality)
@@ -56,7 +56,8 @@ class OCAConfig(MethodConfig):
     bias: bool = True  # the orthogonal layer's bias c (official: kept)
     fc_bias: bool = False  # the new classifier's bias (official: none)
     pseudo: Pseudo = Pseudo.unit_mean
-    checks: ClassVar[list] = positive("p_scale") + at_least(0, "extra_dims", "a", "b", "c")
+    checks: ClassVar[list] = (positive("p_scale") + at_least(0, "extra_dims", "a", "b", "c")
+                              + at_most(2 ** 16, "extra_dims"))
 
 
 @register("oca")

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ortho_run.config import ModelConfig, at_least, in_unit_interval, positive
+from ortho_run.config import ModelConfig, at_least, at_most, in_unit_interval, positive
 from ortho_run.models.registry import MODELS
 
 
@@ -44,10 +44,11 @@ class Airbench94Config(ModelConfig):
     bn_momentum: float = 0.6  # airbench's convention: running ← 0.6·running + 0.4·batch
     bn_eps: float = 1e-12
     checks: ClassVar[list] = (at_least(1, "whiten_kernel", "init_images")
+                              + at_most(8, "whiten_kernel") + at_most(10 ** 6, "init_images")
                               + positive("whiten_eps") + at_least(0, "whiten_bias_epochs")
                               + in_unit_interval("bn_momentum")
-                              + [("widths", lambda v: len(v) == 3 and all(w >= 1 for w in v),
-                                  "three positive widths")])
+                              + [("widths", lambda v: len(v) == 3 and all(1 <= w <= 8192 for w in v),
+                                  "three widths in [1, 8192]")])
 
 
 class BatchNorm(nn.BatchNorm2d):

@@ -5,7 +5,7 @@ from typing import ClassVar
 
 from torch import nn
 
-from ortho_run.config import ModelConfig, at_least
+from ortho_run.config import ModelConfig, at_least, at_most
 from ortho_run.models.registry import MODELS
 
 
@@ -13,7 +13,7 @@ from ortho_run.models.registry import MODELS
 class SmallCNNConfig(ModelConfig):
     name: str = "small_cnn"
     width: int = 32  # channels of the first block (then 2x, 4x)
-    checks: ClassVar[list] = at_least(1, "width")
+    checks: ClassVar[list] = at_least(1, "width") + at_most(8192, "width")
 
 
 def _block(cin, cout):

@@ -113,6 +113,12 @@ def timm_data_config(cfg, in_channels: int, image_size: int):
 timm_backbone.data_config = timm_data_config
 
 
+def model_arch(model) -> str:
+    return str(getattr(model, "default_cfg", {}).get("architecture")
+               or getattr(model, "pretrained_cfg", {}).get("architecture")
+               or type(model).__name__)
+
+
 def load_weights(model: torch.nn.Module, path: Path) -> None:
     """A local state dict into ``model`` (classifier keys dropped; every other key must fit)."""
     if not path.is_file():
@@ -136,11 +142,29 @@ def load_weights(model: torch.nn.Module, path: Path) -> None:
     if not isinstance(state, dict):
         raise CheckpointError(f"model.checkpoint={path} holds no state dict")
     state = {k.removeprefix("module."): v for k, v in state.items()}
-    head = {n for n, _ in model.named_parameters()} | {n for n, _ in model.named_buffers()}
-    dropped = [k for k in state if k not in head and k.split(".")[0] in ("fc", "head", "classifier")]
+    own = model.state_dict()
+    dropped = [k for k in state if k not in own and k.split(".")[0] in ("fc", "head", "classifier")]
     state = {k: v for k, v in state.items() if k not in dropped}
+    if not all(hasattr(v, "shape") for v in state.values()):
+        raise CheckpointError(f"model.checkpoint={path} holds values that are not tensors: it is "
+                              f"no state dict of weights")
+    wrong = [(k, tuple(v.shape), tuple(own[k].shape)) for k, v in state.items()
+             if k in own and tuple(v.shape) != tuple(own[k].shape)]
+    if wrong:
+        first_conv = next((k for k, p in own.items() if p.ndim == 4), None)
+        hint = ""
+        if first_conv and any(k == first_conv and a[1] != b[1] for k, a, b in wrong):
+            shape = dict((k, a) for k, a, _ in wrong)[first_conv]
+            hint = (f" Its first convolution takes {shape[1]}-channel images, this data set "
+                    f"has {own[first_conv].shape[1]}: use data with that many channels, or "
+                    f"weights made for these.")
+        shown = "; ".join(f"{k}: file {a}, model {b}" for k, a, b in wrong[:4])
+        raise CheckpointError(f"model.checkpoint={path} does not fit model.arch={model_arch(model)}:"
+                              f" {len(wrong)} weights have other shapes ({shown}"
+                              f"{'; ...' if len(wrong) > 4 else ''}). The file belongs to another "
+                              f"architecture or input.{hint}")
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
-        raise CheckpointError(f"model.checkpoint={path} does not fit model.arch: missing "
+        raise CheckpointError(f"model.checkpoint={path} does not fit model.arch={model_arch(model)}: missing "
                               f"{missing[:5]}{'...' if len(missing) > 5 else ''}, unexpected "
                               f"{unexpected[:5]}{'...' if len(unexpected) > 5 else ''}")

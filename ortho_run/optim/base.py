@@ -16,6 +16,7 @@ orthogonalised updates for ``hidden``, AdamW for the rest) returns several optim
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional
 
@@ -24,6 +25,8 @@ from torch import nn
 
 from ortho_run.config import ROLES, OptimConfig
 from ortho_run.registry import Registry
+
+log = logging.getLogger("ortho_run")
 
 OPTIMIZERS: Registry[Callable[..., List[torch.optim.Optimizer]]] = Registry(
     "optimiser", group="optim", package="ortho_run.optim", base_schema=OptimConfig)
@@ -101,6 +104,12 @@ def build_optimizers(groups: List[ParamGroup], cfg, device: torch.device
                      ) -> List[torch.optim.Optimizer]:
     """One or more optimisers for ``groups``: each group goes to the optimiser it names, the
     others to the configured one (``optim=<name>``)."""
+    present = {g.role for g in groups if g.params}
+    for key in ("role_lr", "role_weight_decay"):
+        absent = sorted(set(getattr(cfg, key, None) or {}) - present)
+        if absent:
+            log.warning("optim.%s: %s name no role with trainable parameters here (roles: %s)",
+                        key, ", ".join(absent), ", ".join(sorted(present)))
     by_name: Dict[str, List[ParamGroup]] = {}
     for g in groups:
         if g.params:

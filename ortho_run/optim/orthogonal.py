@@ -65,7 +65,7 @@ import math
 import struct
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Callable, ClassVar, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, ClassVar, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -434,7 +434,9 @@ class OrthoConfig(OptimConfig):
     renormalize: bool = False  # each weight to Frobenius norm √rows before its step (airbench)
     checks: ClassVar[list] = (positive("other_lr", "eps") + at_least(0, "other_weight_decay")
                               + in_unit_interval("momentum")
-                              + [("roles", check_roles, "a non-empty list of parameter roles ("
+                              + [("betas", lambda v: len(v) == 2 and all(0 <= b < 1 for b in v),
+                                  "two values in [0, 1)"),
+                                 ("roles", check_roles, "a non-empty list of parameter roles ("
                                   + ", ".join(ROLES) + ")")])
 
 
@@ -463,7 +465,8 @@ class ROOTConfig(NSConfig):
     root_quantile: float = 0.9  # ε = this quantile of |M|; entries beyond it are outliers
     root_scale: float = 0.2  # update RMS matching: η·scale·√max(rows, cols)
     # shape-fitted Newton–Schulz coefficients ("ROWSxCOLS": [a, b, c]); others: ns_coefficients
-    root_coefficients: Dict[str, List[float]] = field(
+    # (values typed loosely: [3, -4, 2] as well as floats; parse_coefficient_table checks them)
+    root_coefficients: Dict[str, Any] = field(
         default_factory=lambda: {k: list(v) for k, v in ROOT_COEFFICIENTS.items()})
     checks: ClassVar[list] = NSConfig.checks + [
         ("root_quantile", lambda v: 0 < v <= 1, "in (0, 1]"),

@@ -11,6 +11,7 @@ regulariser compare on the same number.
 from __future__ import annotations
 
 import fnmatch
+import logging
 from dataclasses import dataclass, field
 from typing import ClassVar, Dict, List, Optional
 
@@ -21,6 +22,8 @@ from ortho_run.config import at_least
 from ortho_run.errors import ConfigError
 from ortho_run.orthogonality import gram_error
 from ortho_run.registry import Registry
+
+log = logging.getLogger("ortho_run")
 
 
 @dataclass
@@ -58,6 +61,13 @@ class Regularizer(nn.Module):
                               f"of the backbone; its layers are: "
                               + ", ".join(n for n, m in backbone.named_modules()
                                           if isinstance(m, LAYER_TYPES)))
+        unmatched = [pat for pat in cfg.layers
+                     if not any(isinstance(m, self.types) and fnmatch.fnmatchcase(n, pat)
+                                for n, m in backbone.named_modules())]
+        if chosen and unmatched and str(cfg.name) != "none":
+            log.warning("regularizer.layers: %s match no %s layer of the backbone (chosen: %s)",
+                        ", ".join(unmatched), "/".join(t.__name__ for t in self.types),
+                        ", ".join(n for n, _ in chosen))
         self.names = [n for n, _ in chosen]
         self._layers = [m for _, m in chosen]  # not submodules: the backbone owns them
 

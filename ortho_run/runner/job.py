@@ -7,12 +7,13 @@ that order. Nothing goes back to change what an earlier step made."""
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Dict, Optional
 
 import torch
 
+from ortho_run import checkpoint as ckpt
 from ortho_run.assemble import Net, NetSpec, build_net
 from ortho_run.compat import CompatPlan, CompatService, plan_compat
 from ortho_run.datasets import load_dataset
@@ -24,6 +25,7 @@ from ortho_run.regularizers import Regularizer, build_regularizer
 from ortho_run.runner.env import pick_device, seed_everything
 from ortho_run.runner.trainer import Dist, Trainer
 from ortho_run.store import compatibility_methods
+from ortho_run.validate import validate
 
 log = logging.getLogger("ortho_run")
 
@@ -41,6 +43,23 @@ class Plan:
     compat: Optional[CompatPlan]  # a compatibility run's steps and earlier models
     spec: NetSpec  # the net, before what an old model adds to it
     data_config: Optional[dict]  # a pretrained backbone's own input normalisation
+
+
+def prepare(cfg, run_dir: Path, dist: Dist, emit, launch: Callable) -> "Job":
+    """The pre-flight and the job: the config checked (``validate``), planned and built, and
+    the checkpoint it resumes from loaded after checking that it may. Raises before anything
+    of the run dir is written."""
+    validate(cfg)
+    job = build(plan(cfg, run_dir, dist), launch=launch, emit=emit)
+    path = ckpt.resolve_resume(cfg.trainer.resume, job.plan.run_dir)
+    if path is not None:
+        state = ckpt.load(path)
+        job.forced = ckpt.check_resume(path, state, cfg)
+        job.trainer.load_state_dict(state)
+        job.resumed = True
+        log.info("resumed from %s at epoch %d batch %d", path, job.trainer.state.epoch,
+                 job.trainer.state.batch)
+    return job
 
 
 def plan(cfg, run_dir: Path, dist: Dist = Dist()) -> Plan:
@@ -81,6 +100,12 @@ class Job:
     service: Optional[CompatService] = None  # when the method declared compatibility needs
     regularizer: Optional[Regularizer] = None
     resumed: bool = False
+    #: with trainer.resume=force, the differences from the checkpoint's config it accepted
+    forced: Dict[str, tuple] = field(default_factory=dict)
+
+    @property
+    def cfg(self):
+        return self.plan.cfg
 
     @property
     def ds(self) -> DataSet:

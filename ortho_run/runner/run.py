@@ -13,6 +13,7 @@ import signal
 import threading
 import time
 import traceback
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, Optional
 
@@ -26,11 +27,10 @@ from ortho_run.io import atomic_write_json, cache_root, dumps
 from ortho_run.retrieval import retrieval_metrics
 from ortho_run.runner.env import device_name, git_commit, package_versions
 from ortho_run.runner.evaluate import feature_geometry
-from ortho_run.runner.job import Job, build, plan
+from ortho_run.runner.job import Job, build, plan, prepare
 from ortho_run.runner.rundir import RunDir
 from ortho_run.runner.sinks import MetricsFile, WandbSink
 from ortho_run.runner.trainer import Dist, Trainer
-from ortho_run.validate import validate
 
 log = logging.getLogger("ortho_run")
 
@@ -53,11 +53,19 @@ def init_distributed(device_spec: str) -> Dist:
 
 
 def resume_command(run_dir: Path, sweep: Optional[Dict[str, Any]]) -> str:
-    """The exact command that continues this run in place (same overrides, same run dir)."""
+    """The command the user runs to continue: for one run, its overrides in its run dir; for a
+    job of a sweep, the sweep itself (``-m``, the sweep's overrides, its folder), which keeps
+    the finished jobs and continues the stopped one."""
     import shlex
 
-    keep = [o for o in (sweep or {}).get("overrides", [])
-            if not o.startswith(("trainer.resume=", "hydra.run.dir=", "hydra.sweep."))]
+    sweep = sweep or {}
+    skip = ("trainer.resume=", "hydra.run.dir=", "hydra.sweep.")
+    if "job_num" in sweep and sweep.get("sweep_dir"):
+        keep = [o for o in sweep.get("sweep_overrides") or sweep.get("overrides", [])
+                if not o.startswith(skip)]
+        return " ".join(["ortho-run", "-m", *map(shlex.quote, keep),
+                         shlex.quote(f"hydra.sweep.dir={sweep['sweep_dir']}")])
+    keep = [o for o in sweep.get("overrides", []) if not o.startswith(skip)]
     return " ".join(["ortho-run", *map(shlex.quote, keep), "trainer.resume=auto",
                      shlex.quote(f"hydra.run.dir={run_dir}")])
 
@@ -116,20 +124,13 @@ def _shared_run_dir(run_dir: Path, dist: Dist) -> Path:
 def run(cfg, run_dir: Path, sweep: Optional[Dict[str, Any]] = None,
         existing: Optional[Path] = None) -> Dict[str, Any]:
     """One job. Nothing in ``run_dir`` is written until the pre-flight (config, data, model,
-    compat needs, resume compatibility) has passed; a refused run leaves an existing run dir
-    byte-identical and removes one it created (a sweep job keeps it for its failure summary),
-    with the parent folders created for it up to ``existing`` (the deepest folder that existed
-    before the command started)."""
-    dist = init_distributed(cfg.trainer.device)
-    run_dir = _shared_run_dir(Path(run_dir), dist)
-    main = dist.is_main
-    facts: Dict[str, Any] = {
-        "method": cfg.method.name, "data": cfg.data.name, "model": cfg.model.name,
-        "seed": cfg.seed, "tag": cfg.tag, "run_dir": str(run_dir), **git_commit(),
-        "versions": package_versions(), "world_size": dist.world_size,
-    }
-    if sweep:
-        facts.update(sweep)
+    compat needs, resume compatibility: ``job.prepare``) has passed; a refused run leaves an
+    existing run dir byte-identical and removes one it created (a sweep job keeps it for its
+    failure summary), with the parent folders created for it up to ``existing`` (the deepest
+    folder that existed before the command started). The config enters ``prepare`` alone; what
+    follows reads the job."""
+    start = RunStart.of(cfg, run_dir, sweep)
+    run_dir, main, facts = start.run_dir, start.dist.is_main, start.facts
     summary: Dict[str, Any] = {"status": "running", **facts}
     t_start = time.time()
     sinks: Dict[str, Any] = {}
@@ -143,39 +144,34 @@ def run(cfg, run_dir: Path, sweep: Optional[Dict[str, Any]] = None,
 
     with _Signals() as sig, RunDir(run_dir, enabled=main, existing=existing) as rd:
         try:  # pre-flight: every check that can refuse the run, before any write
-            validate(cfg)
-            job, forced = _prepare(cfg, run_dir, dist, emit)
+            job = prepare(cfg, run_dir, start.dist, emit, launch=run)
         except BaseException as exc:
             in_sweep = bool(sweep and "job_num" in sweep)
             rd.refused(keep_dir=in_sweep)
+            if isinstance(exc, Preempted):  # while an earlier model trained: this run's command
+                exc.args = (f"{str(exc).split(' Resume with: ')[0]} Resume with: "
+                            f"{resume_command(run_dir, sweep)}",)
             if main and in_sweep and rd.created:
                 summary.update(status="failed", error=_error_text(exc))
                 _write_summary(summary, run_dir)
             raise
         exit_code = 0
         if main:
-            rd.write_config(cfg)
+            rd.write_config(job.cfg)
             sinks["metrics"] = MetricsFile(run_dir / "metrics.jsonl")
             if job.resumed:
                 sinks["metrics"].truncate_after(job.trainer.state.epoch)
             _write_summary(summary, run_dir)  # a stale summary never outlives this run's start
-        container = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
-        container["cache_dir"] = str(cache_root(cfg.cache_dir))
-        overrides = list((sweep or {}).get("overrides", []))
-        container["run"] = {k: facts.get(k) for k in ("git_commit", "git_dirty", "versions",
-                                                       "world_size", "tag")}
-        container["run"]["overrides"] = overrides
-        wb = sinks["wandb"] = WandbSink(cfg.logger, run_dir, container, run_name(cfg, sweep),
-                                        cfg.logger.group or (sweep or {}).get("sweep"),
-                                        enabled=main, tags=naming.relevant_overrides(overrides))
+        wb = sinks["wandb"] = wandb_sink(job, facts, sweep, enabled=main)
         summary["wandb"] = wb.info
-        if forced:
+        if job.forced:
             summary["resume_forced"] = {k: [a if isinstance(a, (int, float, str, bool, list, type(None)))
-                                            else None, b] for k, (a, b) in forced.items()}
-            log.warning("trainer.resume=force: resuming despite %s", ckpt.describe_differences(forced))
+                                            else None, b] for k, (a, b) in job.forced.items()}
+            log.warning("trainer.resume=force: resuming despite %s",
+                        ckpt.describe_differences(job.forced))
         try:
             sig.trainer = job.trainer
-            summary.update(_train_and_evaluate(cfg, job, dist, facts))
+            summary.update(_train_and_evaluate(job, start.dist, facts))
             summary["status"] = "finished"
             return summary
         except OrthoRunError as exc:
@@ -202,11 +198,44 @@ def run(cfg, run_dir: Path, sweep: Optional[Dict[str, Any]] = None,
                 _write_summary(summary, run_dir)
                 wb.summary(summary)
             wb.finish(exit_code)
-            if dist.world_size > 1:
-                import torch.distributed as tdist
+            start.dist.close()
 
-                if tdist.is_initialized():
-                    tdist.destroy_process_group()
+
+@dataclass
+class RunStart:
+    """What a run knows before its pre-flight: the process group, the run dir every rank
+    shares, and the facts its summary starts from."""
+
+    dist: Dist
+    run_dir: Path
+    facts: Dict[str, Any]
+
+    @classmethod
+    def of(cls, cfg, run_dir: Path, sweep: Optional[Dict[str, Any]]) -> "RunStart":
+        dist = init_distributed(cfg.trainer.device)
+        run_dir = _shared_run_dir(Path(run_dir), dist)
+        facts: Dict[str, Any] = {
+            "method": cfg.method.name, "data": cfg.data.name, "model": cfg.model.name,
+            "seed": cfg.seed, "tag": cfg.tag, "run_dir": str(run_dir), **git_commit(),
+            "versions": package_versions(), "world_size": dist.world_size, **(sweep or {}),
+        }
+        return cls(dist, run_dir, facts)
+
+
+def wandb_sink(job: Job, facts: Dict[str, Any], sweep: Optional[Dict[str, Any]],
+               enabled: bool) -> WandbSink:
+    """The run's W&B sink: its resolved config with the run's facts, a name and tags from the
+    overrides that define it."""
+    cfg = job.cfg
+    container = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
+    container["cache_dir"] = str(cache_root(cfg.cache_dir))
+    overrides = list((sweep or {}).get("overrides", []))
+    container["run"] = {k: facts.get(k) for k in ("git_commit", "git_dirty", "versions",
+                                                   "world_size", "tag")}
+    container["run"]["overrides"] = overrides
+    return WandbSink(cfg.logger, job.plan.run_dir, container, run_name(cfg, sweep),
+                     cfg.logger.group or (sweep or {}).get("sweep"), enabled=enabled,
+                     tags=naming.relevant_overrides(overrides))
 
 
 def _error_text(exc: BaseException) -> str:
@@ -227,33 +256,21 @@ def _write_summary(summary: Dict[str, Any], run_dir: Path) -> None:
             pass
 
 
-def _prepare(cfg, run_dir: Path, dist: Dist, emit):
-    """Plan and build the job and load the checkpoint it resumes from, checking that it may."""
-    job = build(plan(cfg, run_dir, dist), launch=run, emit=emit)
-    forced: Dict[str, tuple] = {}
-    path = ckpt.resolve_resume(cfg.trainer.resume, run_dir)
-    if path is not None:
-        state = ckpt.load(path)
-        forced = ckpt.check_resume(path, state, cfg)
-        job.trainer.load_state_dict(state)
-        job.resumed = True
-        log.info("resumed from %s at epoch %d batch %d", path, job.trainer.state.epoch,
-                 job.trainer.state.batch)
-    return job, forced
-
-
 def build_job(cfg, run_dir: Path, dist: Dist = Dist(), emit=lambda row: None) -> Job:
     """Plan, then build, exactly as a run does (the bench and tests take jobs so)."""
     return build(plan(cfg, run_dir, dist), launch=run, emit=emit)
 
 
-def _train_and_evaluate(cfg, job: Job, dist, facts) -> Dict[str, Any]:
+def _train_and_evaluate(job: Job, dist, facts) -> Dict[str, Any]:
+    cfg = job.cfg
     t = cfg.trainer
     trainer, ds, net, evals, service = job.trainer, job.ds, job.net, job.evals, job.service
     facts.update(pipeline=job.pipeline, device=device_name(job.device),
                  num_classes=ds.num_classes, train_size=len(ds.train), test_size=len(ds.test))
     if job.plan.data_config:
         facts["model_data_config"] = job.plan.data_config
+    if ds.label_names:  # labels that were names: the class id each one was given
+        facts["label_names"] = ds.label_names
 
     # Final analysis on the test split (geometry, retrieval, compatibility) uses the embeddings
     # of the last epoch's evaluation: no second pass of the new model over the evaluation splits.

@@ -41,6 +41,14 @@ class Dist:
     def is_main(self) -> bool:
         return self.rank == 0
 
+    def close(self) -> None:
+        """End the process group of a data-parallel run (nothing for one process)."""
+        if self.world_size > 1:
+            import torch.distributed as dist
+
+            if dist.is_initialized():
+                dist.destroy_process_group()
+
     def all_reduce(self, t: torch.Tensor) -> None:
         if self.world_size > 1:
             import torch.distributed as dist

@@ -1,0 +1,269 @@
+"""The guarantees for the newer parts (optimisers, regularisers, sources, the report, names,
+resume commands), by class of fault: each fixed where the value enters, for every plugin of the
+kind. A refusal is a ConfigError/DataError/CheckpointError (exit 2) naming what is wrong and
+what to do, with nothing written."""
+
+import json
+import logging
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import compose, run_inprocess
+from ortho_run.errors import CheckpointError, ConfigError, DataError, Preempted
+
+SMOKE = ["experiment=smoke", "trainer.max_epochs=1", "data.max_train_samples=128"]
+
+
+def refused(tmp_path, overrides, exc=ConfigError, match=None):
+    with pytest.raises(exc, match=match) as e:
+        run_inprocess(tmp_path, overrides)
+    assert e.value.exit_code == 2
+    assert not (tmp_path / "run").exists()  # nothing written
+    return str(e.value)
+
+
+# ---------------------------------------------------------------- 1. a setting that selects nothing
+@pytest.mark.parametrize("optim", ["muon", "normuon", "root", "auon", "auon_hybrid"])
+def test_orthogonalised_roles_that_select_no_weight_matrix_are_refused(tmp_path, optim):
+    msg = refused(tmp_path, [*SMOKE, f"optim={optim}", "optim.roles=[backbone_1d]"])
+    assert "selects no trainable weight matrix" in msg and f"optim={optim}" in msg
+
+
+@pytest.mark.parametrize("roles", ["[]", "[hiden]", "[hidden,bogus]"])
+def test_unknown_or_empty_roles_are_refused_by_the_schema_check(tmp_path, roles):
+    msg = refused(tmp_path, [*SMOKE, "optim=muon", f"optim.roles={roles}"])
+    assert msg.startswith("optim.roles=") and "hidden" in msg
+
+
+def test_an_orthogonalised_optimiser_on_a_frozen_backbone_is_refused_before_any_model_trains(
+        tmp_path):
+    msg = refused(tmp_path, ["experiment=compat_smoke", "method=lambda_orth", "optim=muon",
+                             f"cache_dir={tmp_path}/cache"])
+    assert "keeps its backbone frozen" in msg and "optim.roles" in msg
+    assert not (tmp_path / "cache").exists()  # refused in the pre-flight: no old model trained
+
+
+def test_role_tables_name_roles_and_absent_roles_are_said(tmp_path, caplog):
+    msg = refused(tmp_path, [*SMOKE, "+optim.role_lr={heads: 0.1}"])
+    assert msg.startswith("optim.role_lr=") and "backbone_1d" in msg
+    with caplog.at_level(logging.WARNING, logger="ortho_run"):
+        run_inprocess(tmp_path, [*SMOKE, "+optim.role_lr={method: 0.5}"], name="ok")
+    assert "optim.role_lr: method name no role with trainable parameters" in caplog.text
+
+
+@pytest.mark.parametrize("reg", ["soft_orth", "srip", "conv_orth"])
+def test_a_regulariser_glob_that_matches_nothing_is_said_and_none_at_all_refused(
+        tmp_path, reg, caplog):
+    msg = refused(tmp_path, [*SMOKE, f"regularizer={reg}", "regularizer.layers=[nothing.*]"])
+    assert "matches no" in msg and "body.0" in msg  # the layers it could have named
+    with caplog.at_level(logging.WARNING, logger="ortho_run"):
+        run_inprocess(tmp_path, [*SMOKE, f"regularizer={reg}",
+                                 "regularizer.layers=[body.3,nothing.*]"], name="ok")
+    assert "regularizer.layers: nothing.* match no" in caplog.text
+
+
+# ---------------------------------------------------------------- 2. malformed values, foreign weights
+@pytest.mark.parametrize("table,why", [
+    ("{64by576: [1, 2, 3]}", "is not a matrix shape"),
+    ("{64x576: [1, 2]}", "three finite numbers"),
+    ("{64x576: [a, 2, 3]}", "three finite numbers"),
+    ("{64x576: 3}", "three finite numbers"),
+    ("{64x576: [1, nan, 3]}", "not a finite number"),
+])
+def test_malformed_root_coefficients_are_refused_before_any_work(tmp_path, table, why):
+    msg = refused(tmp_path, [*SMOKE, "optim=root", f"+optim.root_coefficients={table}"])
+    assert "optim.root_coefficients" in msg and why in msg
+
+
+@pytest.mark.parametrize("override,key", [
+    ("optim.betas=[0.9]", "optim.betas"), ("optim.brake_gamma=2.0", "optim.brake_gamma"),
+    ("optim.ns_steps=0", "optim.ns_steps"), ("optim.ns_steps=1000", "optim.ns_steps"),
+])
+def test_malformed_orthogonalised_values_name_their_key(tmp_path, override, key):
+    msg = refused(tmp_path, [*SMOKE, "optim=auon_hybrid", override])
+    assert key in msg, msg
+
+
+def _timm_weights(tmp_path, arch, in_chans):
+    timm = pytest.importorskip("timm")
+    f = tmp_path / f"{arch}_{in_chans}.pt"
+    torch.save(timm.create_model(arch, num_classes=0, in_chans=in_chans).state_dict(), f)
+    return f
+
+
+@pytest.mark.parametrize("arch,in_chans,words", [
+    ("resnet34", 1, "missing"),  # another architecture: keys that do not exist
+    ("resnet18", 3, "takes 3-channel images, this data set has 1"),  # another input
+])
+def test_foreign_timm_weights_are_one_paragraph_naming_the_file(tmp_path, arch, in_chans, words):
+    f = _timm_weights(tmp_path, arch, in_chans)
+    msg = refused(tmp_path, [*SMOKE, "model=timm", "model.arch=resnet18",
+                             f"model.checkpoint={f}"], exc=CheckpointError)
+    assert str(f) in msg and words in msg and "model.arch=resnet18" in msg
+
+
+# ---------------------------------------------------------------- 3. legitimate data that crashed
+def test_label_names_become_sorted_class_ids():
+    from ortho_run.datasets.base import label_ids
+
+    assert label_ids([[1, 0], [0]], "k") == ([[1, 0], [0]], None)
+    assert label_ids([[1.0, 0.0], [2.0]], "k") == ([[1, 0], [2]], None)  # a CSV's integers
+    assert label_ids([["dog", "cat"], ["emu", "cat"]], "k") == ([[1, 0], [2, 0]],
+                                                               ["cat", "dog", "emu"])
+    with pytest.raises(DataError, match="missing values"):
+        label_ids([["dog", None]], "data.label_key=label")
+
+
+@pytest.mark.parametrize("form", ["save_to_disk", "parquet"])
+def test_a_hugging_face_set_with_string_labels_trains_and_records_the_mapping(tmp_path, form):
+    datasets = pytest.importorskip("datasets")
+    from PIL import Image
+
+    rng = torch.Generator().manual_seed(0)
+    names = ["cat", "dog", "emu"]
+    rows = {"image": [], "label": []}
+    for i in range(60):
+        c = i % 3
+        arr = (torch.rand(8, 8, 3, generator=rng) * 60 + 60 * c).to(torch.uint8).numpy()
+        rows["image"].append(Image.fromarray(arr))
+        rows["label"].append(names[c])
+    ds = datasets.Dataset.from_dict(rows, features=datasets.Features(
+        {"image": datasets.Image(), "label": datasets.Value("string")}))
+    if form == "save_to_disk":
+        path = tmp_path / "hfset"
+        ds.save_to_disk(str(path))
+    else:
+        path = tmp_path / "set.parquet"
+        ds.to_parquet(str(path))
+    s = run_inprocess(tmp_path, ["data=hf", f"data.path={path}", "trainer.max_epochs=2",
+                                 "data.batch_size=16"])
+    assert s["status"] == "finished" and s["num_classes"] == 3
+    assert s["label_names"] == {"cat": 0, "dog": 1, "emu": 2}
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["label_names"]["emu"] == 2
+
+
+# ---------------------------------------------------------------- 4. the report drops or crashes
+def _summary(d: Path, **kw):
+    d.mkdir(parents=True)
+    (d / "summary.json").write_text(json.dumps({"status": "finished", "method": "ce",
+                                                "data": "digits", **kw}))
+
+
+def test_the_report_shows_nan_and_lists_every_run_it_does_not_show(tmp_path):
+    from ortho_run.report import report
+
+    _summary(tmp_path / "a", overrides=["method=ce"], **{"test/acc1": 0.9})
+    (tmp_path / "a" / "summary.json").write_text(
+        (tmp_path / "a" / "summary.json").read_text().replace("0.9", "NaN"))
+    _summary(tmp_path / "b", overrides=["method=ce"], **{"test/acc1": 0.8})
+    _summary(tmp_path / "c", status="diverged", error="non-finite loss at step 3")
+    _summary(tmp_path / "d", overrides=["method=bt2"], **{"compat/ac": 0.5})  # no table metric
+    _summary(tmp_path / "e", overrides=["method=oca"], **{
+        "test/acc1": 0.7, "compat/steps/cmc1": [[0.5, None], [float("nan"), 0.6]],
+        "compat/steps/map": [[0.4, None], [0.3, 0.5]], "compat/steps/classes": [2, 4]})
+    _summary(tmp_path / "f", overrides=["method=bct"], **{"test/acc1": 0.6})
+    (tmp_path / "f" / "resolved_config.yaml").write_text("compat:\n  steps: [first_half, all]\n")
+    table, problems, _, out = report([tmp_path], plots=False, metrics=["test/acc1"])
+    md = (out / "report.md").read_text()
+    assert "nan ± nan (n=2)" in md  # a NaN run is in its group, shown as NaN
+    left = {Path(d).name: why for d, why in problems}
+    assert "diverged" in left["c"] and "non-finite" in left["c"]
+    assert "none of the table's metrics" in left["d"]
+    assert "without its step matrices" in left["f"]
+    assert "nan" in md.split("## Multi-step compatibility")[1]  # the matrix shows it too
+    shown = {"a", "b", "e", "f"}
+    assert shown | set(left) == {"a", "b", "c", "d", "e", "f"}  # every run somewhere
+
+
+# ---------------------------------------------------------------- 5. names that collide
+def test_jobs_of_a_sweep_never_share_a_name():
+    from ortho_run.runner.run import run_name
+
+    cfg = compose(["experiment=smoke"])
+    names = {run_name(cfg, {"overrides": ov, "job_num": i})
+             for i, ov in enumerate([["experiment=smoke"], ["experiment=optim_study"],
+                                     ["experiment=smoke", "trainer.compile=true"],
+                                     ["experiment=smoke", "trainer.compile=false"]])}
+    assert len(names) == 4
+    assert any("experiment=optim_study" in n for n in names)  # the group override is named
+
+
+# ---------------------------------------------------------------- 6. resume commands
+def test_a_stop_while_an_earlier_model_trains_prints_the_users_command(tmp_path, monkeypatch):
+    import ortho_run.compat.provider as provider
+
+    def stopped(*a, **k):
+        raise Preempted("stopped by signal 15 at epoch 1, batch 2; ... Resume with: ortho-run "
+                        "trainer.resume=auto hydra.run.dir=/the/cache/models/abc")
+
+    monkeypatch.setattr(provider, "cached_run", stopped)
+    from ortho_run.runner.run import run
+
+    cfg = compose(["logger.mode=disabled", "trainer.progress=off", "experiment=compat_smoke",
+                   "method=bct", f"cache_dir={tmp_path}/cache"])
+    with pytest.raises(Preempted) as e:
+        run(cfg, tmp_path / "mine", sweep={"overrides": ["experiment=compat_smoke",
+                                                         "method=bct"]})
+    msg = str(e.value)
+    assert msg.count("Resume with:") == 1 and "/the/cache" not in msg
+    assert msg.endswith(f"ortho-run experiment=compat_smoke method=bct trainer.resume=auto "
+                        f"hydra.run.dir={tmp_path / 'mine'}")
+
+
+def test_a_stopped_sweep_job_prints_the_sweep_command():
+    from ortho_run.runner.run import resume_command
+
+    sweep = {"overrides": ["method=opl", "seed=1"], "job_num": 3, "sweep_dir": "/s/x",
+             "sweep_overrides": ["method=ce,opl", "seed=0,1"]}
+    assert resume_command(Path("/s/x/3_method=opl"), sweep) == \
+        "ortho-run -m method=ce,opl seed=0,1 hydra.sweep.dir=/s/x"
+
+
+# ---------------------------------------------------------------- 7. absurd but finite values
+@pytest.mark.parametrize("override,key", [
+    ("trainer.nonfinite_check_every=1000000000000", "trainer.nonfinite_check_every"),
+    ("data.batch_size=1000000000", "data.batch_size"),
+    ("data.eval_batch_size=1000000000", "data.eval_batch_size"),
+    ("data.crop_padding=100000", "data.crop_padding"),
+    ("model.embed_dim=1000000000", "model.embed_dim"),
+    ("model.width=1000000", "model.width"),
+    ("trainer.warmup_steps=1000000000", "trainer.warmup_steps"),
+])
+def test_values_that_would_exhaust_memory_are_refused_naming_the_key(tmp_path, override, key):
+    msg = refused(tmp_path, [*SMOKE, override])
+    assert msg.startswith(key) and "<=" in msg or "in [" in msg
+
+
+@pytest.mark.parametrize("extra,key", [
+    (["data=synthetic", "data.image_size=100000"], "data.image_size"),
+    (["data=synthetic", "data.train_per_class=100000000"], "data.train_per_class"),
+    (["model=airbench94", "model.widths=[64,1000000,256]"], "model.widths"),
+    (["method=ebv", "method.dim=10000000"], "method.dim"),
+    (["method=gcr", "method.k=100000"], "method.k"),
+])
+def test_plugin_sizes_are_bounded_where_their_schema_is(tmp_path, extra, key):
+    msg = refused(tmp_path, [*SMOKE, *extra])
+    assert msg.startswith(key), msg
+
+
+# ---------------------------------------------------------------- 8. messages that say what to do
+def test_a_compat_checkpoint_without_its_old_model_record_says_what_to_do(tmp_path):
+    from ortho_run.assemble import load_run
+
+    run_inprocess(tmp_path, ["experiment=compat_smoke", "method=bct", "trainer.max_epochs=1",
+                             f"cache_dir={tmp_path}/cache"])
+    ck = tmp_path / "run" / "checkpoints" / "last.pt"
+    state = torch.load(ck, weights_only=False)
+    del state["shape"]["compat"]  # as another run or version wrote it
+    torch.save(state, ck)
+    with pytest.raises(CheckpointError, match="without the record of the old model") as e:
+        load_run(tmp_path / "run", "cpu")
+    assert "Delete" in str(e.value) and "compat.old_ckpt" in str(e.value)
+
+
+def test_a_torchvision_set_without_its_files_names_the_files(tmp_path):
+    msg = refused(tmp_path, [*SMOKE, "data=torchvision", "data.dataset=CIFAR10",
+                             f"data.root={tmp_path}/none"], exc=DataError)
+    assert "cifar-10-batches-py" in msg and "data_batch_1" in msg and "test_batch" in msg
