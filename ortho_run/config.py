@@ -259,6 +259,8 @@ class RunConfig:
     cache_dir: str = report("~/.cache/ortho_run")
     tag: str = report("")  # free text, kept in summary.json
     objective: str = report("test/acc1")  # the summary metric a job returns (Optuna maximises it)
+    # the published result a preset targets (ortho_run.references; ortho-report compares)
+    reference: Optional[str] = report(None)
 
 
 #: groups with one schema for all their options (the plugin groups' schemas live in their

@@ -256,7 +256,7 @@ def cell(stats: dict) -> str:
     return f"{stats['mean']:.4f} ± {stats['std']:.4f} (n={stats['n']})"
 
 
-def write_tables(table, metrics, problems, out: Path, steps=None):
+def write_tables(table, metrics, problems, out: Path, steps=None, compared=None):
     out.mkdir(parents=True, exist_ok=True)
     steps = steps or {}
     with open(out / "report.csv", "w", newline="") as f:
@@ -285,6 +285,8 @@ def write_tables(table, metrics, problems, out: Path, steps=None):
         by_text.setdefault(describe(m), []).append(m)
     lines += [", ".join(f"`{m}`" for m in ms).join(["- ", f": {text}"])
               for text, ms in by_text.items()]
+    if compared:
+        lines += [""] + compared
     if steps:
         lines += [""] + step_lines(steps)
     if problems:
@@ -414,7 +416,62 @@ def _multistep(run: dict) -> bool:
         return False
 
 
-def report(dirs, out=None, metrics=None, plots: bool = True, every: bool = False):
+def against_references(runs: List[dict], name: Optional[str] = None) -> List[dict]:
+    """Per group whose runs name a reference (or against ``name``), per published value of its
+    method: our mean ± std (n), the published value, Δ, the verdict and how the runs' setting
+    differs from the paper's."""
+    from ortho_run import references
+    from omegaconf import OmegaConf
+
+    groups: Dict[str, List[dict]] = defaultdict(list)
+    for r in runs:
+        if name or r.get(keys.REFERENCE):
+            groups[group_key(r)].append(r)
+    rows = []
+    for g, rs in sorted(groups.items()):
+        ref = references.get(name or rs[0][keys.REFERENCE])
+        published = ref.rows.get(str(rs[0].get("method")), {})
+        try:
+            config = OmegaConf.to_container(OmegaConf.load(Path(rs[0]["_dir"]) /
+                                                           "resolved_config.yaml"))
+        except Exception:
+            config = {}
+        diffs = references.differences(ref, config) if config else ["(no resolved_config.yaml)"]
+        for metric, pub in published.items():
+            vals = [float(r[metric]) for r in rs if _numeric(r.get(metric))]
+            mark, why = references.verdict(vals, pub)
+            st = _stats([100 * v for v in vals]) if vals else None
+            rows.append({"group": g, "reference": ref.name, "metric": metric, "ours": st,
+                         "published": pub, "delta": (st["mean"] - pub.value) if st else None,
+                         "verdict": mark, "why": why, "differences": diffs})
+    return rows
+
+
+def reference_lines(rows: List[dict]) -> List[str]:
+    if not rows:
+        return []
+    lines = ["## Against published results", "",
+             "Ours in percent (mean ± sample std, n) next to the published value of the "
+             "reference each run names (`--against NAME` for another). ✅: within the published "
+             "spread, or within 2σ of our seeds when none is published; ❌: outside; n < 3: "
+             "too few seeds to judge.", "",
+             "| group | reference | metric | ours | published | Δ | verdict | setting differs |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        st, pub = r["ours"], r["published"]
+        ours = "" if st is None else (f"{st['mean']:.2f}" + (f" ± {st['std']:.2f}" if st["n"] > 1
+                                                          else "") + f" (n={st['n']})")
+        published = f"{pub.value:.2f}" + (f" ± {pub.spread}" if pub.spread is not None else "") \
+            + (f" (n={pub.n})" if pub.n else "")
+        delta = "" if r["delta"] is None else f"{r['delta']:+.2f}"
+        lines.append(f"| {r['group']} | {r['reference']} | {r['metric']} | {ours} | {published} "
+                     f"| {delta} | {r['verdict']} ({r['why']}) | "
+                     f"{'; '.join(r['differences']) or 'none'} |")
+    return lines + [""]
+
+
+def report(dirs, out=None, metrics=None, plots: bool = True, every: bool = False,
+           against: Optional[str] = None):
     """Write report.md / report.csv (and PNGs) for the runs under ``dirs``; return the table.
     Every run read is in a table or in the list of runs left out, with its reason."""
     runs, problems = collect([Path(d) for d in dirs])
@@ -423,15 +480,34 @@ def report(dirs, out=None, metrics=None, plots: bool = True, every: bool = False
     problems = problems + unshown(runs, metrics)
     table = aggregate(runs, metrics)
     steps = step_matrices(runs)
-    write_tables(table, metrics, problems, out, steps)
+    write_tables(table, metrics, problems, out, steps,
+                 reference_lines(against_references(runs, against)))
     files = plot(table, metrics, runs, out, steps) if plots and runs else []
     return table, problems, files, out
+
+
+def references_text() -> str:
+    """The published results in ``ortho_run.references``, one block each."""
+    from ortho_run.references import REFERENCES
+
+    lines = []
+    for r in REFERENCES.values():
+        lines += [f"{r.name}: {r.paper}", f"  {r.table}", f"  source: {r.source}",
+                  "  setting: " + ", ".join(s.label for s in r.setting)]
+        for method, vals in r.rows.items():
+            lines.append(f"  method={method}: " + ", ".join(
+                f"{k} {v.value}" + (f" ± {v.spread}" if v.spread is not None else "")
+                for k, v in vals.items()))
+        if r.note:
+            lines.append(f"  also: {r.note}")
+        lines.append("")
+    return "\n".join(lines)
 
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(prog="ortho-report", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("dirs", nargs="+", type=Path, help="run or sweep folders (or a summary.json)")
+    p.add_argument("dirs", nargs="*", type=Path, help="run or sweep folders (or a summary.json)")
     p.add_argument("--out", type=Path, default=None, help="where to write (default: first DIR)")
     p.add_argument("--metrics", nargs="+", default=None, metavar="METRIC",
                    help="the table's columns, e.g. --metrics test/acc1 compat/new_old/cmc1 "
@@ -439,7 +515,16 @@ def main(argv=None) -> None:
     p.add_argument("--all", action="store_true", dest="every",
                    help="every numeric metric of the runs (wide)")
     p.add_argument("--no-plots", action="store_true", help="tables only")
+    p.add_argument("--against", default=None, metavar="NAME",
+                   help="compare every group with this published reference (--references)")
+    p.add_argument("--references", action="store_true",
+                   help="list the published results the presets target, and exit")
     a = p.parse_args(argv)
+    if a.references:
+        print(references_text())
+        return
+    if not a.dirs:
+        p.error("give run or sweep folders (or --references)")
     dirs = []
     for d in a.dirs:
         if d.is_file() and d.name == "summary.json":
@@ -447,7 +532,8 @@ def main(argv=None) -> None:
         if not d.is_dir():
             p.error(f"{d} is not a folder: give run dirs or sweep dirs (they hold summary.json)")
         dirs.append(d)
-    table, problems, files, out = report(dirs, a.out, a.metrics, not a.no_plots, a.every)
+    table, problems, files, out = report(dirs, a.out, a.metrics, not a.no_plots, a.every,
+                                         a.against)
     n = sum(max((v["n"] for v in row.values()), default=0) for row in table.values())
     print(f"{n} finished runs in {len(table)} groups; {len(problems)} left out")
     print((out / "report.md").read_text())

@@ -98,6 +98,10 @@ def validate(cfg) -> None:
     if why:
         raise ConfigError(why)
     _check_trained_roles(cfg)
+    if cfg.reference is not None:
+        from ortho_run import references
+
+        references.get(str(cfg.reference))
     if cfg.optim.warmup_epochs > cfg.trainer.max_epochs:
         log.warning("optim.warmup_epochs=%g is longer than the run (trainer.max_epochs=%d): the "
                     "learning rate never reaches optim.lr=%g", cfg.optim.warmup_epochs,

@@ -216,7 +216,8 @@ class RunStart:
         run_dir = _shared_run_dir(Path(run_dir), dist)
         facts: Dict[str, Any] = {
             "method": cfg.method.name, "data": cfg.data.name, "model": cfg.model.name,
-            "seed": cfg.seed, "tag": cfg.tag, "run_dir": str(run_dir), **git_commit(),
+            "seed": cfg.seed, "tag": cfg.tag, "run_dir": str(run_dir),
+            "reference": cfg.reference, **git_commit(),
             "versions": package_versions(), "world_size": dist.world_size, **(sweep or {}),
         }
         return cls(dist, run_dir, facts)
