@@ -21,6 +21,7 @@ from hydra.experimental.callback import Callback
 
 from ortho_run.store import config_dir, register_configs
 from ortho_run.errors import EXIT_SWEEP_FAILED, OrthoRunError, Preempted
+from ortho_run import keys
 from ortho_run.naming import step_labels
 
 log = logging.getLogger("ortho_run")
@@ -75,22 +76,24 @@ def _fmt(v) -> str:
 def headline(s: dict) -> List[str]:
     """The metrics a user looks for first: accuracy, or the compatibility matrix."""
     lines = []
-    acc = [f"{k} {_fmt(s[k])}" for k in ("test/acc1", "test/acc5", "val/best_acc1") if k in s]
+    acc = [f"{k} {_fmt(s[k])}" for k in (keys.TEST_ACC1, "test/acc5", keys.VAL_BEST_ACC1)
+           if k in s]
     if acc:
         lines.append("  ".join(acc))
-    if "compat/old_old/cmc1" in s:
-        pairs = [p for p in ("old_old", "new_old", "new_new", "raw_old") if f"compat/{p}/cmc1" in s]
+    if keys.compat("old_old", "cmc1") in s:
+        pairs = [p for p in (*keys.PAIRS, "raw_old") if keys.compat(p, "cmc1") in s]
         lines.append("CMC@1 / mAP  " + "  ".join(
-            f"{p.replace('_', '/')} {s[f'compat/{p}/cmc1']:.3f} / {s[f'compat/{p}/map']:.3f}"
+            f"{p.replace('_', '/')} {s[keys.compat(p, 'cmc1')]:.3f} / {s[keys.compat(p, 'map')]:.3f}"
             for p in pairs))
         verdict = lambda k: "passes" if s.get(k) == 1.0 else "fails"  # noqa: E731
-        lines.append(f"ECC (new/old beats old/old): {verdict('compat/ecc')} on top-1, "
-                     f"{verdict('compat/ecc_map')} on mAP")
-    if "compat/ac" in s:
+        lines.append(f"ECC (new/old beats old/old): {verdict(keys.ecc())} on top-1, "
+                     f"{verdict(keys.ecc('map'))} on mAP")
+    if keys.multistep("ac") in s:
         steps = step_labels(s)
         lines.append(f"{len(steps)} steps ({' -> '.join(steps)}): AC "
-                     f"{s['compat/ac']:.3f}  AM {s['compat/am']:.3f} (CMC@1), AC "
-                     f"{s['compat/ac_map']:.3f}  AM {s['compat/am_map']:.3f} (mAP)")
+                     f"{s[keys.multistep('ac')]:.3f}  AM {s[keys.multistep('am')]:.3f} (CMC@1), "
+                     f"AC {s[keys.multistep('ac', 'map')]:.3f}  AM "
+                     f"{s[keys.multistep('am', 'map')]:.3f} (mAP)")
     return lines
 
 

@@ -45,6 +45,8 @@ def run_name(method: str, data: str, seed: int, overrides: Iterable[str] = (),
 
 def step_labels(summary: dict) -> List[str]:
     """What each step of a multi-step update learned: ``5 cl.`` or ``10 cl., 50% data``."""
-    classes = summary.get("compat/steps/classes") or []
-    fractions = summary.get("compat/steps/fractions") or [1.0] * len(classes)
+    from ortho_run import keys
+
+    classes = summary.get(keys.STEPS_CLASSES) or []
+    fractions = summary.get(keys.STEPS_FRACTIONS) or [1.0] * len(classes)
     return [f"{c} cl." + (f", {f:.0%} data" if f < 1 else "") for c, f in zip(classes, fractions)]

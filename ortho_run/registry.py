@@ -24,6 +24,10 @@ from ortho_run.errors import ConfigError
 
 T = TypeVar("T")
 
+#: Bumped on every registration change; caches derived from the registries (the schema keys'
+#: effects) are keyed on it, so a plugin registered late is never missing from them.
+GENERATION = [0]
+
 
 def schema_named(schema: type, name: str) -> type:
     """``schema`` itself if its ``name`` defaults to ``name``, else a subclass where it does."""
@@ -69,6 +73,7 @@ class Registry(Generic[T]):
                 self._internal.add(name)
             if isinstance(obj, type):
                 obj.plugin_name = name
+            GENERATION[0] += 1
             return obj
 
         return deco
@@ -78,6 +83,7 @@ class Registry(Generic[T]):
         self._items.pop(name, None)
         self._schemas.pop(name, None)
         self._internal.discard(name)
+        GENERATION[0] += 1
 
     # --- discovery --------------------------------------------------------------------
     def discover(self) -> None:

@@ -27,11 +27,11 @@ from ortho_run.naming import group_key, step_labels
 from ortho_run import keys
 from ortho_run.roles import role_of
 
-ACCURACY = ["test/acc1", "val/best_acc1"]
-COMPAT = [f"compat/{p}/{m}" for m in ("cmc1", "map") for p in ("old_old", "new_old", "new_new")]
-COMPAT += ["compat/ecc", "compat/ecc_map", "compat/ac", "compat/am", "compat/ac_map",
-           "compat/am_map"]
-STEP_MATRICES = ("cmc1", "map")  # compat/steps/<m>: the multi-step T×T matrices
+ACCURACY = [keys.TEST_ACC1, keys.VAL_BEST_ACC1]
+COMPAT = [keys.compat(p, m) for m in keys.STEP_METRICS for p in keys.PAIRS]
+COMPAT += [keys.ecc(), keys.ecc("map"), keys.multistep("ac"), keys.multistep("am"),
+           keys.multistep("ac", "map"), keys.multistep("am", "map")]
+STEP_MATRICES = keys.STEP_METRICS  # compat/steps/<m>: the multi-step T×T matrices
 GEOMETRY = ["geometry/class_mean_abs_cos", "geometry/intra_class_cos"]
 
 #: what each metric is (prefix match on the part after the first "/" where it is a pattern)
@@ -152,13 +152,14 @@ def step_matrices(runs: List[dict]) -> Dict[str, Dict[str, dict]]:
     whose matrix has another shape than the group's first are left out of it."""
     groups: Dict[str, List[dict]] = defaultdict(list)
     for r in runs:
-        if isinstance(r.get("compat/steps/cmc1"), list):
+        if isinstance(r.get(keys.steps_matrix("cmc1")), list):
             groups[group_key(r)].append(r)
     out: Dict[str, Dict[str, dict]] = {}
     for g, rs in sorted(groups.items()):
         out[g] = {}
         for m in STEP_MATRICES:
-            mats = [r[f"compat/steps/{m}"] for r in rs if isinstance(r.get(f"compat/steps/{m}"), list)]
+            mats = [r[keys.steps_matrix(m)] for r in rs
+                    if isinstance(r.get(keys.steps_matrix(m)), list)]
             mats = [x for x in mats if len(x) == len(mats[0])] if mats else []
             if not mats:
                 continue

@@ -86,13 +86,21 @@ def report_override_keys() -> list:
     return sorted(keys)
 
 
-_EFFECTS: Dict[str, str] = {}
+_EFFECTS: Dict[int, Dict[str, str]] = {}
 
 
 def _effects() -> Dict[str, str]:
-    if not _EFFECTS:
-        _EFFECTS.update(key_effects())
-    return _EFFECTS
+    """``key_effects()`` for the registries as they are now (recomputed after any plugin is
+    registered or removed)."""
+    from ortho_run.registry import GENERATION
+
+    for reg in plugin_registries().values():
+        reg.discover()
+    gen = GENERATION[0]
+    if gen not in _EFFECTS:
+        _EFFECTS.clear()
+        _EFFECTS[gen] = key_effects()
+    return _EFFECTS[gen]
 
 
 def compatibility_methods(compat: bool = True) -> list:
@@ -104,21 +112,32 @@ def compatibility_methods(compat: bool = True) -> list:
             if METHODS.get(n).needs(load_option("method", n)).any == compat]
 
 
+_STORED = [-1]  # the registry generation whose schemas are in the ConfigStore
+
+
 def register_configs() -> None:
     """Store every schema in Hydra's ConfigStore (idempotent: a plugin registered since the
-    last call is added). Discovers every plugin."""
+    last call is added; with none, nothing is stored again). Discovers every plugin."""
     from hydra.core.config_store import ConfigStore
+
+    from ortho_run.registry import GENERATION
 
     OmegaConf.register_new_resolver("path_safe", path_safe, replace=True)
     OmegaConf.register_new_resolver("ortho_groups", help_groups, replace=True)
     OmegaConf.register_new_resolver("ortho_version", version, replace=True)
+    registries = plugin_registries()
+    for reg in registries.values():
+        reg.discover()
     cs = ConfigStore.instance()
+    if _STORED[0] == GENERATION[0] and "config_schema.yaml" in cs.repo:
+        return
     cs.store(name="config_schema", node=RunConfig)
     for group, schema in GROUP_SCHEMAS.items():
         cs.store(group=f"schema/{group}", name="default", node=schema)
-    for group, reg in plugin_registries().items():
+    for group, reg in registries.items():
         for name in reg.names():
             cs.store(group=f"schema/{group}", name=name, node=reg.schema(name))
+    _STORED[0] = GENERATION[0]
 
 
 def load_option(group: str, name: str) -> DictConfig:

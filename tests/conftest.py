@@ -14,6 +14,12 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 # caches (EBV matrices, old models) go to a fresh folder, never the user's ~/.cache
 os.environ["ORTHO_RUN_CACHE"] = tempfile.mkdtemp(prefix="ortho-run-test-cache-")
 
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # one worker per core: each keeps to one thread, so workers do not contend for the cores
+    import torch
+
+    torch.set_num_threads(1)
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED_NPZ = REPO.parent / "shared" / "data" / "cifar10-jpeg.npz"
 

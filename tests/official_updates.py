@@ -95,19 +95,10 @@ def root_step(params, grads, lr=0.02, momentum=0.95, wd=0.1, nesterov=True, step
     0.2·√max(A, B) scale, weight decay with the unscaled lr."""
     table = table or {}
 
-    def root5(G):
+    def root5(G):  # its Newton–Schulz: X / (‖X‖ + 1e-7), in G's dtype, a per-shape triple
         rows, cols = G.shape
-        a, b, c = table.get((min(rows, cols), max(rows, cols)), MUON)
-        X = G
-        tall = rows > cols
-        if tall:
-            X = X.T
-        X = X / (X.norm() + 1e-7)
-        for _ in range(steps):
-            A = X @ X.T
-            B = b * A + c * A @ A
-            X = a * X + B @ X
-        return X.T if tall else X
+        coeffs = table.get((min(rows, cols), max(rows, cols)), MUON)
+        return _ns(G, steps, coeffs, dtype=G.dtype, additive=True)
 
     def update(p, g, st):
         g = g.view(g.size(0), -1)

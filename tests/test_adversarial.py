@@ -215,6 +215,9 @@ def test_an_undecodable_image_is_named(tmp_path, bad, workers):
                              f"data.num_workers={workers}"], exc=DataError)
     assert "cannot decode the image" in msg and ("fake.jpg" in msg or "cut.png" in msg)
     assert "data.verify_images=true" in msg and "Traceback" not in msg
+    import multiprocessing
+
+    assert not multiprocessing.active_children()  # the failed run stopped its loader workers
 
 
 def test_verify_images_leaves_bad_files_out_with_a_count(tmp_path, caplog):

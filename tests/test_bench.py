@@ -2,7 +2,10 @@
 
 import json
 
+import pytest
 
+
+@pytest.mark.slow
 def test_bench_tiny_measures_all_four_quantities(tmp_path, capsys):
     from ortho_run.bench import main
 
@@ -55,6 +58,7 @@ def test_grassmann_step_is_a_few_fused_kernels():
     assert torch.allclose(p.detach().double(), ref, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_bench_runs_with_a_timm_backbone(tmp_path):
     import pytest
 

@@ -206,7 +206,7 @@ def test_concurrent_jobs_share_the_ebv_cache(tmp_path):
 
 
 # ------------------------------------------------------------------ config fuzzing
-from hypothesis import HealthCheck, given, settings, strategies as st  # noqa: E402
+from hypothesis import given, settings, strategies as st  # noqa: E402
 
 VALUES = {
     "method": ["ce", "cosine", "opl", "gcr", "ebv", "bogus", "bct"],
@@ -233,13 +233,9 @@ VALUES = {
 }
 
 
-FUZZ = {"refused_at_composition": 0, "clean_error": 0, "trained": 0}
-
-
-@settings(max_examples=int(os.environ.get("ORTHO_RUN_FUZZ_EXAMPLES", "60")), deadline=None,
-          suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(st.dictionaries(st.sampled_from(sorted(VALUES)), st.integers(0, 10), max_size=5))
-def test_random_overrides_train_or_fail_cleanly(tmp_path, picks):
+def fuzz_case(tmp_path, picks, outcomes):
+    """One random combination of overrides: refused at composition, a clean error, or a run
+    that finishes (counted in ``outcomes``)."""
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
@@ -249,22 +245,41 @@ def test_random_overrides_train_or_fail_cleanly(tmp_path, picks):
     try:
         cfg = compose(ov)
     except (HydraException, OmegaConfBaseException):
-        FUZZ["refused_at_composition"] += 1  # naming the key, before any work
+        outcomes["refused_at_composition"] += 1  # naming the key, before any work
         return
     try:
         from ortho_run.runner.run import run
 
         s = run(cfg, tmp_path / f"r{abs(hash(tuple(ov)))}")
         assert s["status"] == "finished"
-        FUZZ["trained"] += 1
+        outcomes["trained"] += 1
     except OrthoRunError:
-        FUZZ["clean_error"] += 1  # a clean, explained error
+        outcomes["clean_error"] += 1  # a clean, explained error
 
 
-def test_fuzz_reached_every_outcome():
-    """Runs after the fuzz (file order): it must have trained, refused and explained."""
-    print("config fuzz outcomes:", FUZZ)
-    assert all(v > 0 for v in FUZZ.values()), FUZZ
+def fuzz(tmp_path, examples):
+    """``examples`` random override sets; every one must train or fail cleanly, and the fuzz
+    must have reached all three outcomes."""
+    outcomes = {"refused_at_composition": 0, "clean_error": 0, "trained": 0}
+    picks = st.dictionaries(st.sampled_from(sorted(VALUES)), st.integers(0, 10), max_size=5)
+
+    @settings(max_examples=examples, deadline=None, database=None)
+    @given(picks)
+    def case(p):
+        fuzz_case(tmp_path, p, outcomes)
+
+    case()
+    print("config fuzz outcomes:", outcomes)
+    assert all(v > 0 for v in outcomes.values()), outcomes
+
+
+def test_random_overrides_train_or_fail_cleanly(tmp_path):
+    fuzz(tmp_path, int(os.environ.get("ORTHO_RUN_FUZZ_EXAMPLES", "20")))
+
+
+@pytest.mark.slow
+def test_many_random_overrides_train_or_fail_cleanly(tmp_path):
+    fuzz(tmp_path, 100)
 
 
 @pytest.mark.slow
@@ -290,6 +305,7 @@ WRITER = """
 import sys, torch
 from pathlib import Path
 from ortho_run.checkpoint import save
+
 path = Path(sys.argv[1])
 big = torch.arange(10_000_000, dtype=torch.float32)  # 40 MB: writes take long enough to be hit
 print("ready", flush=True)

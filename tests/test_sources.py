@@ -17,6 +17,7 @@ SYN = ["experiment=smoke", "data=synthetic", "data.image_size=32", "data.train_p
        "data.test_per_class=2", "trainer.max_epochs=1", "data.batch_size=16"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arch", ["resnet18", "vit_tiny_patch16_224"])
 @pytest.mark.parametrize("method", ["ce", "opl"])
 def test_a_timm_backbone_trains_a_smoke_epoch(tmp_path, arch, method):

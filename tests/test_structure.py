@@ -162,9 +162,6 @@ def toy_plugins(tmp_path):
                       (OPTIMIZERS, "toy_optim"), (SCHEDULES, "toy_schedule"),
                       (REGULARIZERS, "toy_regularizer")):
         reg.unregister(name)
-    from ortho_run import store
-
-    store._EFFECTS.clear()
 
 
 def test_a_toy_plugin_of_each_kind_is_one_registration_plus_one_yaml(tmp_path, toy_plugins):
@@ -357,3 +354,29 @@ def provider_needs():
     from ortho_run.methods import Needs
 
     return Needs(old_model=True)
+
+
+def test_key_effects_follow_plugins_registered_after_first_use():
+    """The schema keys' effects are derived from the registries: a plugin registered after the
+    first lookup has its marked keys counted, and they go when it is removed."""
+    import dataclasses
+
+    from ortho_run.config import evaluation
+    from ortho_run.methods.base import METHODS, MethodConfig
+    from ortho_run.store import effect_of
+
+    assert effect_of("method.late_probe_every") == "learned"  # first use: the cache is built
+
+    @dataclasses.dataclass
+    class LateConfig(MethodConfig):
+        late_probe_every: int = evaluation(5)
+
+    @METHODS.register("late_toy", schema=LateConfig, internal=True)
+    class Late(METHODS.get("ce")):
+        pass
+
+    try:
+        assert effect_of("method.late_probe_every") == "evaluation"
+    finally:
+        METHODS.unregister("late_toy")
+    assert effect_of("method.late_probe_every") == "learned"

@@ -15,6 +15,7 @@ ALONE = compatibility_methods(compat=False)
 METRICS = ("test/acc1", "test/acc5", "test/loss", "train/loss")
 
 
+@pytest.mark.slow
 def test_default_run_learns_digits_and_writes_the_contract(tmp_path):
     s = run_inprocess(tmp_path)  # the defaults: digits, small_cnn, ce, 30 epochs
     d = tmp_path / "run"
@@ -35,7 +36,7 @@ def test_default_run_learns_digits_and_writes_the_contract(tmp_path):
 @pytest.fixture(scope="module")
 def digits_runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("methods")
-    return {m: run_inprocess(root, [f"method={m}", "trainer.max_epochs=12"], name=m)
+    return {m: run_inprocess(root, [f"method={m}", "trainer.max_epochs=5"], name=m)
             for m in ALONE}
 
 
@@ -120,6 +121,7 @@ def _rows(run_dir):
     return [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.slow
 def test_compiled_training_matches_eager(tmp_path):
     """torch.compile (inductor; C++ on a CPU) through the net and the method's loss, OPL's
     autograd Function included: the same losses and accuracy as eager, step for step."""

@@ -8,6 +8,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
+from ortho_run import keys
 from ortho_run.retrieval import compatibility_summary, multistep_scores, retrieval_metrics
 
 
@@ -18,8 +19,9 @@ def compat_matrix(spaces: Dict[str, Tensor], old: Tensor, labels: Tensor) -> Dic
     for name, e in spaces.items():
         matrix[f"{name}_old"] = retrieval_metrics(e, old, labels)
         matrix[f"{name}_{name}"] = retrieval_metrics(e, e, labels)
-    out = {f"compat/{pair}/{m}": v for pair, ms in matrix.items() for m, v in ms.items()}
-    out.update({f"compat/{k}": v for k, v in compatibility_summary(matrix).items()})
+    out = {keys.compat(pair, m): v for pair, ms in matrix.items() for m, v in ms.items()}
+    out.update({keys.ecc(k[len("ecc_"):] if k != "ecc" else ""): v
+                for k, v in compatibility_summary(matrix).items()})
     return out
 
 
@@ -42,11 +44,11 @@ def multistep_matrix(embeddings: Sequence[Tensor], labels: Tensor, classes: Sequ
                                                                labels)
             for name in mats:
                 mats[name][i][k] = m[name]
-    out: Dict[str, object] = {f"compat/steps/{name}": mat for name, mat in mats.items()}
-    out["compat/steps/classes"] = list(classes)
-    out["compat/steps/fractions"] = list(fractions or [1.0] * t)
+    out: Dict[str, object] = {keys.steps_matrix(name): mat for name, mat in mats.items()}
+    out[keys.STEPS_CLASSES] = list(classes)
+    out[keys.STEPS_FRACTIONS] = list(fractions or [1.0] * t)
     for name, suffix in (("cmc1", ""), ("map", "_map")):
         dense = torch.tensor([[v if v is not None else 0.0 for v in row] for row in mats[name]])
         for k, v in multistep_scores(dense).items():
-            out[f"compat/{k}{suffix}"] = v
+            out[keys.multistep(k, "map" if suffix else "")] = v
     return out

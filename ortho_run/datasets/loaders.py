@@ -277,11 +277,21 @@ class TorchLoader:
             except StopIteration:
                 return
             except DataError as exc:  # from a worker: keep the message, drop the traceback
+                self.close()
                 text = str(exc)
                 lines = [ln for ln in text.splitlines() if "cannot decode the image" in ln]
                 raise DataError(lines[-1].split("DataError: ")[-1] if lines else text) from None
             yield (x.to(self.device, non_blocking=True).contiguous(memory_format=mf),
                    y.to(self.device, non_blocking=True))
+
+
+    def close(self) -> None:
+        """Stop the worker processes now (they persist across epochs): a run that ends, or
+        fails, leaves none behind in the process, e.g. for the next job of a sweep."""
+        it = getattr(self.dl, "_iterator", None)
+        if it is not None and hasattr(it, "_shutdown_workers"):
+            it._shutdown_workers()
+        self.dl._iterator = None
 
 
 def choose_pipeline(requested: str, ds: DataSet, device: torch.device) -> str:

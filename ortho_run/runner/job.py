@@ -119,6 +119,11 @@ class Job:
     def pipeline(self) -> str:
         return self.plan.pipeline
 
+    def close(self) -> None:
+        """Release what the loaders hold (worker processes) once the run has ended."""
+        for loader in (self.trainer.train_loader, *self.evals.values()):
+            getattr(loader, "close", lambda: None)()
+
 
 def build(p: Plan, launch: Callable, emit=lambda row: None) -> Job:
     """The earlier models a compatibility method needs (trained through ``launch`` or found in

@@ -198,6 +198,7 @@ def run(cfg, run_dir: Path, sweep: Optional[Dict[str, Any]] = None,
                 _write_summary(summary, run_dir)
                 wb.summary(summary)
             wb.finish(exit_code)
+            job.close()
             start.dist.close()
 
 
