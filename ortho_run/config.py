@@ -17,14 +17,21 @@ from omegaconf import MISSING
 #: A key changes what a run learns unless its schema field says otherwise, once, here or in its
 #: plugin's schema: ``EVALUATION`` keys change how the run is computed, evaluated or checked but
 #: not the weights it learns (the resume check and the cached-model key ignore them);
-#: ``REPORT`` keys change only where or how a run is reported (run names, report groups and
-#: sweep folder names ignore them too). Read through ``ortho_run.store.effect_of``.
-LEARNED, EVALUATION, REPORT = "learned", "evaluation", "report"
+#: ``LABEL`` keys name a run without changing it (ignored by the same two, kept in run names,
+#: report groups and sweep folder names: a ``tag`` tells runs apart); ``REPORT`` keys change
+#: only where or how a run is reported (run names, report groups and sweep folder names ignore
+#: them too). Read through ``ortho_run.store.effect_of``.
+LEARNED, EVALUATION, LABEL, REPORT = "learned", "evaluation", "label", "report"
 
 
 def evaluation(default=MISSING, *, factory=None):
     """A schema field that does not change what is learned (see ``EVALUATION``)."""
     return _marked(EVALUATION, default, factory)
+
+
+def label(default=MISSING, *, factory=None):
+    """A schema field that names a run without changing it (see ``LABEL``)."""
+    return _marked(LABEL, default, factory)
 
 
 def report(default=MISSING, *, factory=None):
@@ -257,7 +264,7 @@ class RunConfig:
     seed: int = 0
     output_root: str = report("outputs")
     cache_dir: str = report("~/.cache/ortho_run")
-    tag: str = report("")  # free text, kept in summary.json
+    tag: str = label("")  # free text, kept in summary.json, run names and report groups
     objective: str = report("test/acc1")  # the summary metric a job returns (Optuna maximises it)
     # the published result a preset targets (ortho_run.references; ortho-report compares)
     reference: Optional[str] = report(None)

@@ -31,7 +31,7 @@ def plugin_registries() -> Dict[str, object]:
 
 def key_effects() -> Dict[str, str]:
     """Every schema key whose field says it does not change what is learned, with its effect
-    (``config.EVALUATION`` or ``config.REPORT``): the run's own fields, the trainer, logger and
+    (``config.EVALUATION``, ``config.LABEL`` or ``config.REPORT``): the run's own fields, the trainer, logger and
     compat groups, and every registered plugin's schema (a key marked by one plugin is marked
     for its group)."""
     import dataclasses

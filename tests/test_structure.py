@@ -223,6 +223,7 @@ def test_sweep_folder_names_leave_out_exactly_the_report_keys():
 @pytest.mark.parametrize("key,value,effect", [
     ("trainer.progress", "off", "report"), ("logger.mode", "online", "report"),
     ("trainer.eval_every", 3, "evaluation"), ("trainer.compile", True, "evaluation"),
+    ("tag", "runs/a", "label"),  # tells runs apart without changing them
     ("optim.lr", 0.05, "learned"), ("method.gamma", 0.3, "learned")])
 def test_a_keys_mark_drives_the_resume_check_the_cache_key_and_the_names_together(
         key, value, effect):
