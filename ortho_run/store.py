@@ -31,9 +31,9 @@ def plugin_registries() -> Dict[str, object]:
 
 def key_effects() -> Dict[str, str]:
     """Every schema key whose field says it does not change what is learned, with its effect
-    (``config.EVALUATION``, ``config.LABEL`` or ``config.REPORT``): the run's own fields, the trainer, logger and
-    compat groups, and every registered plugin's schema (a key marked by one plugin is marked
-    for its group)."""
+    (``config.EVALUATION``, ``config.LABEL`` or ``config.REPORT``): the run's own fields, the
+    trainer, logger and compat groups, and every registered plugin's schema (a key marked by
+    one plugin is marked for its group)."""
     import dataclasses
     import typing
 
@@ -86,21 +86,26 @@ def report_override_keys() -> list:
     return sorted(keys)
 
 
-_EFFECTS: Dict[int, Dict[str, str]] = {}
+def registry_generation() -> int:
+    """Every plugin discovered, then the registries' generation (``registry.GENERATION``):
+    what the caches derived from the registries are keyed on."""
+    from ortho_run.registry import GENERATION
+
+    for reg in plugin_registries().values():
+        reg.discover()
+    return GENERATION[0]
+
+
+_EFFECTS: list = [-1, {}]  # [generation, key_effects() for it]
 
 
 def _effects() -> Dict[str, str]:
     """``key_effects()`` for the registries as they are now (recomputed after any plugin is
     registered or removed)."""
-    from ortho_run.registry import GENERATION
-
-    for reg in plugin_registries().values():
-        reg.discover()
-    gen = GENERATION[0]
-    if gen not in _EFFECTS:
-        _EFFECTS.clear()
-        _EFFECTS[gen] = key_effects()
-    return _EFFECTS[gen]
+    gen = registry_generation()
+    if _EFFECTS[0] != gen:
+        _EFFECTS[:] = [gen, key_effects()]
+    return _EFFECTS[1]
 
 
 def compatibility_methods(compat: bool = True) -> list:
@@ -120,24 +125,20 @@ def register_configs() -> None:
     last call is added; with none, nothing is stored again). Discovers every plugin."""
     from hydra.core.config_store import ConfigStore
 
-    from ortho_run.registry import GENERATION
-
     OmegaConf.register_new_resolver("path_safe", path_safe, replace=True)
     OmegaConf.register_new_resolver("ortho_groups", help_groups, replace=True)
     OmegaConf.register_new_resolver("ortho_version", version, replace=True)
-    registries = plugin_registries()
-    for reg in registries.values():
-        reg.discover()
+    gen = registry_generation()
     cs = ConfigStore.instance()
-    if _STORED[0] == GENERATION[0] and "config_schema.yaml" in cs.repo:
+    if _STORED[0] == gen and "config_schema.yaml" in cs.repo:
         return
     cs.store(name="config_schema", node=RunConfig)
     for group, schema in GROUP_SCHEMAS.items():
         cs.store(group=f"schema/{group}", name="default", node=schema)
-    for group, reg in registries.items():
+    for group, reg in plugin_registries().items():
         for name in reg.names():
             cs.store(group=f"schema/{group}", name=name, node=reg.schema(name))
-    _STORED[0] = GENERATION[0]
+    _STORED[0] = gen
 
 
 def load_option(group: str, name: str) -> DictConfig:

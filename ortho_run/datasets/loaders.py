@@ -284,7 +284,6 @@ class TorchLoader:
             yield (x.to(self.device, non_blocking=True).contiguous(memory_format=mf),
                    y.to(self.device, non_blocking=True))
 
-
     def close(self) -> None:
         """Stop the worker processes now (they persist across epochs): a run that ends, or
         fails, leaves none behind in the process, e.g. for the next job of a sweep."""
