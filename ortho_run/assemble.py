@@ -82,8 +82,11 @@ def build_method(cfg, num_classes: int, feature_dim: int, device, distributed: b
 
 
 def build_net(cfg, spec: NetSpec, device, distributed: bool = False, compat=None,
-              frozen: Optional[Dict[str, Callable]] = None) -> Net:
-    """The net for ``cfg`` on data of ``spec``. Model weights are initialised from ``cfg.seed``."""
+              frozen: Optional[Dict[str, Callable]] = None,
+              backbone_state: Optional[Dict[str, torch.Tensor]] = None) -> Net:
+    """The net for ``cfg`` on data of ``spec``. Model weights are initialised from ``cfg.seed``;
+    with ``backbone_state`` (an independently trained backbone) the backbone then takes those
+    weights and is frozen."""
     model_cfg = cfg.model
     if spec.embed_dim != model_cfg.embed_dim:
         model_cfg = OmegaConf.merge(model_cfg, {"embed_dim": spec.embed_dim})
@@ -91,7 +94,11 @@ def build_net(cfg, spec: NetSpec, device, distributed: bool = False, compat=None
     backbone = build_backbone(model_cfg, spec.channels, spec.image_size)
     method = build_method(cfg, spec.num_classes, backbone.feature_dim, device, distributed,
                           compat)
-    return Net(backbone, method, frozen).to(device)
+    net = Net(backbone, method, frozen).to(device)
+    if backbone_state is not None:
+        net.backbone.load_state_dict(backbone_state)
+        net.backbone.requires_grad_(False)
+    return net
 
 
 def load_run(run_dir: Path, device):

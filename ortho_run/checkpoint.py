@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, Optional
 
@@ -20,6 +22,7 @@ from ortho_run.errors import CheckpointError
 from ortho_run.io import atomic_torch_save, remove_stale_temps
 
 FORMAT = "ortho-run/1"
+log = logging.getLogger("ortho_run")
 
 
 def fingerprint(cfg) -> Dict[str, Any]:
@@ -140,6 +143,29 @@ def check_resume(path: Path, state: Dict[str, Any], cfg) -> Dict[str, tuple]:
             f"{cfg.trainer.max_epochs}: a resumed run may train longer, not shorter. Set "
             f"trainer.max_epochs>={state['epoch']} or start another run dir.")
     return diff
+
+
+@dataclass
+class ResumePoint:
+    """A checkpoint this run may continue from: its path, its state, and the config
+    differences ``trainer.resume=force`` accepted (empty when none)."""
+
+    path: Path
+    state: Dict[str, Any]
+    forced: Dict[str, tuple]
+
+
+def resume_point(cfg, run_dir: Path) -> Optional[ResumePoint]:
+    """``trainer.resume`` resolved, the checkpoint loaded and checked against ``cfg`` (None
+    when the run starts fresh). A forced resume says here what it accepted."""
+    path = resolve_resume(cfg.trainer.resume, run_dir)
+    if path is None:
+        return None
+    state = load(path)
+    forced = check_resume(path, state, cfg)
+    if forced:
+        log.warning("trainer.resume=force: resuming despite %s", describe_differences(forced))
+    return ResumePoint(path, state, forced)
 
 
 def config_hash(container: Any) -> str:

@@ -9,7 +9,7 @@ import math
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Dict, Iterator, Optional
 
 import torch
 
@@ -125,6 +125,13 @@ def _clean(o):
 
 def dumps(obj: Any) -> str:
     return json.dumps(_clean(obj), default=_json_default, sort_keys=False)
+
+
+def atomic_write_texts(files: Dict[Path, str]) -> None:
+    """Each ``{path: text}`` written atomically, in order."""
+    for path, text in files.items():
+        with atomic_path(path) as tmp:
+            tmp.write_text(text)
 
 
 def atomic_write_json(obj: Any, path: str | os.PathLike) -> None:

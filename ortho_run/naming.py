@@ -43,6 +43,14 @@ def run_name(method: str, data: str, seed: int, overrides: Iterable[str] = (),
     return name if job_num is None else f"{name}#{job_num}"
 
 
+def job_name(cfg, sweep: Optional[dict] = None) -> str:
+    """A run's name: ``logger.name`` when set, else ``run_name`` of its method, data, seed and
+    (in a sweep) its overrides and job number."""
+    sweep = sweep or {}
+    return cfg.logger.name or run_name(cfg.method.name, cfg.data.name, cfg.seed,
+                                       sweep.get("overrides", ()), sweep.get("job_num"))
+
+
 def step_labels(summary: dict) -> List[str]:
     """What each step of a multi-step update learned: ``5 cl.`` or ``10 cl., 50% data``."""
     from ortho_run import keys

@@ -16,6 +16,7 @@ from typing import Any, Iterator, Tuple
 
 from omegaconf import OmegaConf
 
+from ortho_run import references
 from ortho_run.config import RANGES, output_root_error
 from ortho_run.errors import ConfigError
 
@@ -46,15 +47,13 @@ def _check(cfg, key: str, ok, what: str) -> None:
         raise ConfigError(f"{key}={v} is out of range: it must be {what}")
 
 
-def _check_trained_roles(cfg) -> None:
+def _check_trained_roles(cfg, method) -> None:
     """An optimiser's ``optim.roles`` must select something this run trains: a method that keeps
     the backbone frozen (an independently trained one) trains no backbone role."""
-    from ortho_run.methods import METHODS
-
     roles = OmegaConf.select(cfg, "optim.roles", default=None)
     if roles is None:
         return
-    needs = METHODS.get(str(cfg.method.name)).needs(cfg.method)
+    needs = method.needs(cfg.method)
     backbone = {"stem", "hidden", "backbone_1d"}
     if needs.independent_backbone and set(roles) <= backbone:
         raise ConfigError(f"optim={cfg.optim.name}: optim.roles={list(roles)} are backbone roles, "
@@ -72,9 +71,12 @@ def validate(cfg) -> None:
         container = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
     except Exception as exc:
         raise ConfigError(f"the config does not resolve: {str(exc).splitlines()[0]}") from None
-    regs = plugin_registries()
-    for group, reg in regs.items():
-        reg.get(str(cfg[group].name))
+    # the names first, each looked up once: every group's plugin (with its schema) and the
+    # published result the run is compared with
+    chosen = {group: (reg.get(str(cfg[group].name)), reg.schema(str(cfg[group].name)))
+              for group, reg in plugin_registries().items()}
+    if cfg.reference is not None:
+        references.get(str(cfg.reference))
     # keys appended with +key=... bypass the schemas at composition: refuse them like a typo
     structured(container, source="unknown key")
     if str(cfg.optim.scheduler) not in SCHEDULES:
@@ -85,23 +87,19 @@ def validate(cfg) -> None:
             raise ConfigError(f"{key}={v} is not a finite number")
     for key, ok, what in RANGES:
         _check(cfg, key, ok, what)
-    for group, reg in regs.items():
-        for field, ok, what in getattr(reg.schema(str(cfg[group].name)), "checks", ()):
+    for group, (_, schema) in chosen.items():
+        for field, ok, what in getattr(schema, "checks", ()):
             _check(cfg, f"{group}.{field}", ok, what)
     # each chosen plugin's checks of the whole config (cross-key, other groups): a method's
     # ``check`` classmethod, a builder's ``check`` attribute
-    for group, reg in regs.items():
-        check = getattr(reg.get(str(cfg[group].name)), "check", None)
+    for builder, _ in chosen.values():
+        check = getattr(builder, "check", None)
         if check is not None:
             check(cfg)
     why = output_root_error(cfg.output_root)
     if why:
         raise ConfigError(why)
-    _check_trained_roles(cfg)
-    if cfg.reference is not None:
-        from ortho_run import references
-
-        references.get(str(cfg.reference))
+    _check_trained_roles(cfg, chosen["method"][0])
     if cfg.optim.warmup_epochs > cfg.trainer.max_epochs:
         log.warning("optim.warmup_epochs=%g is longer than the run (trainer.max_epochs=%d): the "
                     "learning rate never reaches optim.lr=%g", cfg.optim.warmup_epochs,

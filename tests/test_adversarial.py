@@ -172,12 +172,12 @@ def test_a_full_disk_during_a_checkpoint_is_one_paragraph_and_a_true_summary(tmp
 
 
 def test_a_full_disk_for_the_summary_leaves_no_stale_status(tmp_path, finished, monkeypatch):
-    import ortho_run.runner.run as runmod
+    import ortho_run.runner.rundir as rundir
 
     def full(obj, path):
         raise OSError(errno.ENOSPC, "No space left on device", str(path))
 
-    monkeypatch.setattr(runmod, "atomic_write_json", full)
+    monkeypatch.setattr(rundir, "atomic_write_json", full)
     run_inprocess(tmp_path, [*SMOKE, "trainer.max_epochs=2"])
     s = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert s["status"] == "finished" and set(s) == {"status", "error"}  # the truth, in few bytes

@@ -179,10 +179,10 @@ def test_the_report_shows_nan_and_lists_every_run_it_does_not_show(tmp_path):
 
 # ---------------------------------------------------------------- 5. names that collide
 def test_jobs_of_a_sweep_never_share_a_name():
-    from ortho_run.runner.run import run_name
+    from ortho_run.naming import job_name
 
     cfg = compose(["experiment=smoke"])
-    names = {run_name(cfg, {"overrides": ov, "job_num": i})
+    names = {job_name(cfg, {"overrides": ov, "job_num": i})
              for i, ov in enumerate([["experiment=smoke"], ["experiment=optim_study"],
                                      ["experiment=smoke", "trainer.compile=true"],
                                      ["experiment=smoke", "trainer.compile=false"]])}

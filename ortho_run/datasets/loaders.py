@@ -12,7 +12,7 @@ an uninterrupted one, and both shard by rank for data-parallel training.
 
 from __future__ import annotations
 
-from typing import Iterator, Optional, Sequence, Tuple
+from typing import Dict, Iterator, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -328,3 +328,36 @@ def build_loader(ds: DataSet, split: Split, cfg, device, train: bool, seed: int,
     return TorchLoader(split, image_size=ds.image_size, num_workers=cfg.num_workers,
                        image_mode="L" if ds.channels == 1 else "RGB",
                        pad_mode=str(cfg.crop_padding_mode), **common)
+
+
+def build_loaders(ds: DataSet, cfg, device, seed: int, pipeline: str, channels_last: bool = False,
+                  rank: int = 0, world_size: int = 1, limit_train_batches: Optional[int] = None
+                  ) -> Tuple[object, Dict[str, object]]:
+    """A run's loaders: the training loader and the evaluation loaders by split name (``test``,
+    and ``val`` when the data set holds one)."""
+    kw = dict(pipeline=pipeline, channels_last=channels_last, rank=rank, world_size=world_size)
+    train = build_loader(ds, ds.train, cfg, device, True, seed, limit_batches=limit_train_batches,
+                         **kw)
+    evals = {"test": build_loader(ds, ds.test, cfg, device, False, seed, **kw)}
+    if ds.val is not None:
+        evals["val"] = build_loader(ds, ds.val, cfg, device, False, seed, **kw)
+    return train, evals
+
+
+def init_images(ds: DataSet, n: int, seed: int, device, wanted_by: str) -> Optional[Tensor]:
+    """``n`` training images, drawn with ``seed`` (``data.split_seed``) and normalised as the
+    loaders normalise them, for a backbone that initialises itself from data (``wanted_by``
+    names it); None when ``n`` is 0."""
+    if not n:
+        return None
+    if ds.train.x is None:
+        raise ConfigError(f"{wanted_by} initialises itself from {n} training images held in "
+                          f"memory: use an array data set (cifar10, cifar100, digits, "
+                          f"synthetic), not data={ds.name} read from files")
+    gen = torch.Generator().manual_seed(seed)
+    idx = torch.randperm(len(ds.train), generator=gen)[:n]
+    x = ds.train.x[idx].to(device).float().div_(255)
+    c = x.shape[1]
+    mean = torch.tensor(ds.mean, device=device).view(1, c, 1, 1)
+    std = torch.tensor(ds.std, device=device).view(1, c, 1, 1)
+    return (x - mean) / std

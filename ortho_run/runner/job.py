@@ -18,11 +18,11 @@ from ortho_run.assemble import Net, NetSpec, build_net
 from ortho_run.compat import CompatPlan, CompatService, plan_compat
 from ortho_run.datasets import load_dataset
 from ortho_run.datasets.base import DataSet
-from ortho_run.datasets.loaders import build_loader, choose_pipeline
+from ortho_run.datasets.loaders import build_loader, build_loaders, choose_pipeline, init_images
 from ortho_run.methods import METHODS, Needs
 from ortho_run.models import model_data_config
 from ortho_run.regularizers import Regularizer, build_regularizer
-from ortho_run.runner.env import pick_device, seed_everything
+from ortho_run.runner.env import device_name, pick_device, seed_everything
 from ortho_run.runner.trainer import Dist, Trainer
 from ortho_run.store import compatibility_methods
 from ortho_run.validate import validate
@@ -36,6 +36,7 @@ class Plan:
     run_dir: Path
     dist: Dist
     device: torch.device
+    device_name: str  # what summary.json records: the GPU's name, or the CPU's cores and threads
     ds: DataSet  # split, subset and normalised as the loaders will read it
     pipeline: str  # resident | loader
     channels_last: bool
@@ -50,14 +51,13 @@ def prepare(cfg, run_dir: Path, dist: Dist, emit, launch: Callable) -> "Job":
     the checkpoint it resumes from loaded after checking that it may. Raises before anything
     of the run dir is written."""
     validate(cfg)
-    job = build(plan(cfg, run_dir, dist), launch=launch, emit=emit)
-    path = ckpt.resolve_resume(cfg.trainer.resume, job.plan.run_dir)
-    if path is not None:
-        state = ckpt.load(path)
-        job.forced = ckpt.check_resume(path, state, cfg)
-        job.trainer.load_state_dict(state)
-        job.resumed = True
-        log.info("resumed from %s at epoch %d batch %d", path, job.trainer.state.epoch,
+    p = plan(cfg, run_dir, dist)
+    job = build(p, launch=launch, emit=emit)
+    point = ckpt.resume_point(cfg, job.plan.run_dir)
+    if point is not None:
+        job.trainer.load_state_dict(point.state)
+        job.resumed, job.forced = True, point.forced
+        log.info("resumed from %s at epoch %d batch %d", point.path, job.trainer.state.epoch,
                  job.trainer.state.batch)
     return job
 
@@ -67,6 +67,7 @@ def plan(cfg, run_dir: Path, dist: Dist = Dist()) -> Plan:
     device = pick_device(t.device)
     if device.type == "cuda" and dist.world_size > 1:
         device = torch.device("cuda", dist.local_rank)
+    name = device_name(device)
     seed_everything(cfg.seed + dist.rank, t.deterministic)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -83,8 +84,8 @@ def plan(cfg, run_dir: Path, dist: Dist = Dist()) -> Plan:
         log.warning("compat.steps is set, but method=%s trains alone (no old model): the steps "
                     "are ignored; pick a compatibility method (%s)", cfg.method.name,
                     ", ".join(compatibility_methods()))
-    return Plan(cfg=cfg, run_dir=Path(run_dir), dist=dist, device=device, ds=ds,
-                pipeline=pipeline,
+    return Plan(cfg=cfg, run_dir=Path(run_dir), dist=dist, device=device, device_name=name,
+                ds=ds, pipeline=pipeline,
                 channels_last=bool(t.channels_last and device.type == "cuda"), needs=needs,
                 compat=plan_compat(cfg, ds.source_classes) if needs.any else None,
                 spec=NetSpec(ds.channels, ds.image_size, ds.num_classes, cfg.model.embed_dim),
@@ -129,7 +130,7 @@ def build(p: Plan, launch: Callable, emit=lambda row: None) -> Job:
     """The earlier models a compatibility method needs (trained through ``launch`` or found in
     the cache), the net, the regulariser, the loaders and the trainer of plan ``p``."""
     cfg, ds, device = p.cfg, p.ds, p.device
-    service = artifacts = None
+    service = artifacts = backbone_state = None
     frozen: Dict[str, Callable] = {}
     spec = p.spec
     if p.compat is not None:
@@ -140,42 +141,18 @@ def build(p: Plan, launch: Callable, emit=lambda row: None) -> Job:
         frozen = service.frozen_embeddings()
         spec = spec.with_compat(artifacts.shape(), METHODS.get(cfg.method.name).feature_dim(
             cfg.method, artifacts.old_dim, cfg.model.embed_dim))
-    net = build_net(cfg, spec, device, p.dist.world_size > 1, artifacts, frozen)
-    if p.needs.independent_backbone:
-        net.backbone.load_state_dict(service.independent_backbone())
-        net.backbone.requires_grad_(False)
+        if p.needs.independent_backbone:
+            backbone_state = service.independent_backbone()
+    net = build_net(cfg, spec, device, p.dist.world_size > 1, artifacts, frozen, backbone_state)
     regularizer = build_regularizer(cfg.regularizer, net.backbone)  # before the optimisers
-    loader_kw = dict(pipeline=p.pipeline, channels_last=p.channels_last, rank=p.dist.rank,
-                     world_size=p.dist.world_size)
-    t = cfg.trainer
-    train_loader = build_loader(ds, ds.train, cfg.data, device, True, cfg.seed,
-                                limit_batches=t.limit_train_batches, **loader_kw)
-    evals = {"test": build_loader(ds, ds.test, cfg.data, device, False, cfg.seed, **loader_kw)}
-    if ds.val is not None:
-        evals["val"] = build_loader(ds, ds.val, cfg.data, device, False, cfg.seed, **loader_kw)
+    train_loader, evals = build_loaders(
+        ds, cfg.data, device, cfg.seed, p.pipeline, channels_last=p.channels_last,
+        rank=p.dist.rank, world_size=p.dist.world_size,
+        limit_train_batches=cfg.trainer.limit_train_batches)
+    images = init_images(ds, net.backbone.data_init_images, cfg.data.split_seed, device,
+                         f"model={cfg.model.name}")
     if p.channels_last:
         net = net.to(memory_format=torch.channels_last)
     trainer = Trainer(cfg, net, train_loader, evals, device, p.run_dir, emit, p.dist, spec,
-                      regularizer=regularizer,
-                      init_images=init_images(ds, net.backbone.data_init_images, cfg, device))
+                      regularizer=regularizer, init_images=images)
     return Job(p, trainer, net, evals, service, regularizer)
-
-
-def init_images(ds: DataSet, n: int, cfg, device) -> Optional[torch.Tensor]:
-    """``n`` training images, drawn with ``data.split_seed`` and normalised as the loaders
-    normalise them, for a backbone that initialises itself from data (None when it does not)."""
-    if not n:
-        return None
-    if ds.train.x is None:
-        from ortho_run.errors import ConfigError
-
-        raise ConfigError(f"model={cfg.model.name} initialises itself from {n} training images "
-                          f"held in memory: use an array data set (cifar10, cifar100, digits, "
-                          f"synthetic), not data={cfg.data.name} read from files")
-    gen = torch.Generator().manual_seed(cfg.data.split_seed)
-    idx = torch.randperm(len(ds.train), generator=gen)[:n]
-    x = ds.train.x[idx].to(device).float().div_(255)
-    c = x.shape[1]
-    mean = torch.tensor(ds.mean, device=device).view(1, c, 1, 1)
-    std = torch.tensor(ds.std, device=device).view(1, c, 1, 1)
-    return (x - mean) / std

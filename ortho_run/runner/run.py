@@ -18,18 +18,14 @@ from pathlib import Path
 from typing import Any, Dict, Optional
 
 import torch
-from omegaconf import OmegaConf
 
-from ortho_run import checkpoint as ckpt
-from ortho_run import naming
 from ortho_run.errors import OrthoRunError, Preempted, TrainingDiverged
-from ortho_run.io import atomic_write_json, cache_root, dumps
 from ortho_run.retrieval import retrieval_metrics
-from ortho_run.runner.env import device_name, git_commit, package_versions
+from ortho_run.runner.env import git_commit, package_versions
 from ortho_run.runner.evaluate import feature_geometry
 from ortho_run.runner.job import Job, build, plan, prepare
 from ortho_run.runner.rundir import RunDir
-from ortho_run.runner.sinks import MetricsFile, WandbSink
+from ortho_run.runner.sinks import WandbSink
 from ortho_run.runner.trainer import Dist, Trainer
 
 log = logging.getLogger("ortho_run")
@@ -68,12 +64,6 @@ def resume_command(run_dir: Path, sweep: Optional[Dict[str, Any]]) -> str:
     keep = [o for o in sweep.get("overrides", []) if not o.startswith(skip)]
     return " ".join(["ortho-run", *map(shlex.quote, keep), "trainer.resume=auto",
                      shlex.quote(f"hydra.run.dir={run_dir}")])
-
-
-def run_name(cfg, sweep: Optional[Dict[str, Any]] = None) -> str:
-    sweep = sweep or {}
-    return cfg.logger.name or naming.run_name(cfg.method.name, cfg.data.name, cfg.seed,
-                                              sweep.get("overrides", ()), sweep.get("job_num"))
 
 
 class _Signals:
@@ -128,21 +118,21 @@ def run(cfg, run_dir: Path, sweep: Optional[Dict[str, Any]] = None,
     existing run dir byte-identical and removes one it created (a sweep job keeps it for its
     failure summary), with the parent folders created for it up to ``existing`` (the deepest
     folder that existed before the command started). The config enters ``prepare`` alone; what
-    follows reads the job."""
+    follows reads the job, and every write to the run dir goes through its ``RunDir``."""
     start = RunStart.of(cfg, run_dir, sweep)
     run_dir, main, facts = start.run_dir, start.dist.is_main, start.facts
     summary: Dict[str, Any] = {"status": "running", **facts}
     t_start = time.time()
-    sinks: Dict[str, Any] = {}
-
-    def emit(row):
-        if main:
-            sinks["metrics"].write(row)
-            sinks["wandb"].log({k: v for k, v in row.items() if k != "step"}, step=row.get("step"))
-            log.info(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
-                              for k, v in row.items()), extra={"epoch_row": True})
-
     with _Signals() as sig, RunDir(run_dir, enabled=main, existing=existing) as rd:
+        wb = WandbSink.disabled()
+
+        def emit(row):
+            if main:
+                rd.write_metrics(row)
+                wb.log({k: v for k, v in row.items() if k != "step"}, step=row.get("step"))
+                log.info(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                                  for k, v in row.items()), extra={"epoch_row": True})
+
         try:  # pre-flight: every check that can refuse the run, before any write
             job = prepare(cfg, run_dir, start.dist, emit, launch=run)
         except BaseException as exc:
@@ -151,24 +141,17 @@ def run(cfg, run_dir: Path, sweep: Optional[Dict[str, Any]] = None,
             if isinstance(exc, Preempted):  # while an earlier model trained: this run's command
                 exc.args = (f"{str(exc).split(' Resume with: ')[0]} Resume with: "
                             f"{resume_command(run_dir, sweep)}",)
-            if main and in_sweep and rd.created:
+            if in_sweep and rd.created:
                 summary.update(status="failed", error=_error_text(exc))
-                _write_summary(summary, run_dir)
+                rd.write_summary(summary)
             raise
         exit_code = 0
-        if main:
-            rd.write_config(job.cfg)
-            sinks["metrics"] = MetricsFile(run_dir / "metrics.jsonl")
-            if job.resumed:
-                sinks["metrics"].truncate_after(job.trainer.state.epoch)
-            _write_summary(summary, run_dir)  # a stale summary never outlives this run's start
-        wb = sinks["wandb"] = wandb_sink(job, facts, sweep, enabled=main)
+        rd.begin(job.cfg, summary, job.trainer.state.epoch if job.resumed else None)
+        wb = WandbSink.for_run(job.cfg, run_dir, facts, sweep, enabled=main)
         summary["wandb"] = wb.info
         if job.forced:
             summary["resume_forced"] = {k: [a if isinstance(a, (int, float, str, bool, list, type(None)))
                                             else None, b] for k, (a, b) in job.forced.items()}
-            log.warning("trainer.resume=force: resuming despite %s",
-                        ckpt.describe_differences(job.forced))
         try:
             sig.trainer = job.trainer
             summary.update(_train_and_evaluate(job, start.dist, facts))
@@ -194,9 +177,8 @@ def run(cfg, run_dir: Path, sweep: Optional[Dict[str, Any]] = None,
             for k, v in facts.items():  # facts learned during the run (device, pipeline, sizes)
                 summary.setdefault(k, v)
             summary["time/total_s"] = time.time() - t_start
-            if main:
-                _write_summary(summary, run_dir)
-                wb.summary(summary)
+            rd.write_summary(summary)
+            wb.summary(summary)
             wb.finish(exit_code)
             job.close()
             start.dist.close()
@@ -224,38 +206,8 @@ class RunStart:
         return cls(dist, run_dir, facts)
 
 
-def wandb_sink(job: Job, facts: Dict[str, Any], sweep: Optional[Dict[str, Any]],
-               enabled: bool) -> WandbSink:
-    """The run's W&B sink: its resolved config with the run's facts, a name and tags from the
-    overrides that define it."""
-    cfg = job.cfg
-    container = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
-    container["cache_dir"] = str(cache_root(cfg.cache_dir))
-    overrides = list((sweep or {}).get("overrides", []))
-    container["run"] = {k: facts.get(k) for k in ("git_commit", "git_dirty", "versions",
-                                                   "world_size", "tag")}
-    container["run"]["overrides"] = overrides
-    return WandbSink(cfg.logger, job.plan.run_dir, container, run_name(cfg, sweep),
-                     cfg.logger.group or (sweep or {}).get("sweep"), enabled=enabled,
-                     tags=naming.relevant_overrides(overrides))
-
-
 def _error_text(exc: BaseException) -> str:
     return str(exc) if isinstance(exc, OrthoRunError) else f"{type(exc).__name__}: {exc}"
-
-
-def _write_summary(summary: Dict[str, Any], run_dir: Path) -> None:
-    """summary.json, atomically; on a full disk, at least no stale status survives."""
-    f = run_dir / "summary.json"
-    try:
-        atomic_write_json(summary, f)
-    except OSError as exc:
-        log.error("could not write %s: %s", f, exc)
-        try:  # a few bytes in place of the old file: its "finished" must not stand
-            f.unlink(missing_ok=True)
-            f.write_text(dumps({"status": summary.get("status"), "error": summary.get("error")}))
-        except OSError:
-            pass
 
 
 def build_job(cfg, run_dir: Path, dist: Dist = Dist(), emit=lambda row: None) -> Job:
@@ -267,7 +219,7 @@ def _train_and_evaluate(job: Job, dist, facts) -> Dict[str, Any]:
     cfg = job.cfg
     t = cfg.trainer
     trainer, ds, net, evals, service = job.trainer, job.ds, job.net, job.evals, job.service
-    facts.update(pipeline=job.pipeline, device=device_name(job.device),
+    facts.update(pipeline=job.pipeline, device=job.plan.device_name,
                  num_classes=ds.num_classes, train_size=len(ds.train), test_size=len(ds.test))
     if job.plan.data_config:
         facts["model_data_config"] = job.plan.data_config

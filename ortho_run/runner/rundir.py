@@ -1,8 +1,10 @@
 """The run dir's life: one process at a time, nothing written until the run is accepted, and a
 refused run leaves an existing dir byte-identical (or, when it made the dir, no dir at all).
+Every file of the run dir but the checkpoints is written here: the resolved config, the
+metrics rows and the summary.
 
 Hydra creates the run dir and its log file before the task starts; it writes no ``.hydra/``
-files (``hydra.output_subdir`` is null in ``conf/config.yaml``): ``write_config`` writes them,
+files (``hydra.output_subdir`` is null in ``conf/config.yaml``): ``begin`` writes them,
 with ``resolved_config.yaml``, once the pre-flight checks have passed.
 """
 
@@ -10,16 +12,17 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import json
 import logging
 import os
 import shutil
 from pathlib import Path
-from typing import Dict, Optional, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 from omegaconf import OmegaConf
 
 from ortho_run.errors import ConfigError
-from ortho_run.io import atomic_path
+from ortho_run.io import atomic_path, atomic_write_json, atomic_write_texts, dumps
 
 log = logging.getLogger("ortho_run")
 
@@ -34,8 +37,34 @@ class RunDirBusy(ConfigError):
     pass
 
 
+class MetricsFile:
+    """Append-only ``metrics.jsonl``: one JSON object per logged step/epoch."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        path.parent.mkdir(parents=True, exist_ok=True)
+
+    def rows_through(self, epoch: int) -> str:
+        """The file's text without the rows of epochs after ``epoch`` (a resumed run's
+        checkpoint does not cover them: no duplicates) and without a torn last line."""
+        keep = []
+        for line in self.path.read_text().splitlines():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a torn last line from a hard kill
+            if row.get("epoch", 0) <= epoch:
+                keep.append(line)
+        return "".join(k + "\n" for k in keep)
+
+    def write(self, row: Dict[str, Any]) -> None:
+        with open(self.path, "a") as f:
+            f.write(dumps(row) + "\n")
+
+
 class RunDir:
-    """Lock (for the run's lifetime), snapshot, and the refusal path of one run dir."""
+    """Lock (for the run's lifetime), snapshot, the refusal path and the writes of one run dir.
+    On a rank other than the main one (``enabled=False``) it writes nothing."""
 
     def __init__(self, path: Path, enabled: bool = True, existing: Optional[Path] = None):
         self.path = Path(path)
@@ -45,6 +74,7 @@ class RunDir:
         self._fd: Optional[int] = None
         self._files: Dict[str, Optional[Tuple[bytes, int, Tuple[float, float]]]] = {}
         self._log_size: Optional[int] = None
+        self.metrics: Optional[MetricsFile] = None
 
     # --- lifetime ---------------------------------------------------------------------
     def __enter__(self) -> "RunDir":
@@ -142,21 +172,51 @@ class RunDir:
             with open(log_file, "r+b") as fh:
                 fh.truncate(self._log_size)
 
-    def write_config(self, cfg) -> None:
+    def config_files(self, cfg) -> Dict[Path, str]:
         """``resolved_config.yaml`` and, under Hydra, ``.hydra/{config,hydra,overrides}.yaml``."""
-        with atomic_path(self.path / "resolved_config.yaml") as tmp:
-            tmp.write_text(OmegaConf.to_yaml(cfg, resolve=True))
+        files = {self.path / "resolved_config.yaml": OmegaConf.to_yaml(cfg, resolve=True)}
         try:
             from hydra.core.hydra_config import HydraConfig
 
             if not HydraConfig.initialized():
-                return
+                return files
             hc = HydraConfig.get()
         except Exception:  # pragma: no cover - not under Hydra
+            return files
+        hydra_dir = self.path / ".hydra"
+        files[hydra_dir / "config.yaml"] = OmegaConf.to_yaml(cfg)
+        files[hydra_dir / "hydra.yaml"] = OmegaConf.to_yaml(OmegaConf.create({"hydra": hc}))
+        files[hydra_dir / "overrides.yaml"] = OmegaConf.to_yaml(hc.overrides.task)
+        return files
+
+    def begin(self, cfg, summary: Dict[str, Any], resumed_epoch: Optional[int] = None) -> None:
+        """The run is accepted: its config, its metrics file (on resume, cut back to the rows of
+        the checkpoint's epochs) and its first summary, so that a stale summary never outlives
+        this run's start."""
+        if not self.enabled:
             return
-        files = {"config.yaml": OmegaConf.to_yaml(cfg),
-                 "hydra.yaml": OmegaConf.to_yaml(OmegaConf.create({"hydra": hc})),
-                 "overrides.yaml": OmegaConf.to_yaml(hc.overrides.task)}
-        for name, text in files.items():
-            with atomic_path(self.path / ".hydra" / name) as tmp:
-                tmp.write_text(text)
+        self.metrics = MetricsFile(self.path / "metrics.jsonl")
+        files = self.config_files(cfg)
+        if resumed_epoch is not None and self.metrics.path.is_file():
+            files[self.metrics.path] = self.metrics.rows_through(resumed_epoch)
+        atomic_write_texts(files)
+        self.write_summary(summary)
+
+    def write_metrics(self, row: Dict[str, Any]) -> None:
+        if self.metrics is not None:
+            self.metrics.write(row)
+
+    def write_summary(self, summary: Dict[str, Any]) -> None:
+        """summary.json, atomically; on a full disk, at least no stale status survives."""
+        if not self.enabled:
+            return
+        f = self.path / "summary.json"
+        try:
+            atomic_write_json(summary, f)
+        except OSError as exc:
+            log.error("could not write %s: %s", f, exc)
+            try:  # a few bytes in place of the old file: its "finished" must not stand
+                f.unlink(missing_ok=True)
+                f.write_text(dumps({"status": summary.get("status"), "error": summary.get("error")}))
+            except OSError:
+                pass

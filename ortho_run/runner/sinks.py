@@ -1,8 +1,8 @@
-"""Where metrics go: ``metrics.jsonl`` (always), W&B (optional, never fatal), the progress bar."""
+"""Where metrics go besides the run dir's ``metrics.jsonl``: W&B (optional, never fatal) and the
+progress bar."""
 
 from __future__ import annotations
 
-import json
 import logging
 import netrc
 import os
@@ -12,36 +12,12 @@ import warnings
 from pathlib import Path
 from typing import Any, Dict, Optional
 
-from ortho_run.io import atomic_path, dumps
+from omegaconf import OmegaConf
+
+from ortho_run import naming
+from ortho_run.io import cache_root
 
 log = logging.getLogger("ortho_run")
-
-
-class MetricsFile:
-    """Append-only ``metrics.jsonl``: one JSON object per logged step/epoch."""
-
-    def __init__(self, path: Path):
-        self.path = path
-        path.parent.mkdir(parents=True, exist_ok=True)
-
-    def truncate_after(self, epoch: int) -> None:
-        """On resume: drop rows of epochs the checkpoint does not cover (no duplicates)."""
-        if not self.path.is_file():
-            return
-        keep = []
-        for line in self.path.read_text().splitlines():
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                continue  # a torn last line from a hard kill
-            if row.get("epoch", 0) <= epoch:
-                keep.append(line)
-        with atomic_path(self.path) as tmp:
-            tmp.write_text("".join(k + "\n" for k in keep))
-
-    def write(self, row: Dict[str, Any]) -> None:
-        with open(self.path, "a") as f:
-            f.write(dumps(row) + "\n")
 
 
 def _have_wandb_key() -> bool:
@@ -106,6 +82,28 @@ class WandbSink:
             except Exception as exc:  # network, auth, service start
                 err = exc
         self._warn(f"W&B could not start ({type(err).__name__}: {err}); W&B logging off")
+
+    @classmethod
+    def disabled(cls) -> "WandbSink":
+        """A sink that logs nothing (before a run is accepted, and on ranks other than 0)."""
+        sink = cls.__new__(cls)
+        sink.run, sink.info, sink.mode = None, {"mode": "disabled"}, "disabled"
+        return sink
+
+    @classmethod
+    def for_run(cls, cfg, run_dir: Path, facts: Dict[str, Any],
+                sweep: Optional[Dict[str, Any]], enabled: bool) -> "WandbSink":
+        """A run's sink: its resolved config with the run's facts, a name and tags from the
+        overrides that define it, the sweep as its group."""
+        overrides = list((sweep or {}).get("overrides", []))
+        name, tags = naming.job_name(cfg, sweep), naming.relevant_overrides(overrides)
+        container = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
+        container["cache_dir"] = str(cache_root(cfg.cache_dir))
+        container["run"] = {k: facts.get(k) for k in ("git_commit", "git_dirty", "versions",
+                                                       "world_size", "tag")}
+        container["run"]["overrides"] = overrides
+        return cls(cfg.logger, run_dir, container, name,
+                   cfg.logger.group or (sweep or {}).get("sweep"), enabled=enabled, tags=tags)
 
     @staticmethod
     def _warn(msg: str) -> None:
