@@ -486,3 +486,31 @@ def test_a_validation_fraction_that_holds_out_nothing_is_refused(tmp_path):
     msg = refused(tmp_path, [*SMOKE, "data=synthetic", "data.train_per_class=3",
                              "data.val_fraction=0.1"], exc=ConfigError)
     assert msg.startswith("data.val_fraction=0.1 holds out no image")
+
+
+def test_the_run_dir_writes_nothing_on_another_rank_and_cuts_metrics_on_resume(tmp_path):
+    """Every run-dir file but the checkpoints goes through ``RunDir``: on a rank other than the
+    main one it writes nothing; on resume it keeps the rows of the checkpoint's epochs only."""
+    from omegaconf import OmegaConf
+
+    from ortho_run.runner.rundir import RunDir
+
+    cfg = OmegaConf.create({"seed": 0})
+    other = tmp_path / "rank1"
+    with RunDir(other, enabled=False) as rd:
+        rd.begin(cfg, {"status": "running"})
+        rd.write_metrics({"epoch": 1})
+        rd.write_summary({"status": "finished"})
+    assert not other.exists()
+
+    main = tmp_path / "rank0"
+    main.mkdir()
+    rows = [{"epoch": 1, "a": 1}, {"epoch": 2, "a": 2}, {"epoch": 3, "a": 3}]
+    (main / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"epo')
+    with RunDir(main) as rd:
+        rd.begin(cfg, {"status": "running"}, resumed_epoch=2)
+        rd.write_metrics({"epoch": 3, "a": 30})
+    got = [json.loads(line) for line in (main / "metrics.jsonl").read_text().splitlines()]
+    assert got == [rows[0], rows[1], {"epoch": 3, "a": 30}]
+    assert OmegaConf.load(main / "resolved_config.yaml") == cfg
+    assert json.loads((main / "summary.json").read_text()) == {"status": "running"}
