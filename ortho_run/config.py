@@ -161,6 +161,8 @@ class MethodConfig:
 
 #: the parameter roles an optimiser sees (``ortho_run.optim.base``)
 ROLES = ("stem", "hidden", "backbone_1d", "head", "method")
+#: the roles of the backbone's parameters (the rest are the method's: its head and its own)
+BACKBONE_ROLES = ("stem", "hidden", "backbone_1d")
 
 
 def _role_table(v) -> bool:

@@ -35,33 +35,6 @@ def _walk(node: Any, prefix: str = "") -> Iterator[Tuple[str, Any]]:
         yield prefix[:-1], node
 
 
-def _check(cfg, key: str, ok, what: str) -> None:
-    v = OmegaConf.select(cfg, key, default=_ABSENT)
-    if v is _ABSENT:
-        return
-    try:
-        good = ok(v)
-    except TypeError:
-        good = False
-    if not good:
-        raise ConfigError(f"{key}={v} is out of range: it must be {what}")
-
-
-def _check_trained_roles(cfg, method) -> None:
-    """An optimiser's ``optim.roles`` must select something this run trains: a method that keeps
-    the backbone frozen (an independently trained one) trains no backbone role."""
-    roles = OmegaConf.select(cfg, "optim.roles", default=None)
-    if roles is None:
-        return
-    needs = method.needs(cfg.method)
-    backbone = {"stem", "hidden", "backbone_1d"}
-    if needs.independent_backbone and set(roles) <= backbone:
-        raise ConfigError(f"optim={cfg.optim.name}: optim.roles={list(roles)} are backbone roles, "
-                          f"but method={cfg.method.name} keeps its backbone frozen (an "
-                          f"independently trained model), so {cfg.optim.name} would update "
-                          f"nothing; add head or method to optim.roles, or use optim=adamw/sgd")
-
-
 def validate(cfg) -> None:
     """Raise ConfigError naming the first bad key."""
     from ortho_run.optim import SCHEDULES
@@ -85,11 +58,19 @@ def validate(cfg) -> None:
     for key, v in _walk(container):
         if isinstance(v, float) and not math.isfinite(v):
             raise ConfigError(f"{key}={v} is not a finite number")
-    for key, ok, what in RANGES:
-        _check(cfg, key, ok, what)
-    for group, (_, schema) in chosen.items():
-        for field, ok, what in getattr(schema, "checks", ()):
-            _check(cfg, f"{group}.{field}", ok, what)
+    # the ranges: the shared ones and each chosen plugin schema's own
+    ranges = list(RANGES) + [(f"{group}.{field}", ok, what) for group, (_, schema) in chosen.items()
+                             for field, ok, what in getattr(schema, "checks", ())]
+    for key, ok, what in ranges:
+        v = OmegaConf.select(cfg, key, default=_ABSENT)
+        if v is _ABSENT:
+            continue
+        try:
+            good = ok(v)
+        except TypeError:
+            good = False
+        if not good:
+            raise ConfigError(f"{key}={v} is out of range: it must be {what}")
     # each chosen plugin's checks of the whole config (cross-key, other groups): a method's
     # ``check`` classmethod, a builder's ``check`` attribute
     for builder, _ in chosen.values():
@@ -99,7 +80,6 @@ def validate(cfg) -> None:
     why = output_root_error(cfg.output_root)
     if why:
         raise ConfigError(why)
-    _check_trained_roles(cfg, chosen["method"][0])
     if cfg.optim.warmup_epochs > cfg.trainer.max_epochs:
         log.warning("optim.warmup_epochs=%g is longer than the run (trainer.max_epochs=%d): the "
                     "learning rate never reaches optim.lr=%g", cfg.optim.warmup_epochs,

@@ -212,6 +212,24 @@ def test_a_stop_while_an_earlier_model_trains_prints_the_users_command(tmp_path,
                         f"hydra.run.dir={tmp_path / 'mine'}")
 
 
+def test_a_checkpoint_that_may_not_be_continued_is_refused_before_an_earlier_model_trains(
+        tmp_path, monkeypatch):
+    import ortho_run.compat.provider as provider
+    from ortho_run.errors import CheckpointError
+
+    run_inprocess(tmp_path, ["experiment=smoke", "trainer.max_epochs=1"], name="mine")
+    before = {p: p.read_bytes() for p in (tmp_path / "mine").rglob("*") if p.is_file()}
+
+    def trained(*a, **k):
+        raise AssertionError("an earlier model was trained or loaded before the resume check")
+
+    monkeypatch.setattr(provider, "cached_run", trained)
+    with pytest.raises(CheckpointError, match="another config"):
+        run_inprocess(tmp_path, ["experiment=compat_smoke", "method=bct", "trainer.resume=auto",
+                                 f"cache_dir={tmp_path}/cache"], name="mine")
+    assert {p: p.read_bytes() for p in (tmp_path / "mine").rglob("*") if p.is_file()} == before
+
+
 def test_a_stopped_sweep_job_prints_the_sweep_command():
     from ortho_run.runner.run import resume_command
 

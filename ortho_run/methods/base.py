@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 
-from ortho_run.config import MethodConfig
+from ortho_run.config import BACKBONE_ROLES, MethodConfig
 from ortho_run.errors import ConfigError
 from ortho_run.optim.base import ParamGroup
 from ortho_run.registry import Registry
@@ -159,7 +159,19 @@ class Method(nn.Module):
     @classmethod
     def check(cls, run_cfg) -> None:
         """Checks of the whole run config this method needs, run before any work (before an
-        old model trains): raise ConfigError naming the key. Default: none."""
+        old model trains): raise ConfigError naming the key. A method that overrides it calls
+        this one too. Here: a method that keeps its backbone frozen (an independently trained
+        one) refuses an optimiser whose ``optim.roles`` select backbone roles alone, which
+        would update nothing."""
+        roles = OmegaConf.select(run_cfg, "optim.roles", default=None)
+        if roles is None or not cls.needs(run_cfg.method).independent_backbone:
+            return
+        if set(roles) <= set(BACKBONE_ROLES):
+            optim = run_cfg.optim.name
+            raise ConfigError(f"optim={optim}: optim.roles={list(roles)} are backbone roles, but "
+                              f"method={run_cfg.method.name} keeps its backbone frozen (an "
+                              f"independently trained model), so {optim} would update "
+                              f"nothing; add head or method to optim.roles, or use optim=adamw/sgd")
 
     @classmethod
     def feature_dim(cls, cfg, old_dim: int, embed_dim: Optional[int]) -> Optional[int]:

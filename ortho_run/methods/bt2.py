@@ -85,6 +85,7 @@ class BT2(Method):
 
     @classmethod
     def check(cls, run_cfg):
+        super().check(run_cfg)
         if not run_cfg.model.embed_dim:
             raise ConfigError("method=bt2 widens the backbone to model.embed_dim + the old "
                               "model's dim: set model.embed_dim (the new model's own dim, e.g. "

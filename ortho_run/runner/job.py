@@ -47,15 +47,15 @@ class Plan:
 
 
 def prepare(cfg, run_dir: Path, dist: Dist, emit, launch: Callable) -> "Job":
-    """The pre-flight and the job: the config checked (``validate``), planned and built, and
-    the checkpoint it resumes from loaded after checking that it may. Raises before anything
-    of the run dir is written."""
+    """The pre-flight and the job: the config checked (``validate``) and planned, the
+    checkpoint it resumes from checked, then the job built (from that checkpoint's state).
+    Raises before anything of the run dir is written."""
     validate(cfg)
     p = plan(cfg, run_dir, dist)
-    job = build(p, launch=launch, emit=emit)
-    point = ckpt.resume_point(cfg, job.plan.run_dir)
+    # a checkpoint that may not be continued is refused before an earlier model trains
+    point = ckpt.resume_point(cfg, p.run_dir)
+    job = build(p, launch=launch, emit=emit, resume=point.state if point else None)
     if point is not None:
-        job.trainer.load_state_dict(point.state)
         job.resumed, job.forced = True, point.forced
         log.info("resumed from %s at epoch %d batch %d", point.path, job.trainer.state.epoch,
                  job.trainer.state.batch)
@@ -126,9 +126,10 @@ class Job:
             getattr(loader, "close", lambda: None)()
 
 
-def build(p: Plan, launch: Callable, emit=lambda row: None) -> Job:
+def build(p: Plan, launch: Callable, emit=lambda row: None, resume: Optional[dict] = None) -> Job:
     """The earlier models a compatibility method needs (trained through ``launch`` or found in
-    the cache), the net, the regulariser, the loaders and the trainer of plan ``p``."""
+    the cache), the net, the regulariser, the loaders and the trainer of plan ``p``, which
+    starts from checkpoint state ``resume`` when given."""
     cfg, ds, device = p.cfg, p.ds, p.device
     service = artifacts = backbone_state = None
     frozen: Dict[str, Callable] = {}
@@ -154,5 +155,5 @@ def build(p: Plan, launch: Callable, emit=lambda row: None) -> Job:
     if p.channels_last:
         net = net.to(memory_format=torch.channels_last)
     trainer = Trainer(cfg, net, train_loader, evals, device, p.run_dir, emit, p.dist, spec,
-                      regularizer=regularizer, init_images=images)
+                      regularizer=regularizer, init_images=images, resume=resume)
     return Job(p, trainer, net, evals, service, regularizer)

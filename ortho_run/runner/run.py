@@ -146,13 +146,13 @@ def run(cfg, run_dir: Path, sweep: Optional[Dict[str, Any]] = None,
                 rd.write_summary(summary)
             raise
         exit_code = 0
-        rd.begin(job.cfg, summary, job.trainer.state.epoch if job.resumed else None)
-        wb = WandbSink.for_run(job.cfg, run_dir, facts, sweep, enabled=main)
-        summary["wandb"] = wb.info
         if job.forced:
             summary["resume_forced"] = {k: [a if isinstance(a, (int, float, str, bool, list, type(None)))
                                             else None, b] for k, (a, b) in job.forced.items()}
-        try:
+        try:  # from here on every outcome is recorded: the summary says how the run ended
+            rd.begin(job.cfg, summary, job.trainer.state.epoch if job.resumed else None)
+            wb = WandbSink.for_run(job.cfg, run_dir, facts, sweep, enabled=main)
+            summary["wandb"] = wb.info
             sig.trainer = job.trainer
             summary.update(_train_and_evaluate(job, start.dist, facts))
             summary["status"] = "finished"

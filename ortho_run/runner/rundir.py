@@ -190,17 +190,17 @@ class RunDir:
         return files
 
     def begin(self, cfg, summary: Dict[str, Any], resumed_epoch: Optional[int] = None) -> None:
-        """The run is accepted: its config, its metrics file (on resume, cut back to the rows of
-        the checkpoint's epochs) and its first summary, so that a stale summary never outlives
-        this run's start."""
+        """The run is accepted: its first summary (a stale one never outlives this run's start),
+        its config and its metrics file (on resume, cut back to the rows of the checkpoint's
+        epochs)."""
         if not self.enabled:
             return
         self.metrics = MetricsFile(self.path / "metrics.jsonl")
         files = self.config_files(cfg)
         if resumed_epoch is not None and self.metrics.path.is_file():
             files[self.metrics.path] = self.metrics.rows_through(resumed_epoch)
-        atomic_write_texts(files)
         self.write_summary(summary)
+        atomic_write_texts(files)
 
     def write_metrics(self, row: Dict[str, Any]) -> None:
         if self.metrics is not None:

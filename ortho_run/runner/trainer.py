@@ -102,7 +102,7 @@ class Trainer:
     def __init__(self, cfg, net: Net, train_loader, eval_loaders: Dict[str, object],
                  device: torch.device, run_dir: Path, emit: Callable[[dict], None],
                  dist: Dist = Dist(), spec: Optional[NetSpec] = None, regularizer=None,
-                 init_images: Optional[torch.Tensor] = None):
+                 init_images: Optional[torch.Tensor] = None, resume: Optional[dict] = None):
         #: what rebuilds the net without the data set or an old model (the checkpoint's "shape")
         self.spec = spec
         # plain dataclasses: the hot loop reads these every step (OmegaConf lookups are slow)
@@ -156,6 +156,8 @@ class Trainer:
         #: normalised training images a backbone initialises itself from (airbench's whitening)
         self.init_images = init_images
         self.timer = RegionTimer(device)
+        if resume is not None:  # a checkpoint's state (``state_dict``): continue from it
+            self.load_state_dict(resume)
 
     # --- helpers ----------------------------------------------------------------------
     def autocast(self):
