@@ -36,7 +36,7 @@ def test_default_run_learns_digits_and_writes_the_contract(tmp_path):
 @pytest.fixture(scope="module")
 def digits_runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("methods")
-    return {m: run_inprocess(root, [f"method={m}", "trainer.max_epochs=5"], name=m)
+    return {m: run_inprocess(root, [f"method={m}", "trainer.max_epochs=3"], name=m)
             for m in ALONE}
 
 
