@@ -206,8 +206,6 @@ def test_concurrent_jobs_share_the_ebv_cache(tmp_path):
 
 
 # ------------------------------------------------------------------ config fuzzing
-from hypothesis import given, settings, strategies as st  # noqa: E402
-
 VALUES = {
     "method": ["ce", "cosine", "opl", "gcr", "ebv", "bogus", "bct"],
     "data.batch_size": [1, 7, 64, 0, -3, "x"],
@@ -260,6 +258,8 @@ def fuzz_case(tmp_path, picks, outcomes):
 def fuzz(tmp_path, examples):
     """``examples`` random override sets; every one must train or fail cleanly, and the fuzz
     must have reached all three outcomes."""
+    from hypothesis import given, settings, strategies as st
+
     outcomes = {"refused_at_composition": 0, "clean_error": 0, "trained": 0}
     picks = st.dictionaries(st.sampled_from(sorted(VALUES)), st.integers(0, 10), max_size=5)
 

@@ -1,6 +1,7 @@
 """timm backbones and Hugging Face / torchvision data sets, without network: small models
 without pretrained weights, local weights files, data sets the tests write."""
 
+from importlib.util import find_spec
 from pathlib import Path
 
 import numpy as np
@@ -10,8 +11,9 @@ import torch
 from conftest import cli, run_inprocess
 from ortho_run.errors import CheckpointError, ConfigError, DataError
 
-timm = pytest.importorskip("timm")
-datasets = pytest.importorskip("datasets")
+# the extras are imported where a test uses them: collecting the suite does not pay for them
+pytestmark = pytest.mark.skipif(not (find_spec("timm") and find_spec("datasets")),
+                                reason="needs the timm and datasets extras")
 
 SYN = ["experiment=smoke", "data=synthetic", "data.image_size=32", "data.train_per_class=6",
        "data.test_per_class=2", "trainer.max_epochs=1", "data.batch_size=16"]
@@ -29,6 +31,8 @@ def test_a_timm_backbone_trains_a_smoke_epoch(tmp_path, arch, method):
 
 
 def test_model_checkpoint_loads_the_weights_that_are_then_used(tmp_path):
+    import timm
+
     ref = timm.create_model("resnet18", num_classes=0, in_chans=3)
     torch.nn.init.normal_(ref.conv1.weight, std=0.5)  # recognisable weights
     f = tmp_path / "weights.pth"
@@ -67,6 +71,8 @@ def test_timm_mistakes_are_one_paragraph(tmp_path, monkeypatch, override, exc, n
 
 
 def test_a_checkpoint_of_another_architecture_is_refused(tmp_path):
+    import timm
+
     f = tmp_path / "w.pth"
     torch.save(timm.create_model("resnet34", num_classes=0).state_dict(), f)
     with pytest.raises(CheckpointError, match="does not fit model.arch"):
@@ -76,6 +82,7 @@ def test_a_checkpoint_of_another_architecture_is_refused(tmp_path):
 
 # ------------------------------------------------------------------ Hugging Face data sets
 def _hf(root: Path, n_train=60, n_test=15, grey=False):
+    import datasets
     from PIL import Image
 
     rng = np.random.default_rng(0)
