@@ -24,16 +24,26 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED_NPZ = REPO.parent / "shared" / "data" / "cifar10-jpeg.npz"
 
 
+_COMPOSED = {}
+
+
 def compose(overrides=()):
-    """Compose the real config tree in-process, as Hydra does for the CLI."""
+    """Compose the real config tree in-process, as Hydra does for the CLI. A composition is
+    kept per overrides and plugin registry state (a plugin registered or removed by a test
+    composes anew) and each call gets its own copy."""
+    import copy
+
     from hydra import compose as h_compose
     from hydra import initialize_config_dir
 
-    from ortho_run.store import config_dir, register_configs
+    from ortho_run.store import config_dir, register_configs, registry_generation
 
     register_configs()
-    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
-        return h_compose(config_name="config", overrides=list(overrides))
+    key = (tuple(overrides), registry_generation())
+    if key not in _COMPOSED:
+        with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+            _COMPOSED[key] = h_compose(config_name="config", overrides=list(overrides))
+    return copy.deepcopy(_COMPOSED[key])
 
 
 def run_inprocess(tmp_path, overrides=(), name="run"):

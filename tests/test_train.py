@@ -62,8 +62,9 @@ def test_gcr_run_keeps_bases_orthonormal(digits_runs):
 @pytest.mark.parametrize("method", ALONE)
 def test_smoke_on_100_synthetic_classes(tmp_path, method):
     s = run_inprocess(tmp_path, [f"method={method}", "data=synthetic", "data.num_classes=100",
-                                 "experiment=smoke", "data.image_size=16",
-                                 "data.train_per_class=4", "data.test_per_class=2",
+                                 "experiment=smoke", "trainer.max_epochs=1",
+                                 "data.image_size=16", "data.train_per_class=4",
+                                 "data.test_per_class=2",
                                  "method.dim=128" if method == "ebv" else "seed=0"])
     assert s["status"] == "finished" and s["num_classes"] == 100
 
