@@ -159,10 +159,10 @@ class MethodConfig:
     name: str = MISSING
 
 
-#: the parameter roles an optimiser sees (``ortho_run.optim.base``)
-ROLES = ("stem", "hidden", "backbone_1d", "head", "method")
-#: the roles of the backbone's parameters (the rest are the method's: its head and its own)
+#: the roles of the backbone's parameters (``ortho_run.optim.base.backbone_groups``)
 BACKBONE_ROLES = ("stem", "hidden", "backbone_1d")
+#: the parameter roles an optimiser sees: the backbone's, then the method's head and its own
+ROLES = BACKBONE_ROLES + ("head", "method")
 
 
 def _role_table(v) -> bool:

@@ -23,7 +23,7 @@ from typing import Any, Callable, Dict, List, Optional
 import torch
 from torch import nn
 
-from ortho_run.config import ROLES, OptimConfig
+from ortho_run.config import BACKBONE_ROLES, ROLES, OptimConfig
 from ortho_run.registry import Registry
 
 log = logging.getLogger("ortho_run")
@@ -58,7 +58,7 @@ def check_roles(roles) -> bool:
 
 def backbone_groups(backbone: nn.Module) -> List[ParamGroup]:
     """The trainable backbone parameters by role: stem, hidden (>= 2-D), backbone_1d."""
-    roles: Dict[str, List[torch.Tensor]] = {"stem": [], "hidden": [], "backbone_1d": []}
+    roles: Dict[str, List[torch.Tensor]] = {r: [] for r in BACKBONE_ROLES}
     for p in backbone.parameters():
         if not p.requires_grad:
             continue

@@ -37,10 +37,13 @@ class WandbSink:
                  group: Optional[str], enabled: bool = True, tags=()):
         self.run = None
         self.info: Dict[str, Any] = {"mode": "disabled"}
+        self.mode = "disabled"
+        if not enabled:  # nothing of cfg is read: see ``disabled``
+            return
         # the config decides: logger/wandb.yaml reads WANDB_MODE as its default, so the
         # environment counts unless the user set logger.mode (or logger=none) explicitly
         self.mode = str(cfg.mode)
-        if not enabled or self.mode == "disabled":
+        if self.mode == "disabled":
             return
         try:
             import wandb
@@ -86,9 +89,7 @@ class WandbSink:
     @classmethod
     def disabled(cls) -> "WandbSink":
         """A sink that logs nothing (before a run is accepted, and on ranks other than 0)."""
-        sink = cls.__new__(cls)
-        sink.run, sink.info, sink.mode = None, {"mode": "disabled"}, "disabled"
-        return sink
+        return cls(None, Path(), {}, "", None, enabled=False)
 
     @classmethod
     def for_run(cls, cfg, run_dir: Path, facts: Dict[str, Any],
