@@ -54,8 +54,7 @@ def task(cfg) -> Any:
     try:
         summary = run(cfg, run_dir, sweep=info, existing=_STATE.get("existing"))
         print(result_line(summary) if multirun else result_block(summary), flush=True)
-        value = summary.get(cfg.objective)  # what a sweeper (Optuna) optimises
-        return float(value) if isinstance(value, (int, float)) else None
+        return keys.objective_value(summary, str(cfg.objective))  # what a sweeper optimises
     except OrthoRunError as exc:
         print(f"ortho-run: error: {exc}", file=sys.stderr)
         if multirun and not isinstance(exc, Preempted):

@@ -300,6 +300,13 @@ def in_unit_interval(*keys: str):
     return [(k, lambda v: 0 <= v < 1, "in [0, 1)") for k in keys]
 
 
+def schema_checks(schema) -> list:
+    """A plugin schema's range checks: its own ``checks`` and those of every schema it extends,
+    so a schema that extends another adds checks to its base's and never drops one."""
+    return [c for klass in reversed(getattr(schema, "__mro__", ()))
+            for c in vars(klass).get("checks", ())]
+
+
 def output_root_error(value) -> Optional[str]:
     """Why ``output_root`` cannot hold runs, or None (the CLI asks before Hydra makes folders,
     the pre-flight for in-process runs)."""
@@ -333,6 +340,7 @@ RANGES = [
     ("optim.weight_decay", lambda v: v >= 0, ">= 0"),
     ("optim.warmup_epochs", lambda v: v >= 0, ">= 0"),
     ("optim.gamma", lambda v: v > 0, "> 0"),
+    ("optim.milestones", lambda v: all(m >= 1 for m in v), "epochs >= 1"),
     ("optim.min_lr_factor", lambda v: 0 <= v <= 1, "in [0, 1]"),
     ("optim.role_lr", _role_table, "a table role: lr >= 0 over the roles " + ", ".join(ROLES)),
     ("optim.role_weight_decay", _role_table,

@@ -3,8 +3,9 @@ before anything is read or written.
 
 Plugin names against their registries, every number finite, the ranges in ``config.RANGES``
 (built from the shared helpers ``positive``, ``at_least``, ``in_unit_interval``), each chosen
-plugin schema's own ``checks`` (``[(field, ok, what it must be), ...]``) and each chosen
-plugin's ``check(run_cfg)`` for what spans keys or groups. What needs the data or a built
+plugin schema's ``checks`` (``[(field, ok, what it must be), ...]``, with those of the schemas
+it extends: ``config.schema_checks``), each chosen plugin's ``check(run_cfg)`` for what spans
+keys or groups, and an ``objective`` that names a metric family. What needs the data or a built
 model (a class count, a feature dim) is checked where those are first known, in the plan.
 """
 
@@ -16,8 +17,8 @@ from typing import Any, Iterator, Tuple
 
 from omegaconf import OmegaConf
 
-from ortho_run import references
-from ortho_run.config import RANGES, output_root_error
+from ortho_run import keys, references
+from ortho_run.config import RANGES, output_root_error, schema_checks
 from ortho_run.errors import ConfigError
 
 _ABSENT = object()
@@ -60,7 +61,7 @@ def validate(cfg) -> None:
             raise ConfigError(f"{key}={v} is not a finite number")
     # the ranges: the shared ones and each chosen plugin schema's own
     ranges = list(RANGES) + [(f"{group}.{field}", ok, what) for group, (_, schema) in chosen.items()
-                             for field, ok, what in getattr(schema, "checks", ())]
+                             for field, ok, what in schema_checks(schema)]
     for key, ok, what in ranges:
         v = OmegaConf.select(cfg, key, default=_ABSENT)
         if v is _ABSENT:
@@ -77,9 +78,9 @@ def validate(cfg) -> None:
         check = getattr(builder, "check", None)
         if check is not None:
             check(cfg)
-    why = output_root_error(cfg.output_root)
-    if why:
-        raise ConfigError(why)
+    for why in (output_root_error(cfg.output_root), keys.objective_error(cfg.objective)):
+        if why:
+            raise ConfigError(why)
     if cfg.optim.warmup_epochs > cfg.trainer.max_epochs:
         log.warning("optim.warmup_epochs=%g is longer than the run (trainer.max_epochs=%d): the "
                     "learning rate never reaches optim.lr=%g", cfg.optim.warmup_epochs,

@@ -266,7 +266,98 @@ def test_plugin_sizes_are_bounded_where_their_schema_is(tmp_path, extra, key):
     assert msg.startswith(key), msg
 
 
-# ---------------------------------------------------------------- 8. messages that say what to do
+# ---------------------------------------------------------------- 8. numbers without a range
+def _numeric_keys(node, prefix=""):
+    """The dotted keys of a composed config whose schema type is a number (or a list of them)."""
+    import typing
+
+    from omegaconf import DictConfig, ListConfig
+
+    def numeric(t):
+        return t in (int, float) or any(a in (int, float) for a in typing.get_args(t))
+
+    for k in node.keys():
+        child, key = node._get_node(k), f"{prefix}{k}"
+        if isinstance(child, DictConfig):
+            yield from _numeric_keys(child, key + ".")
+        elif numeric(child._metadata.element_type if isinstance(child, ListConfig)
+                     else child._metadata.ref_type):
+            yield key
+
+
+def test_every_number_a_schema_declares_has_a_range():
+    """A numeric key of any plugin's schema (or of the shared ones) that no check covers takes a
+    meaningless value silently: each must have a range in ``config.RANGES`` or in its schema's
+    checks (a schema inherits those of the schema it extends)."""
+    from omegaconf import OmegaConf
+
+    from ortho_run.config import RANGES, schema_checks
+    from ortho_run.store import plugin_registries
+
+    shared = {k for k, _, _ in RANGES}
+    cfg = compose()
+    groups = plugin_registries()
+    unchecked = {k for k in _numeric_keys(cfg) if k.split(".")[0] not in groups} - shared
+    for group, reg in groups.items():
+        for name in reg.names():
+            schema = reg.schema(name)
+            checked = shared | {f"{group}.{f}" for f, _, _ in schema_checks(schema)}
+            unchecked |= {f"{group}={name}: {k}" for k in
+                          _numeric_keys(OmegaConf.structured(schema), f"{group}.")
+                          if k not in checked}
+    assert not unchecked, sorted(unchecked)
+
+
+def test_a_schema_that_extends_another_keeps_its_checks():
+    from dataclasses import dataclass
+    from typing import ClassVar
+
+    from ortho_run.config import schema_checks
+    from ortho_run.methods.ce import CEConfig
+
+    @dataclass
+    class Extended(CEConfig):
+        margin: float = 0.5
+        checks: ClassVar[list] = [("margin", lambda v: v >= 0, ">= 0")]
+
+    assert {f for f, _, _ in schema_checks(Extended)} == {"init_std", "margin"}
+
+
+@pytest.mark.parametrize("extra,key", [
+    (["method=opl", "method.init_std=-1"], "method.init_std"),  # a field of the CE head it extends
+    (["method=bct", "method.init_std=0"], "method.init_std"),
+    (["optim=muon", "optim.other=sgd", "optim.other_momentum=1.5"], "optim.other_momentum"),
+    (["optim=normuon", "optim.norm_eps=-1e-10"], "optim.norm_eps"),
+    (["optim=root", "optim.root_scale=0"], "optim.root_scale"),
+    (["optim=sgd", "optim.scheduler=multistep", "optim.milestones=[0,3]"], "optim.milestones"),
+    (["method=ebv", "method.gen_seed=-1"], "method.gen_seed"),
+    (["model=airbench94", "model.bn_eps=0"], "model.bn_eps"),
+    (["data=torchvision", "data.in_memory_mb=-1"], "data.in_memory_mb"),
+])
+def test_a_meaningless_number_is_refused_naming_the_key(tmp_path, extra, key):
+    msg = refused(tmp_path, [*SMOKE, *extra])
+    assert msg.startswith(f"{key}=") and "out of range" in msg, msg
+
+
+@pytest.mark.parametrize("objective", ["", "acc1", "test/", "tset/acc1"])
+def test_an_objective_that_names_no_metric_is_refused(tmp_path, objective):
+    msg = refused(tmp_path, [*SMOKE, f"objective={objective}"])
+    assert msg.startswith("objective=") and "test/acc1" in msg, msg
+
+
+def test_the_objective_a_sweeper_gets_is_a_summary_metric_or_said_missing(tmp_path, caplog):
+    from ortho_run.keys import METRIC_FAMILIES, objective_value
+
+    s = run_inprocess(tmp_path, SMOKE)
+    families = {k.split("/")[0] for k in s if "/" in k}
+    assert families <= set(METRIC_FAMILIES), families - set(METRIC_FAMILIES)
+    assert objective_value(s, "test/acc1") == s["test/acc1"]
+    with caplog.at_level(logging.WARNING, logger="ortho_run"):
+        assert objective_value(s, "test/acc7") is None
+    assert "objective=test/acc7" in caplog.text and "test/acc1" in caplog.text
+
+
+# ---------------------------------------------------------------- 9. messages that say what to do
 def test_a_compat_checkpoint_without_its_old_model_record_says_what_to_do(tmp_path):
     from ortho_run.assemble import load_run
 

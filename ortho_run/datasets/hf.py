@@ -41,7 +41,7 @@ class HFConfig(DataConfig):
     test_fraction: float = 0.2  # without a test split: a stratified, seeded hold-out
     image_size: Optional[int] = None  # resize to this; images must share a size otherwise
     in_memory_mb: float = 4096.0
-    checks: ClassVar[list] = (at_least(1, "image_size")
+    checks: ClassVar[list] = (at_least(1, "image_size") + at_least(0, "in_memory_mb")
                               + [("test_fraction", lambda v: 0 < v < 1, "in (0, 1)")])
 
 

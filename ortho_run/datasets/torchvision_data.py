@@ -36,7 +36,7 @@ class TorchvisionDataConfig(DataConfig):
     test_split: str = "test"
     image_size: Optional[int] = None
     in_memory_mb: float = 4096.0
-    checks: ClassVar[list] = at_least(1, "image_size")
+    checks: ClassVar[list] = at_least(1, "image_size") + at_least(0, "in_memory_mb")
 
 
 def _open(cls, cfg, split_name: str, train: bool):

@@ -59,7 +59,8 @@ class EBVConfig(MethodConfig):
         positive("tau", "gen_lr") + at_least(1, "dim", "gen_steps") + at_least(0, "gen_tol")
         + at_most(2 ** 16, "dim") + at_most(10 ** 8, "gen_steps")
         + in_unit_interval("alpha")
-        + [("welch_margin", lambda v: v >= 0, ">= 0")])
+        + [("welch_margin", lambda v: v >= 0, ">= 0"),
+           ("gen_seed", lambda v: 0 <= v < 2**63, "in [0, 2^63)")])
 
 
 def welch_bound(n: int, d: int) -> float:

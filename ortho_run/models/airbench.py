@@ -45,7 +45,7 @@ class Airbench94Config(ModelConfig):
     bn_eps: float = 1e-12
     checks: ClassVar[list] = (at_least(1, "whiten_kernel", "init_images")
                               + at_most(8, "whiten_kernel") + at_most(10 ** 6, "init_images")
-                              + positive("whiten_eps") + at_least(0, "whiten_bias_epochs")
+                              + positive("whiten_eps", "bn_eps") + at_least(0, "whiten_bias_epochs")
                               + in_unit_interval("bn_momentum")
                               + [("widths", lambda v: len(v) == 3 and all(1 <= w <= 8192 for w in v),
                                   "three widths in [1, 8192]")])

@@ -433,7 +433,7 @@ class OrthoConfig(OptimConfig):
     adjust_lr: Optional[AdjustLR] = None  # null: the rule's own scale per matrix shape
     renormalize: bool = False  # each weight to Frobenius norm √rows before its step (airbench)
     checks: ClassVar[list] = (positive("other_lr", "eps") + at_least(0, "other_weight_decay")
-                              + in_unit_interval("momentum")
+                              + in_unit_interval("momentum", "other_momentum")
                               + [("betas", lambda v: len(v) == 2 and all(0 <= b < 1 for b in v),
                                   "two values in [0, 1)"),
                                  ("roles", check_roles, "a non-empty list of parameter roles ("
@@ -448,7 +448,7 @@ class NSConfig(OrthoConfig):
     ns_dtype: Optional[NSDtype] = NSDtype.bf16
     ns_coefficients: NSCoefficients = NSCoefficients.original
     ns_norm_eps: Optional[NormEps] = None  # null: the rule's own (ROOT add, others clamp)
-    checks: ClassVar[list] = OrthoConfig.checks + [
+    checks: ClassVar[list] = [
         ("ns_steps", lambda v: v is None or 1 <= v <= 100, "in [1, 100]")]
 
 
@@ -456,7 +456,7 @@ class NSConfig(OrthoConfig):
 class NorMuonConfig(NSConfig):
     beta2: float = 0.95
     norm_eps: float = 1e-10
-    checks: ClassVar[list] = NSConfig.checks + in_unit_interval("beta2")
+    checks: ClassVar[list] = in_unit_interval("beta2") + positive("norm_eps")
 
 
 @dataclass
@@ -468,7 +468,7 @@ class ROOTConfig(NSConfig):
     # (values typed loosely: [3, -4, 2] as well as floats; parse_coefficient_table checks them)
     root_coefficients: Dict[str, Any] = field(
         default_factory=lambda: {k: list(v) for k, v in ROOT_COEFFICIENTS.items()})
-    checks: ClassVar[list] = NSConfig.checks + [
+    checks: ClassVar[list] = positive("root_scale") + [
         ("root_quantile", lambda v: 0 < v <= 1, "in (0, 1]"),
         ("root_coefficients", lambda v: parse_coefficient_table(v) is not None,
          "a table ROWSxCOLS: [a, b, c]")]
@@ -485,7 +485,7 @@ class AuONHybridConfig(NSConfig):
     ns_steps: Optional[int] = None  # null: the form's (paper 1, package 5)
     ns_dtype: Optional[NSDtype] = None  # null: the form's (paper bf16, package fp32)
     brake_gamma: Optional[float] = None  # package form: the brake's scale γ (null: 1.5)
-    checks: ClassVar[list] = NSConfig.checks + [
+    checks: ClassVar[list] = [
         ("brake_gamma", lambda v: v is None or v > 0, "> 0 or null")]
 
 

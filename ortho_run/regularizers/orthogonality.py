@@ -86,7 +86,7 @@ class SoftOrth(Regularizer):
 @dataclass
 class SRIPConfig(RegularizerConfig):
     power_iterations: int = 2
-    checks: ClassVar[list] = RegularizerConfig.checks + [
+    checks: ClassVar[list] = [
         ("power_iterations", lambda v: 1 <= v <= 1000, "in [1, 1000]")]
 
 
