@@ -72,9 +72,9 @@ def validate(cfg) -> None:
             good = False
         if not good:
             raise ConfigError(f"{key}={v} is out of range: it must be {what}")
-    # each chosen plugin's checks of the whole config (cross-key, other groups): a method's
-    # ``check`` classmethod, a builder's ``check`` attribute
-    for builder, _ in chosen.values():
+    # each chosen plugin's (and the schedule's) checks of the whole config (cross-key, other
+    # groups): a method's ``check`` classmethod, a builder's or a schedule's ``check`` attribute
+    for builder in [b for b, _ in chosen.values()] + [SCHEDULES.get(str(cfg.optim.scheduler))]:
         check = getattr(builder, "check", None)
         if check is not None:
             check(cfg)

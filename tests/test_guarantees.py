@@ -339,6 +339,16 @@ def test_a_meaningless_number_is_refused_naming_the_key(tmp_path, extra, key):
     assert msg.startswith(f"{key}=") and "out of range" in msg, msg
 
 
+@pytest.mark.parametrize("milestones,said", [("[]", True), ("[5,9]", True), ("[1,5]", False)])
+def test_a_step_schedule_that_never_steps_inside_the_run_is_said(milestones, said, caplog):
+    from ortho_run.validate import validate
+
+    with caplog.at_level(logging.WARNING, logger="ortho_run"):
+        validate(compose(["optim.scheduler=multistep", f"optim.milestones={milestones}",
+                          "trainer.max_epochs=5"]))
+    assert ("the learning rate never steps down" in caplog.text) == said, caplog.text
+
+
 @pytest.mark.parametrize("objective", ["", "acc1", "test/", "tset/acc1"])
 def test_an_objective_that_names_no_metric_is_refused(tmp_path, objective):
     msg = refused(tmp_path, [*SMOKE, f"objective={objective}"])

@@ -4,11 +4,14 @@ the multiplier of every group's base lr; a new one is one more registered functi
 
 from __future__ import annotations
 
+import logging
 import math
 
 import torch
 
 from ortho_run.optim.base import SCHEDULES
+
+log = logging.getLogger("ortho_run")
 
 
 @SCHEDULES.register("constant")
@@ -20,6 +23,18 @@ def constant(cfg, step, warm, total, spe):
 def multistep(cfg, step, warm, total, spe):
     epoch = step / spe
     return cfg.gamma ** sum(1 for m in cfg.milestones if epoch >= m)
+
+
+def _multistep_check(run_cfg) -> None:
+    """The pre-flight's: a step schedule none of whose milestones falls inside the run."""
+    milestones, epochs = list(run_cfg.optim.milestones), run_cfg.trainer.max_epochs
+    if not any(m < epochs for m in milestones):
+        log.warning("optim.scheduler=multistep: no optim.milestones before the run ends "
+                    "(milestones %s, trainer.max_epochs=%d): the learning rate never steps "
+                    "down", milestones, epochs)
+
+
+multistep.check = _multistep_check
 
 
 @SCHEDULES.register("cosine")
