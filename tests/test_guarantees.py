@@ -386,3 +386,14 @@ def test_a_torchvision_set_without_its_files_names_the_files(tmp_path):
     msg = refused(tmp_path, [*SMOKE, "data=torchvision", "data.dataset=CIFAR10",
                              f"data.root={tmp_path}/none"], exc=DataError)
     assert "cifar-10-batches-py" in msg and "data_batch_1" in msg and "test_batch" in msg
+
+
+def test_a_forced_resume_whose_state_does_not_fit_says_what_to_do_and_keeps_the_run(tmp_path):
+    run_inprocess(tmp_path, [*SMOKE, "optim=muon"])
+    summary = (tmp_path / "run" / "summary.json").read_text()
+    with pytest.raises(CheckpointError) as e:
+        run_inprocess(tmp_path, [*SMOKE, "optim=sgd", "trainer.max_epochs=2",
+                                 "trainer.resume=force"])
+    msg = str(e.value)
+    assert "does not fit" in msg and "trainer.resume=none" in msg, msg
+    assert (tmp_path / "run" / "summary.json").read_text() == summary  # nothing lost

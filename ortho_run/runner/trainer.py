@@ -190,8 +190,10 @@ class Trainer:
             for sc, sd in zip(self.schedulers, st["schedulers"], strict=True):
                 sc.load_state_dict(sd)
         except (RuntimeError, KeyError, ValueError) as exc:
-            raise CheckpointError(f"checkpoint does not fit this model/method/optimiser: "
-                                  f"{str(exc).splitlines()[0] if str(exc) else repr(exc)}") from None
+            raise CheckpointError(
+                f"checkpoint does not fit this model/method/optimiser: "
+                f"{str(exc).splitlines()[0] if str(exc) else repr(exc)}. Resume it with the "
+                f"config it was saved with, or start over with trainer.resume=none") from None
         self.state = TrainState(epoch=st["epoch"], batch=st["batch"], step=st["step"],
                                 sums=dict(st["sums"]), best=st["best"],
                                 history=list(st["history"]), train_s=st.get("train_s", 0.0))
