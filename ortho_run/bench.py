@@ -248,6 +248,34 @@ def print_step_calls(res: dict) -> None:
         print(f"    regularizer {name:9s} {r['calls']:5d} calls/penalty   ({r['layers']} layers)")
 
 
+def _at_least(low: int):
+    """An argparse type: an integer >= ``low``."""
+    def parse(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if v < low:
+            raise argparse.ArgumentTypeError(f"{v} must be >= {low}")
+        return v
+    return parse
+
+
+def _check_names(p: argparse.ArgumentParser, args) -> None:
+    """Every name of --methods, --optims and --regularizers is an option of its group."""
+    from ortho_run.methods import METHODS
+    from ortho_run.optim import OPTIMIZERS
+    from ortho_run.regularizers import REGULARIZERS
+
+    for flag, given, known in (("--methods", args.methods, METHODS.names()),
+                               ("--optims", args.optims, [*OPTIMIZERS.names(), *PEERS]),
+                               ("--regularizers", args.regularizers, REGULARIZERS.names())):
+        unknown = [n for n in str(given or "").split(",") if n and n not in known]
+        if unknown:
+            p.error(f"{flag}: {', '.join(unknown)} is not an option; use some of "
+                    f"{', '.join(known)}")
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m ortho_run.bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -256,10 +284,10 @@ def main(argv=None):
                         "or timm with the override model.arch=NAME")
     p.add_argument("--data", default="synthetic")
     p.add_argument("--data-root", default=None)
-    p.add_argument("--batch", type=int, default=512)
-    p.add_argument("--steps", type=int, default=50)
-    p.add_argument("--warmup", type=int, default=15)
-    p.add_argument("--workers", type=int, default=8)
+    p.add_argument("--batch", type=_at_least(1), default=512)
+    p.add_argument("--steps", type=_at_least(1), default=50)
+    p.add_argument("--warmup", type=_at_least(0), default=15)
+    p.add_argument("--workers", type=_at_least(0), default=8)
     p.add_argument("--precision", default="auto")
     p.add_argument("--device", default="auto")
     p.add_argument("--compile", action="store_true")
@@ -275,14 +303,14 @@ def main(argv=None):
     p.add_argument("--regularizers", default="",
                    help="regularisers to time against none on method ce, e.g. "
                         "none,soft_orth,srip,conv_orth,orthogonal (the tiny mode times them all)")
-    p.add_argument("--num-classes", type=int, default=10)
-    p.add_argument("--image-size", type=int, default=32)
-    p.add_argument("--train-per-class", type=int, default=5000)
+    p.add_argument("--num-classes", type=_at_least(2), default=10)
+    p.add_argument("--image-size", type=_at_least(4), default=32)
+    p.add_argument("--train-per-class", type=_at_least(1), default=5000)
     p.add_argument("--skip-loader", action="store_true")
     p.add_argument("--profile", action="store_true", help="print a CUDA kernel table per method")
     p.add_argument("--no-count", action="store_true",
                    help="skip counting kernel launches (GPU) / ATen calls (CPU) per step")
-    p.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds (median)")
+    p.add_argument("--rounds", type=_at_least(1), default=5, help="interleaved timing rounds (median)")
     p.add_argument("--json", default=None, help="write the results here")
     p.add_argument("--tiny", action="store_true", help="CPU smoke: small_cnn on digits")
     p.add_argument("--calls", action="store_true",
@@ -313,6 +341,7 @@ def main(argv=None):
         from ortho_run.store import compatibility_methods
 
         args.methods = ",".join(compatibility_methods(compat=False))
+    _check_names(p, args)
     res = {"args": vars(args)}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)

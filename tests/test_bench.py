@@ -5,6 +5,23 @@ import json
 import pytest
 
 
+@pytest.mark.parametrize("args,said", [
+    (["--steps", "0"], "argument --steps: 0 must be >= 1"),
+    (["--rounds", "0"], "argument --rounds: 0 must be >= 1"),
+    (["--batch", "-1"], "argument --batch: -1 must be >= 1"),
+    (["--warmup", "x"], "argument --warmup: 'x' is not an integer"),
+    (["--optims", "sgd,muonn"], "--optims: muonn is not an option"),
+    (["--methods", "ce,nope"], "--methods: nope is not an option"),
+    (["--regularizers", "srp"], "--regularizers: srp is not an option"),
+])
+def test_bench_refuses_bad_arguments_before_any_work(args, said, capsys):
+    from ortho_run.bench import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["--tiny", *args])
+    assert e.value.code == 2 and said in capsys.readouterr().err
+
+
 @pytest.mark.slow
 def test_bench_tiny_measures_all_four_quantities(tmp_path, capsys):
     from ortho_run.bench import main
