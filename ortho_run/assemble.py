@@ -15,7 +15,7 @@ from omegaconf import OmegaConf
 from torch import nn
 
 from ortho_run.checkpoint import load as load_checkpoint
-from ortho_run.errors import CheckpointError
+from ortho_run.errors import CheckpointError, ConfigError
 from ortho_run.methods import METHODS, Batch, MethodContext, MethodOutput
 from ortho_run.methods.base import CompatArtifacts, CompatShape
 from ortho_run.models import build_backbone
@@ -71,6 +71,28 @@ class Net(nn.Module):
         for field_name, embed in self._frozen:
             setattr(batch, field_name, embed(x))
         return batch, self.method(batch)
+
+
+def check_one_image_batches(backbone: nn.Module, spec: NetSpec, device, model: str,
+                            batch_size: int) -> None:
+    """Training batches of one image: refused where a batch norm of ``backbone`` would see a
+    single value per channel (torch cannot train on it), found by one forward pass of a copy
+    (the net's own state and the random streams are untouched)."""
+    import copy
+
+    probe = copy.deepcopy(backbone).train()
+    x = torch.zeros(1, spec.channels, spec.image_size, spec.image_size, device=device)
+    with torch.random.fork_rng(devices=[device] if torch.device(device).type == "cuda" else []):
+        try:
+            probe(x)
+        except ValueError as exc:
+            if "more than 1 value per channel" not in str(exc):
+                raise
+            raise ConfigError(
+                f"a training batch holds a single image (data.batch_size={batch_size}, or fewer "
+                f"training images than that), and model={model} normalises by batch where one "
+                f"image leaves one value per channel: use data.batch_size >= 2 and at least 2 "
+                f"training images per rank") from None
 
 
 def build_method(cfg, num_classes: int, feature_dim: int, device, distributed: bool = False,

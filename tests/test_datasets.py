@@ -8,6 +8,7 @@ import torch
 
 from conftest import SHARED_NPZ, compose
 from ortho_run.datasets import load_dataset
+from ortho_run.datasets.base import Split
 from ortho_run.datasets.cifar import decode_jpeg_npz, write_cifar
 from ortho_run.datasets.loaders import DeviceLoader, TorchLoader
 from ortho_run.errors import DataError
@@ -161,6 +162,31 @@ def test_loaders_are_seeded_per_epoch_and_cover_the_data():
     ev = DeviceLoader(sp, 5, "cpu", (0,) * 3, (1 / 255,) * 3, train=False)
     xs = torch.cat([x for x, _ in ev])
     assert torch.equal(xs, sp.x.float())
+
+
+@pytest.mark.parametrize("kind", ["device", "torch"])
+def test_ranks_evaluate_every_image_once_and_each_trains_on_a_shard(kind):
+    """Evaluation: over the ranks, each image once (no image left out, none repeated).
+    Training: equal shards, and a shard smaller than a batch still trains one batch."""
+    def loader(split, bs, train, rank, world):
+        if kind == "device":
+            return DeviceLoader(split, bs, "cpu", (0,) * 3, (1 / 255,) * 3, train=train,
+                                rank=rank, world_size=world)
+        return TorchLoader(split, bs, "cpu", (0,) * 3, (1 / 255,) * 3, train=train,
+                           image_size=8, num_workers=0, rank=rank, world_size=world)
+
+    n = 10
+    sp = Split(x=torch.arange(n, dtype=torch.uint8).view(n, 1, 1, 1).expand(n, 3, 8, 8).clone(),
+               y=torch.arange(n))
+    for world, bs in [(3, 3), (3, 1), (4, 2), (2, 5)]:
+        seen = sorted(int(y) for r in range(world) for _, ys in loader(sp, bs, False, r, world)
+                      for y in ys)
+        assert seen == list(range(n)), (world, bs, seen)
+        for r in range(world):
+            ld = loader(sp, 8, True, r, world)  # a shard of n // world < 8 images
+            got = [len(ys) for _, ys in ld]
+            assert got == [n // world] and ld.smallest_batch == n // world, (world, got)
+    assert loader(sp, 4, True, 0, 1).smallest_batch == 4  # the partial batch is dropped
 
 
 def test_standard_and_device_pipelines_agree_without_augmentation():

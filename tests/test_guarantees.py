@@ -144,6 +144,15 @@ def test_a_hugging_face_set_with_string_labels_trains_and_records_the_mapping(tm
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["label_names"]["emu"] == 2
 
 
+def test_batches_of_one_image_are_refused_where_batch_norm_cannot_train_them(tmp_path):
+    msg = refused(tmp_path, [*SMOKE, "model=resnet18_cifar", "data.batch_size=1"])
+    assert "data.batch_size=1" in msg and "model=resnet18_cifar" in msg, msg
+    # small_cnn's batch norms see 8x8 maps: one image is enough for them
+    s = run_inprocess(tmp_path, [*SMOKE, "data.batch_size=1", "data.max_train_samples=4"],
+                      name="ok")
+    assert s["status"] == "finished" and s["step"] == 4
+
+
 # ---------------------------------------------------------------- 4. the report drops or crashes
 def _summary(d: Path, **kw):
     d.mkdir(parents=True)

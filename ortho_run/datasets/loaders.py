@@ -29,6 +29,41 @@ def _num_batches(n: int, batch_size: int, drop_last: bool) -> int:
     return n // batch_size if drop_last else -(-n // batch_size)
 
 
+def shard_size(n: int, train: bool, rank: int, world_size: int) -> int:
+    """How many of ``n`` images one rank reads: training, equal shards (the tail that does not
+    divide is left out, reshuffled each epoch); evaluation, every image once over the ranks
+    (rank r reads r, r + world, ...)."""
+    if world_size <= 1:
+        return n
+    return n // world_size if train else len(range(rank, n, world_size))
+
+
+def _drop_last(train: bool, shard: int, batch_size: int, drop_last: Optional[bool]) -> bool:
+    """Training drops its last partial batch, unless the shard holds less than one batch
+    (a tiny data set still gets one batch per epoch)."""
+    if drop_last is None:
+        return train and shard >= batch_size
+    return drop_last and shard >= batch_size
+
+
+def _smallest_batch(shard: int, batch_size: int, drop_last: bool) -> int:
+    return batch_size if drop_last else (shard % batch_size or batch_size)
+
+
+class _EvalShard(torch.utils.data.Sampler):
+    """Rank r of ``world`` reads images r, r + world, ...: each image once over the ranks
+    (torch's DistributedSampler pads the last round with repeated images instead)."""
+
+    def __init__(self, n: int, rank: int, world_size: int):
+        self.idx = range(rank, n, world_size)
+
+    def __iter__(self):
+        return iter(self.idx)
+
+    def __len__(self) -> int:
+        return len(self.idx)
+
+
 class DeviceLoader:
     def __init__(self, split: Split, batch_size: int, device: torch.device, mean: Sequence[float],
                  std: Sequence[float], train: bool, augment: str = "none", padding: int = 4,
@@ -54,11 +89,11 @@ class DeviceLoader:
         self.h, self.w = split.x.shape[-2:]
         self.n = len(split)
         self.batch_size = batch_size
-        self.drop_last = train if drop_last is None else drop_last
-        if self.drop_last and self.n < batch_size:
-            self.drop_last = False  # tiny data sets still get one batch per epoch
-        self.seed, self.epoch = seed, 0
         self.rank, self.world = rank, world_size
+        self.shard = shard_size(self.n, train, rank, world_size)
+        self.drop_last = _drop_last(train, self.shard, batch_size, drop_last)
+        self.smallest_batch = _smallest_batch(self.shard, batch_size, self.drop_last)
+        self.seed, self.epoch = seed, 0
         self.channels_last = channels_last
         self.limit = limit_batches
         c = split.x.shape[1]
@@ -80,14 +115,13 @@ class DeviceLoader:
             idx = torch.arange(self.n, device=self.device)
         else:
             idx = torch.randperm(self.n, device=self.device, generator=gen)
-        if self.world > 1:  # equal shards: drop the tail that does not divide
-            per = self.n // self.world
+        if self.world > 1:  # shard_size's shards
+            per = self.shard
             idx = idx[self.rank * per:(self.rank + 1) * per] if self.train else idx[self.rank::self.world]
         return idx
 
     def __len__(self) -> int:
-        n = self.n // self.world if self.world > 1 else self.n
-        b = _num_batches(n, self.batch_size, self.drop_last)
+        b = _num_batches(self.shard, self.batch_size, self.drop_last)
         return min(b, self.limit) if self.limit else b
 
     def _augment(self, idx: Tensor, gen) -> Tensor:
@@ -248,10 +282,13 @@ class TorchLoader:
         self.gen = torch.Generator()
         sampler = None
         if world_size > 1:
-            sampler = torch.utils.data.DistributedSampler(ds, world_size, rank, shuffle=train,
-                                                          seed=seed, drop_last=train)
+            sampler = (torch.utils.data.DistributedSampler(ds, world_size, rank, shuffle=True,
+                                                           seed=seed, drop_last=True)
+                       if train else _EvalShard(len(ds), rank, world_size))
         self.sampler = sampler
-        drop = (train and len(ds) >= batch_size) if drop_last is None else drop_last
+        shard = shard_size(len(ds), train, rank, world_size)
+        drop = _drop_last(train, shard, batch_size, drop_last)
+        self.smallest_batch = _smallest_batch(shard, batch_size, drop)
         self.dl = torch.utils.data.DataLoader(
             ds, batch_size=batch_size, shuffle=train and sampler is None, sampler=sampler,
             num_workers=num_workers, pin_memory=self.device.type == "cuda", drop_last=drop,
@@ -261,7 +298,7 @@ class TorchLoader:
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
         self.gen.manual_seed(epoch_seed(self.seed, epoch))
-        if self.sampler is not None:
+        if hasattr(self.sampler, "set_epoch"):
             self.sampler.set_epoch(epoch)
 
     def __len__(self):

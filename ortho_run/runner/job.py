@@ -14,7 +14,7 @@ from typing import Callable, Dict, Optional
 import torch
 
 from ortho_run import checkpoint as ckpt
-from ortho_run.assemble import Net, NetSpec, build_net
+from ortho_run.assemble import Net, NetSpec, build_net, check_one_image_batches
 from ortho_run.compat import CompatPlan, CompatService, plan_compat
 from ortho_run.datasets import load_dataset
 from ortho_run.datasets.base import DataSet
@@ -150,6 +150,9 @@ def build(p: Plan, launch: Callable, emit=lambda row: None, resume: Optional[dic
         ds, cfg.data, device, cfg.seed, p.pipeline, channels_last=p.channels_last,
         rank=p.dist.rank, world_size=p.dist.world_size,
         limit_train_batches=cfg.trainer.limit_train_batches)
+    if train_loader.smallest_batch == 1:
+        check_one_image_batches(net.backbone, spec, device, str(cfg.model.name),
+                                int(cfg.data.batch_size))
     images = init_images(ds, net.backbone.data_init_images, cfg.data.split_seed, device,
                          f"model={cfg.model.name}")
     if p.channels_last:
