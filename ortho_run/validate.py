@@ -1,7 +1,8 @@
 """The pre-flight: every config check the type system cannot express, in one place, run
 before anything is read or written.
 
-Plugin names against their registries, every number finite, the ranges in ``config.RANGES``
+Plugin names against their registries, no key that its schema lacks (one appended with
+``+key=...``), every number finite, the ranges in ``config.RANGES``
 (built from the shared helpers ``positive``, ``at_least``, ``in_unit_interval``), each chosen
 plugin schema's ``checks`` (``[(field, ok, what it must be), ...]``, with those of the schemas
 it extends: ``config.schema_checks``), each chosen plugin's ``check(run_cfg)`` for what spans
@@ -11,11 +12,12 @@ model (a class count, a feature dim) is checked where those are first known, in 
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
-from typing import Any, Iterator, Tuple
+from typing import Any, Iterator, Optional, Tuple
 
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
 from ortho_run import keys, references
 from ortho_run.config import RANGES, output_root_error, schema_checks
@@ -36,6 +38,26 @@ def _walk(node: Any, prefix: str = "") -> Iterator[Tuple[str, Any]]:
         yield prefix[:-1], node
 
 
+def _unknown_key(node, prefix: str = "") -> Optional[str]:
+    """Why ``node`` holds a key its schema does not declare (one a ``+key=...`` override
+    appended past the schemas), or None. Each typed node is held against its dataclass's fields;
+    a ``Dict`` field takes any key."""
+    schema = OmegaConf.get_type(node)
+    fields = ({f.name for f in dataclasses.fields(schema)} if dataclasses.is_dataclass(schema)
+              else None)
+    for k in node.keys():
+        key = f"{prefix}{k}"
+        if fields is not None and k not in fields:
+            return (f"unknown key {key}: {schema.__name__} has no key {k!r} (check the "
+                    f"spelling; ortho-run --cfg job prints every key)")
+        child = node._get_node(k)
+        if isinstance(child, DictConfig):
+            why = _unknown_key(child, f"{key}.")
+            if why:
+                return why
+    return None
+
+
 def validate(cfg) -> None:
     """Raise ConfigError naming the first bad key."""
     from ortho_run.optim import SCHEDULES
@@ -52,7 +74,13 @@ def validate(cfg) -> None:
     if cfg.reference is not None:
         references.get(str(cfg.reference))
     # keys appended with +key=... bypass the schemas at composition: refuse them like a typo
-    structured(container, source="unknown key")
+    # (a composed config is typed node by node; an untyped one is typed here first)
+    if dataclasses.is_dataclass(OmegaConf.get_type(cfg)):
+        why = _unknown_key(cfg)
+        if why:
+            raise ConfigError(why)
+    else:
+        structured(container, source="unknown key")
     if str(cfg.optim.scheduler) not in SCHEDULES:
         raise ConfigError(f"optim.scheduler={cfg.optim.scheduler}: use one of "
                           f"{', '.join(SCHEDULES.names())}")

@@ -258,13 +258,18 @@ def fuzz_case(tmp_path, picks, outcomes):
 def fuzz(tmp_path, examples):
     """``examples`` random override sets; every one must train or fail cleanly, and the fuzz
     must have reached all three outcomes."""
-    from hypothesis import given, settings, strategies as st
+    from hypothesis import example, given, settings, strategies as st
 
     outcomes = {"refused_at_composition": 0, "clean_error": 0, "trained": 0}
     picks = st.dictionaries(st.sampled_from(sorted(VALUES)), st.integers(0, 10), max_size=5)
 
+    # one case of each outcome for sure (optim=lbfgs, data.batch_size=0, the preset as it is),
+    # then the random ones
     @settings(max_examples=examples, deadline=None, database=None)
     @given(picks)
+    @example({"optim": 2})
+    @example({"data.batch_size": 3})
+    @example({})
     def case(p):
         fuzz_case(tmp_path, p, outcomes)
 
