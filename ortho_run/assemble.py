@@ -73,16 +73,16 @@ class Net(nn.Module):
         return batch, self.method(batch)
 
 
-def check_one_image_batches(backbone: nn.Module, spec: NetSpec, device, model: str,
+def check_one_image_batches(backbone: nn.Module, spec: NetSpec, model: str,
                             batch_size: int) -> None:
-    """Training batches of one image: refused where a batch norm of ``backbone`` would see a
-    single value per channel (torch cannot train on it), found by one forward pass of a copy
-    (the net's own state and the random streams are untouched)."""
+    """Training batches of one image: refused where a batch norm of ``backbone`` (still on
+    the CPU) would see a single value per channel (torch cannot train on it), found by one
+    forward pass of a copy (the backbone's own state and the random streams are untouched)."""
     import copy
 
     probe = copy.deepcopy(backbone).train()
-    x = torch.zeros(1, spec.channels, spec.image_size, spec.image_size, device=device)
-    with torch.random.fork_rng(devices=[device] if torch.device(device).type == "cuda" else []):
+    x = torch.zeros(1, spec.channels, spec.image_size, spec.image_size)
+    with torch.random.fork_rng(devices=[]):
         try:
             probe(x)
         except ValueError as exc:
@@ -105,15 +105,19 @@ def build_method(cfg, num_classes: int, feature_dim: int, device, distributed: b
 
 def build_net(cfg, spec: NetSpec, device, distributed: bool = False, compat=None,
               frozen: Optional[Dict[str, Callable]] = None,
-              backbone_state: Optional[Dict[str, torch.Tensor]] = None) -> Net:
+              backbone_state: Optional[Dict[str, torch.Tensor]] = None,
+              smallest_batch: Optional[int] = None) -> Net:
     """The net for ``cfg`` on data of ``spec``. Model weights are initialised from ``cfg.seed``;
     with ``backbone_state`` (an independently trained backbone) the backbone then takes those
-    weights and is frozen."""
+    weights and is frozen. A backbone that cannot train on batches of ``smallest_batch``
+    images (one, with batch norm over a single value) is refused."""
     model_cfg = cfg.model
     if spec.embed_dim != model_cfg.embed_dim:
         model_cfg = OmegaConf.merge(model_cfg, {"embed_dim": spec.embed_dim})
     torch.manual_seed(cfg.seed)  # model init does not depend on the data set's RNG use
     backbone = build_backbone(model_cfg, spec.channels, spec.image_size)
+    if smallest_batch == 1:
+        check_one_image_batches(backbone, spec, str(cfg.model.name), int(cfg.data.batch_size))
     method = build_method(cfg, spec.num_classes, backbone.feature_dim, device, distributed,
                           compat)
     net = Net(backbone, method, frozen).to(device)

@@ -67,23 +67,24 @@ def validate(cfg) -> None:
         container = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
     except Exception as exc:
         raise ConfigError(f"the config does not resolve: {str(exc).splitlines()[0]}") from None
-    # the names first, each looked up once: every group's plugin (with its schema) and the
-    # published result the run is compared with
-    chosen = {group: (reg.get(str(cfg[group].name)), reg.schema(str(cfg[group].name)))
-              for group, reg in plugin_registries().items()}
-    if cfg.reference is not None:
-        references.get(str(cfg.reference))
     # keys appended with +key=... bypass the schemas at composition: refuse them like a typo
-    # (a composed config is typed node by node; an untyped one is typed here first)
-    if dataclasses.is_dataclass(OmegaConf.get_type(cfg)):
-        why = _unknown_key(cfg)
-        if why:
-            raise ConfigError(why)
-    else:
-        structured(container, source="unknown key")
+    # (a composed config is typed node by node)
+    typed = dataclasses.is_dataclass(OmegaConf.get_type(cfg))
+    why = _unknown_key(cfg) if typed else None
+    if why:
+        raise ConfigError(why)
+    # the names, each looked up once: every group's plugin (with its schema), the schedule and
+    # the published result the run is compared with
     if str(cfg.optim.scheduler) not in SCHEDULES:
         raise ConfigError(f"optim.scheduler={cfg.optim.scheduler}: use one of "
                           f"{', '.join(SCHEDULES.names())}")
+    chosen = {group: (reg.get(str(cfg[group].name)), reg.schema(str(cfg[group].name)))
+              for group, reg in plugin_registries().items()}
+    schedule = SCHEDULES.get(str(cfg.optim.scheduler))
+    if cfg.reference is not None:
+        references.get(str(cfg.reference))
+    if not typed:  # an untyped config is typed here, through the schemas of the names it gives
+        structured(container, source="unknown key")
     for key, v in _walk(container):
         if isinstance(v, float) and not math.isfinite(v):
             raise ConfigError(f"{key}={v} is not a finite number")
@@ -102,7 +103,7 @@ def validate(cfg) -> None:
             raise ConfigError(f"{key}={v} is out of range: it must be {what}")
     # each chosen plugin's (and the schedule's) checks of the whole config (cross-key, other
     # groups): a method's ``check`` classmethod, a builder's or a schedule's ``check`` attribute
-    for builder in [b for b, _ in chosen.values()] + [SCHEDULES.get(str(cfg.optim.scheduler))]:
+    for builder in [b for b, _ in chosen.values()] + [schedule]:
         check = getattr(builder, "check", None)
         if check is not None:
             check(cfg)

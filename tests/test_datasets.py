@@ -10,7 +10,7 @@ from conftest import SHARED_NPZ, compose
 from ortho_run.datasets import load_dataset
 from ortho_run.datasets.base import Split
 from ortho_run.datasets.cifar import decode_jpeg_npz, write_cifar
-from ortho_run.datasets.loaders import DeviceLoader, TorchLoader
+from ortho_run.datasets.loaders import DeviceLoader, TorchLoader, smallest_train_batch
 from ortho_run.errors import DataError
 
 
@@ -185,8 +185,9 @@ def test_ranks_evaluate_every_image_once_and_each_trains_on_a_shard(kind):
         for r in range(world):
             ld = loader(sp, 8, True, r, world)  # a shard of n // world < 8 images
             got = [len(ys) for _, ys in ld]
-            assert got == [n // world] and ld.smallest_batch == n // world, (world, got)
-    assert loader(sp, 4, True, 0, 1).smallest_batch == 4  # the partial batch is dropped
+            assert got == [n // world] == [smallest_train_batch(n, 8, r, world)], (world, got)
+    got = [len(ys) for _, ys in loader(sp, 4, True, 0, 1)]
+    assert got == [4, 4] and smallest_train_batch(n, 4) == 4  # the partial batch is dropped
 
 
 def test_standard_and_device_pipelines_agree_without_augmentation():

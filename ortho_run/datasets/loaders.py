@@ -46,8 +46,12 @@ def _drop_last(train: bool, shard: int, batch_size: int, drop_last: Optional[boo
     return drop_last and shard >= batch_size
 
 
-def _smallest_batch(shard: int, batch_size: int, drop_last: bool) -> int:
-    return batch_size if drop_last else (shard % batch_size or batch_size)
+def smallest_train_batch(n: int, batch_size: int, rank: int = 0, world_size: int = 1) -> int:
+    """The fewest images a training batch of one rank holds, over ``n`` training images."""
+    shard = shard_size(n, True, rank, world_size)
+    if _drop_last(True, shard, batch_size, None):
+        return batch_size
+    return shard % batch_size or batch_size
 
 
 class _EvalShard(torch.utils.data.Sampler):
@@ -92,7 +96,6 @@ class DeviceLoader:
         self.rank, self.world = rank, world_size
         self.shard = shard_size(self.n, train, rank, world_size)
         self.drop_last = _drop_last(train, self.shard, batch_size, drop_last)
-        self.smallest_batch = _smallest_batch(self.shard, batch_size, self.drop_last)
         self.seed, self.epoch = seed, 0
         self.channels_last = channels_last
         self.limit = limit_batches
@@ -286,9 +289,8 @@ class TorchLoader:
                                                            seed=seed, drop_last=True)
                        if train else _EvalShard(len(ds), rank, world_size))
         self.sampler = sampler
-        shard = shard_size(len(ds), train, rank, world_size)
-        drop = _drop_last(train, shard, batch_size, drop_last)
-        self.smallest_batch = _smallest_batch(shard, batch_size, drop)
+        drop = _drop_last(train, shard_size(len(ds), train, rank, world_size), batch_size,
+                          drop_last)
         self.dl = torch.utils.data.DataLoader(
             ds, batch_size=batch_size, shuffle=train and sampler is None, sampler=sampler,
             num_workers=num_workers, pin_memory=self.device.type == "cuda", drop_last=drop,

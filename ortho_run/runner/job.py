@@ -14,11 +14,12 @@ from typing import Callable, Dict, Optional
 import torch
 
 from ortho_run import checkpoint as ckpt
-from ortho_run.assemble import Net, NetSpec, build_net, check_one_image_batches
+from ortho_run.assemble import Net, NetSpec, build_net
 from ortho_run.compat import CompatPlan, CompatService, plan_compat
 from ortho_run.datasets import load_dataset
 from ortho_run.datasets.base import DataSet
-from ortho_run.datasets.loaders import build_loader, build_loaders, choose_pipeline, init_images
+from ortho_run.datasets.loaders import (build_loader, build_loaders, choose_pipeline, init_images,
+                                        smallest_train_batch)
 from ortho_run.methods import METHODS, Needs
 from ortho_run.models import model_data_config
 from ortho_run.regularizers import Regularizer, build_regularizer
@@ -39,6 +40,7 @@ class Plan:
     device_name: str  # what summary.json records: the GPU's name, or the CPU's cores and threads
     ds: DataSet  # split, subset and normalised as the loaders will read it
     pipeline: str  # resident | loader
+    smallest_batch: int  # the fewest images a training batch of this rank holds
     channels_last: bool
     needs: Needs  # what the method asks of earlier models
     compat: Optional[CompatPlan]  # a compatibility run's steps and earlier models
@@ -79,13 +81,15 @@ def plan(cfg, run_dir: Path, dist: Dist = Dist()) -> Plan:
         ds = replace(ds, mean=tuple(data_config["mean"]), std=tuple(data_config["std"]),
                      image_size=ds.image_size if ds.is_array else data_config["input_size"][-1])
     pipeline = choose_pipeline(str(cfg.data.pipeline), ds, device)
+    smallest = smallest_train_batch(len(ds.train), int(cfg.data.batch_size), dist.rank,
+                                    dist.world_size)
     needs = METHODS.get(cfg.method.name).needs(cfg.method)
     if not needs.any and cfg.compat.steps:
         log.warning("compat.steps is set, but method=%s trains alone (no old model): the steps "
                     "are ignored; pick a compatibility method (%s)", cfg.method.name,
                     ", ".join(compatibility_methods()))
     return Plan(cfg=cfg, run_dir=Path(run_dir), dist=dist, device=device, device_name=name,
-                ds=ds, pipeline=pipeline,
+                ds=ds, pipeline=pipeline, smallest_batch=smallest,
                 channels_last=bool(t.channels_last and device.type == "cuda"), needs=needs,
                 compat=plan_compat(cfg, ds.source_classes) if needs.any else None,
                 spec=NetSpec(ds.channels, ds.image_size, ds.num_classes, cfg.model.embed_dim),
@@ -144,15 +148,13 @@ def build(p: Plan, launch: Callable, emit=lambda row: None, resume: Optional[dic
             cfg.method, artifacts.old_dim, cfg.model.embed_dim))
         if p.needs.independent_backbone:
             backbone_state = service.independent_backbone()
-    net = build_net(cfg, spec, device, p.dist.world_size > 1, artifacts, frozen, backbone_state)
+    net = build_net(cfg, spec, device, p.dist.world_size > 1, artifacts, frozen, backbone_state,
+                    smallest_batch=p.smallest_batch)
     regularizer = build_regularizer(cfg.regularizer, net.backbone)  # before the optimisers
     train_loader, evals = build_loaders(
         ds, cfg.data, device, cfg.seed, p.pipeline, channels_last=p.channels_last,
         rank=p.dist.rank, world_size=p.dist.world_size,
         limit_train_batches=cfg.trainer.limit_train_batches)
-    if train_loader.smallest_batch == 1:
-        check_one_image_batches(net.backbone, spec, device, str(cfg.model.name),
-                                int(cfg.data.batch_size))
     images = init_images(ds, net.backbone.data_init_images, cfg.data.split_seed, device,
                          f"model={cfg.model.name}")
     if p.channels_last:
