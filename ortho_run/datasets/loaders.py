@@ -41,9 +41,7 @@ def shard_size(n: int, train: bool, rank: int, world_size: int) -> int:
 def _drop_last(train: bool, shard: int, batch_size: int, drop_last: Optional[bool]) -> bool:
     """Training drops its last partial batch, unless the shard holds less than one batch
     (a tiny data set still gets one batch per epoch)."""
-    if drop_last is None:
-        return train and shard >= batch_size
-    return drop_last and shard >= batch_size
+    return (train if drop_last is None else drop_last) and shard >= batch_size
 
 
 def smallest_train_batch(n: int, batch_size: int, rank: int = 0, world_size: int = 1) -> int:
