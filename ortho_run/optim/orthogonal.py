@@ -32,7 +32,12 @@ device value on the host).
   Frobenius norm (the paper instead states an update RMS of 0.2·η: not what its code does). On
   a convolution the rows are the output units of the flattened kernel, as for every rule here;
   the official code, given a 4-D weight, takes the statistics over the kernel's last axis and
-  restores the norm per k×k slice, which we do not follow.
+  restores the norm per k×k slice, which we do not follow. Newton–Schulz starts from
+  X/(‖X‖_F + 1e-7), as the K. Jordan code that NorMuon ships (``ns_norm_eps=add``; Muon's
+  default here is torch.optim.Muon's X/max(‖X‖_F, eps), which differs by 1e-7/‖X‖_F, a lot
+  for a small momentum). The row statistics run in float32: the official code keeps
+  Newton–Schulz's bf16, and with float32 weights its second-moment update refuses the bf16
+  row means.
 - ``root`` — ROOT (He et al. 2025, huawei-noah/noah-research ``ROOT``): B ← μB + G (a plain sum),
   M = G + μB with Nesterov (the official default; else M = B). The outliers beyond ε, the
   linearly interpolated ``root_quantile`` (0.9) quantile of |M| (the official
@@ -64,7 +69,7 @@ from __future__ import annotations
 import math
 import struct
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, ClassVar, Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -113,7 +118,7 @@ class AdjustLR(Choice):
 
 class NormEps(Choice):
     clamp = "clamp"  # X / max(‖X‖_F, eps): torch.optim.Muon, timm
-    add = "add"  # X / (‖X‖_F + eps): K. Jordan's, ROOT's, AuON's and airbench's code
+    add = "add"  # X / (‖X‖_F + eps): K. Jordan's, NorMuon's, ROOT's, AuON's, airbench's code
 
 
 _DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
@@ -178,7 +183,9 @@ class Hyper:
     coefficients: Tuple[Triple, ...] = (MUON_COEFFICIENTS,)
     ns_dtype: torch.dtype = torch.bfloat16
     eps: float = 1e-7
-    add_eps: bool = False  # NS from X/(‖X‖ + eps) (ROOT's, AuON's code) instead of X/max(‖X‖, eps)
+    #: NS from X/(‖X‖ + eps) (K. Jordan's code, which NorMuon, ROOT and AuON ship) instead of
+    #: X/max(‖X‖, eps) (torch.optim.Muon's); None: the rule's own (``Rule.add_eps``)
+    add_eps: Optional[bool] = None
     beta2: float = 0.95
     norm_eps: float = 1e-10
     root_quantile: float = 0.9
@@ -198,7 +205,7 @@ class Hyper:
         if shape in table:
             coefficients = (table[shape],)
         return newton_schulz(x, self.ns_steps, coefficients, self.eps, self.ns_dtype,
-                             add_eps=self.add_eps)
+                             add_eps=bool(self.add_eps))
 
 
 def _rms(t: Tensor) -> Tensor:
@@ -216,12 +223,13 @@ def muon_update(m: Tensor, state: Dict[str, List[Tensor]], h: Hyper) -> Tensor:
 
 
 def normuon_update(m: Tensor, state: Dict[str, List[Tensor]], h: Hyper) -> Tensor:
+    # in float32: the official code keeps the NS output's dtype, and with bf16 Newton–Schulz and
+    # float32 weights its second-moment lerp refuses the bf16 row means
     u = h.orthogonalize(m, *m.shape[-2:]).float()
     v = state["row_second_moment"]  # per matrix: rows × 1, float32
-    torch._foreach_mul_(v, h.beta2)
-    torch._foreach_add_(v, list(u.pow(2).mean(dim=-1, keepdim=True).unbind(0)), alpha=1 - h.beta2)
-    normed = u / (torch.stack(v).sqrt() + h.norm_eps)
-    keep = u.norm(dim=(-2, -1), keepdim=True) / normed.norm(dim=(-2, -1), keepdim=True).clamp(min=1e-30)
+    torch._foreach_lerp_(v, list(u.pow(2).mean(dim=-1, keepdim=True).unbind(0)), 1 - h.beta2)
+    normed = u * (1 / (torch.stack(v).sqrt() + h.norm_eps))
+    keep = u.norm(dim=(-2, -1), keepdim=True) / (normed.norm(dim=(-2, -1), keepdim=True) + 1e-10)
     return normed * keep  # Muon's Frobenius norm, as the official code
 
 
@@ -259,13 +267,14 @@ class Rule:
     update: Callable[[Tensor, Dict[str, List[Tensor]], Hyper], Tensor]
     momentum: str = "ema"  # its momentum form (MomentumForm) unless the config says otherwise
     adjust_lr: str = "original"  # its scale (SCALES) unless the config says otherwise
+    add_eps: bool = False  # its NS start X/(‖X‖ + eps) (NormEps.add) unless the config says otherwise
     state: Tuple[str, ...] = ()  # per-parameter state beyond the momentum buffer (rows × 1)
 
 
 RULES: Dict[str, Rule] = {
     "muon": Rule(muon_update),
-    "normuon": Rule(normuon_update, state=("row_second_moment",)),
-    "root": Rule(root_update, momentum="sum", adjust_lr="match_rms_adamw"),
+    "normuon": Rule(normuon_update, add_eps=True, state=("row_second_moment",)),
+    "root": Rule(root_update, momentum="sum", adjust_lr="match_rms_adamw", add_eps=True),
     "auon": Rule(auon_update),
     "auon_hybrid": Rule(auon_hybrid_update),
 }
@@ -338,6 +347,8 @@ class OrthogonalizedMomentum(torch.optim.Optimizer):
         super().__init__(params, defaults)
         self.rule_name, self.rule, self.batched = rule, RULES[rule], batched
         self.hyper = hyper or Hyper(**hyper_kw)
+        if self.hyper.add_eps is None:
+            self.hyper = replace(self.hyper, add_eps=self.rule.add_eps)
         self._step_fn = orthogonalized_step
         self._lr_tensors: Optional[List[Tensor]] = None
         self._static = False  # CUDA graphs: the state's addresses are fixed
@@ -447,7 +458,7 @@ class NSConfig(OrthoConfig):
     ns_steps: Optional[int] = 5
     ns_dtype: Optional[NSDtype] = NSDtype.bf16
     ns_coefficients: NSCoefficients = NSCoefficients.original
-    ns_norm_eps: Optional[NormEps] = None  # null: the rule's own (ROOT add, others clamp)
+    ns_norm_eps: Optional[NormEps] = None  # null: the rule's own (NorMuon, ROOT add; others clamp)
     checks: ClassVar[list] = [
         ("ns_steps", lambda v: v is None or 1 <= v <= 100, "in [1, 100]")]
 
@@ -519,7 +530,7 @@ def hyper_from_config(rule: str, cfg) -> Hyper:
         steps = cfg.ns_steps if cfg.ns_steps is not None else form.get("ns_steps", 5)
         dtype = str(cfg.ns_dtype) if cfg.ns_dtype is not None else form.get("ns_dtype", "bf16")
         add = (str(cfg.ns_norm_eps) == "add" if cfg.ns_norm_eps is not None
-               else form.get("add_eps", rule == "root"))
+               else form.get("add_eps", RULES[rule].add_eps))
         kw.update(ns_steps=int(steps), ns_dtype=_DTYPES[dtype],
                   coefficients=NS_COEFFICIENTS[str(cfg.ns_coefficients)], add_eps=add)
         if form and kw["adjust_lr"] is None:
