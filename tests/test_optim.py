@@ -68,11 +68,21 @@ MODEL_SHAPES = [(16, 8, 3, 3), (16, 8, 3, 3), (32, 16, 3, 3), (32, 16, 3, 3), (3
                 (24, 40), (40, 24), (12, 4, 1, 1)]
 
 
-def _weights_and_grads(shapes=MODEL_SHAPES, steps=4, dtype=torch.float32, seed=0, scale=1.0):
+#: gradients as training meets them: entries about 1; small ones (about 1e-4, late in
+#: training); and with outliers (every 17th entry 10⁴ times the others)
+GRADIENTS = {"unit": (1.0, 1.0), "small": (1e-4, 1.0), "outliers": (1.0, 1e4)}
+
+
+def _weights_and_grads(shapes=MODEL_SHAPES, steps=4, dtype=torch.float32, seed=0,
+                       gradients="unit"):
+    scale, outlier = GRADIENTS[gradients]
     gen = torch.Generator().manual_seed(seed)
     ws = [torch.randn(*s, generator=gen, dtype=dtype) for s in shapes]
     gs = [[torch.randn(*s, generator=gen, dtype=dtype) * scale for s in shapes]
           for _ in range(steps)]
+    for step in gs:
+        for g in step:
+            g.view(-1)[::17] *= outlier
     return ws, gs
 
 
@@ -114,14 +124,14 @@ def _hyper(**kw):
     return Hyper(ns_dtype=torch.float32, **kw)
 
 
-@pytest.mark.parametrize("scale", [1.0, 1e-4])
+@pytest.mark.parametrize("gradients", sorted(GRADIENTS))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_every_rule_equals_its_official_update_over_several_steps(dtype, scale):
+def test_every_rule_equals_its_official_update_over_several_steps(dtype, gradients):
     """Each rule against its official code re-typed one matrix at a time (tests/
     official_updates.py), 2-D and convolution weights, four steps, Newton–Schulz in float32;
-    also with the small gradients of late training (entries about 1e-4), where how
-    Newton–Schulz guards its division by ‖X‖ (+ eps or max with eps) shows."""
-    ws, gs = _weights_and_grads(dtype=dtype, scale=scale)
+    also with small gradients, where how Newton–Schulz guards its division by ‖X‖ (+ eps, or
+    the max with eps) shows, and with outliers, where how ROOT splits them off rounds."""
+    ws, gs = _weights_and_grads(dtype=dtype, gradients=gradients)
     tol = 1e-6
     cases = {
         "muon": (dict(rule="muon", weight_decay=0.1, hyper=_hyper()),

@@ -42,9 +42,11 @@ device value on the host).
   M = G + μB with Nesterov (the official default; else M = B). The outliers beyond ε, the
   linearly interpolated ``root_quantile`` (0.9) quantile of |M| (the official
   ``simple_quantile``: kthvalue at ⌊q(n−1)⌋+1 and ⌈q(n−1)⌉+1, lerp between them, in float32)
-  plus 1e-9, are split off: only the clipped part clamp(M, −ε, ε) is orthogonalised, in the
-  gradient's dtype (``ns_dtype=fp32``; no bf16 cast) from X/(‖X‖_F + ε), with shape-fitted
-  coefficients (``root_coefficients``, keyed by the matrix's ``ROWSxCOLS`` in either order;
+  plus 1e-9, are split off: only the clipped part clamp(M, −ε, ε) is orthogonalised (computed
+  as the official M − sign(M)·relu(|M| − ε) rounds it, which differs from a plain clamp by up
+  to an ulp of each outlier), in the gradient's dtype (``ns_dtype=fp32``; no bf16 cast) from
+  X/(‖X‖_F + ε), with shape-fitted coefficients (``root_coefficients``, keyed by the matrix's
+  ``ROWSxCOLS`` in either order;
   the default is the official table, whose four LLM shapes no CNN here has) else
   ``ns_coefficients``. W ← W(1 − ηλ) − η·0.2·√max(rows, cols)·NS(clip M) (the code's
   RMS-matching scale, ``root_scale``). The official code takes only 2-D weights; a convolution
@@ -85,7 +87,7 @@ from ortho_run.optim.newton_schulz import (MUON_COEFFICIENTS, NS_COEFFICIENTS, T
 
 class NSDtype(Choice):
     bf16 = "bf16"  # the official Muon/NorMuon code's
-    fp32 = "fp32"  # the gradient's dtype: ROOT's and the AuON package's
+    fp32 = "fp32"  # float32, the gradient's dtype for float32 weights: ROOT's, the AuON package's
 
 
 class NSCoefficients(Choice):
@@ -237,7 +239,11 @@ def root_update(m: Tensor, state: Dict[str, List[Tensor]], h: Hyper) -> Tensor:
     n = m.shape[0]
     eps = linear_quantile(m.abs().reshape(n, -1).float(), h.root_quantile) + 1e-9
     eps = eps.to(m.dtype).view(n, 1, 1)
-    return h.orthogonalize(torch.clamp(m, min=-eps, max=eps), *m.shape[-2:])  # M − T_ε[M]
+    # the clipped part M − T_ε[M], rounded as the official M − sign(M)·relu(|M| − ε): the outliers
+    # T_ε[M] = M − clamp(M, −ε, ε) exactly as it rounds them, then subtracted (a plain clamp
+    # gives ±ε itself, which differs from the official value by up to an ulp of the outlier)
+    clipped = m - (m - torch.clamp(m, min=-eps, max=eps))
+    return h.orthogonalize(clipped, *m.shape[-2:])
 
 
 def auon_update(m: Tensor, state: Dict[str, List[Tensor]], h: Hyper) -> Tensor:
