@@ -142,6 +142,20 @@ def hybrid_auon_package_step(params, grads, lr=0.24, momentum=0.95, wd=0.0, gamm
     return _run(params, grads, update)
 
 
+def srip_penalty(w, b):
+    """VITA-Group/Orthogonality-in-CNNs ``l2_reg_ortho`` for one weight: the smaller Gram
+    matrix minus I, one power step from ``b`` (the code draws it with ``torch.rand``), the
+    squared norm of the result."""
+    w1 = w.reshape(w.shape[0], -1)
+    rows, cols = w1.shape
+    m = w1.T @ w1 if rows > cols else w1 @ w1.T
+    w_tmp = m - torch.eye(m.shape[0], dtype=w.dtype)
+    v1 = w_tmp @ b
+    v2 = v1 / torch.norm(v1, 2)
+    v3 = w_tmp @ v2
+    return torch.norm(v3, 2) ** 2
+
+
 def _paper_auon_like(params, grads, lr, momentum, direction):
     def update(p, g, st):
         g = g.reshape(g.shape[0], -1)

@@ -8,9 +8,11 @@ functions on a stack of one.
 - ``soft_orth`` — soft orthogonality Σ ‖G − I‖²_F over the chosen layers, G the smaller Gram
   matrix of the weight as a matrix (a wide W can never reach 0 on the larger one).
 - ``srip`` — SRIP (Bansal et al. 2018, VITA-Group/Orthogonality-in-CNNs ``l2_reg_ortho``):
-  σ²_max(G − I) by ``power_iterations`` steps of the power method (the code: one step from a
-  random vector; ours starts from a fixed vector, so the penalty is deterministic, and guards
-  the exactly orthogonal case, where the code divides by zero and returns NaN).
+  σ²_max(G − I) by ``power_iterations`` steps of the power method, one by default as the code
+  (v = (G − I)b/‖(G − I)b‖, penalty ‖(G − I)v‖²). The code starts from a random positive
+  vector b; ours from the constant one (the direction that vector has on average), so the
+  penalty is deterministic, and guards the exactly orthogonal case, where the code divides
+  by zero and returns NaN. More steps bring the estimate closer to σ²_max.
 - ``conv_orth`` — kernel orthogonality for convolutions (Wang et al. 2020, "Orthogonal
   Convolutional Neural Networks", samaonline/Orthogonal-Convolutional-Neural-Networks):
   ‖Conv(K, K, stride S, padding P) − I_r0‖_F, with P = ⌊(k − 1)/S⌋·S as the paper derives (the
@@ -85,12 +87,12 @@ class SoftOrth(Regularizer):
 
 @dataclass
 class SRIPConfig(RegularizerConfig):
-    power_iterations: int = 2
+    power_iterations: int = 1  # the official code's one step
     checks: ClassVar[list] = [
         ("power_iterations", lambda v: 1 <= v <= 1000, "in [1, 1000]")]
 
 
-def srip_stack(stack: Tensor, iterations: int = 2) -> Tensor:
+def srip_stack(stack: Tensor, iterations: int = 1) -> Tensor:
     """Σ over a stack of σ²_max(G − I), by the power method from a fixed start."""
     d = gram_deviation(stack)
     n, s = d.shape[0], d.shape[-1]
@@ -102,7 +104,7 @@ def srip_stack(stack: Tensor, iterations: int = 2) -> Tensor:
     return (d @ v).pow(2).sum()
 
 
-def srip(w: Tensor, iterations: int = 2) -> Tensor:
+def srip(w: Tensor, iterations: int = 1) -> Tensor:
     """σ²_max(G − I) by the power method from a fixed start (G the smaller Gram matrix)."""
     return srip_stack(w.reshape(1, w.shape[0], -1), iterations)
 
