@@ -46,9 +46,8 @@ device value on the host).
   as the official M − sign(M)·relu(|M| − ε) rounds it, which differs from a plain clamp by up
   to an ulp of each outlier), in the gradient's dtype (``ns_dtype=fp32``; no bf16 cast) from
   X/(‖X‖_F + ε), with shape-fitted coefficients (``root_coefficients``, keyed by the matrix's
-  ``ROWSxCOLS`` in either order;
-  the default is the official table, whose four LLM shapes no CNN here has) else
-  ``ns_coefficients``. W ← W(1 − ηλ) − η·0.2·√max(rows, cols)·NS(clip M) (the code's
+  ``ROWSxCOLS`` in either order; the default is the official table, whose four LLM shapes no
+  CNN here has) else ``ns_coefficients``. W ← W(1 − ηλ) − η·0.2·√max(rows, cols)·NS(clip M) (the code's
   RMS-matching scale, ``root_scale``). The official code takes only 2-D weights; a convolution
   is its flattened matrix here.
 - ``auon`` — AuON (the paper's form, ryyzn9/AuON): X = M/‖M‖_F from the Nesterov momentum,
