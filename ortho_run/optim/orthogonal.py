@@ -47,8 +47,8 @@ device value on the host).
   to an ulp of each outlier), in the gradient's dtype (``ns_dtype=fp32``; no bf16 cast) from
   X/(‖X‖_F + ε), with shape-fitted coefficients (``root_coefficients``, keyed by the matrix's
   ``ROWSxCOLS`` in either order; the default is the official table, whose four LLM shapes no
-  CNN here has) else ``ns_coefficients``. W ← W(1 − ηλ) − η·0.2·√max(rows, cols)·NS(clip M) (the code's
-  RMS-matching scale, ``root_scale``). The official code takes only 2-D weights; a convolution
+  CNN here has) else ``ns_coefficients``. W ← W(1 − ηλ) − η·0.2·√max(rows, cols)·NS(clip M)
+  (the code's RMS-matching scale, ``root_scale``). The official code takes only 2-D weights; a convolution
   is its flattened matrix here.
 - ``auon`` — AuON (the paper's form, ryyzn9/AuON): X = M/‖M‖_F from the Nesterov momentum,
   U = X / rms(cosh X) (element-wise cosh), W ← W − η·√max(1, rows/cols)·U; linear time, and
@@ -272,7 +272,7 @@ class Rule:
     update: Callable[[Tensor, Dict[str, List[Tensor]], Hyper], Tensor]
     momentum: str = "ema"  # its momentum form (MomentumForm) unless the config says otherwise
     adjust_lr: str = "original"  # its scale (SCALES) unless the config says otherwise
-    add_eps: bool = False  # its NS start X/(‖X‖ + eps) (NormEps.add) unless the config says otherwise
+    add_eps: bool = False  # its NS start X/(‖X‖ + eps) (NormEps.add) unless ns_norm_eps is set
     state: Tuple[str, ...] = ()  # per-parameter state beyond the momentum buffer (rows × 1)
 
 
@@ -534,8 +534,9 @@ def hyper_from_config(rule: str, cfg) -> Hyper:
         form = _FORM_DEFAULTS[str(cfg.hybrid_form)] if rule == "auon_hybrid" else {}
         steps = cfg.ns_steps if cfg.ns_steps is not None else form.get("ns_steps", 5)
         dtype = str(cfg.ns_dtype) if cfg.ns_dtype is not None else form.get("ns_dtype", "bf16")
+        # null and no form default: the rule's own, which the optimiser fills in
         add = (str(cfg.ns_norm_eps) == "add" if cfg.ns_norm_eps is not None
-               else form.get("add_eps", RULES[rule].add_eps))
+               else form.get("add_eps"))
         kw.update(ns_steps=int(steps), ns_dtype=_DTYPES[dtype],
                   coefficients=NS_COEFFICIENTS[str(cfg.ns_coefficients)], add_eps=add)
         if form and kw["adjust_lr"] is None:
