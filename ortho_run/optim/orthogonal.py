@@ -59,10 +59,11 @@ device value on the host).
   U = X / rms(cosh X), scaled by √max(1, rows/cols). ``package`` (the package's
   ``HybridAuON``): X = NS(M) with five steps in the gradient's dtype from X/(‖X‖_F + ε), then
   U = X / (rms(cosh(γ·X/(‖X‖_F + 1e-7))) + 1e-8) with γ = 1.5 (``brake_gamma``), no
-  aspect-ratio factor (its lr is 0.24). ``ns_steps`` / ``ns_dtype`` / ``brake_gamma`` left null
-  take the form's own. (Dividing by the cosh RMS *before* Newton–Schulz, as an earlier version here did, is a
-  no-op: Newton–Schulz starts by normalising its input.) On a 4-D weight the package
-  orthogonalises each k×k slice of the kernel; here, as for every rule, the flattened matrix.
+  aspect-ratio factor (the package's default lr is 0.24; ``optim.lr`` stays as set).
+  ``ns_steps`` / ``ns_dtype`` / ``brake_gamma`` left null take the form's own. (Dividing by
+  the cosh RMS *before* Newton–Schulz, as an earlier version here did, is a no-op:
+  Newton–Schulz starts by normalising its input.) On a 4-D weight the package orthogonalises
+  each k×k slice of the kernel; here, as for every rule, the flattened matrix.
 """
 
 from __future__ import annotations
