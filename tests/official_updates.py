@@ -166,20 +166,26 @@ def _paper_auon_like(params, grads, lr, momentum, direction):
     return _run(params, grads, update)
 
 
-def auon_paper_step(params, grads, lr=0.02, momentum=0.95):
-    """The AuON paper: X = M/‖M‖_F, U = X / rms(cosh X), scale √max(1, rows/cols)."""
+def auon_paper_step(params, grads, lr=0.02, momentum=0.95, dtype=None):
+    """The AuON paper's equations (§3.1) as its training script (ryyzn9/AuON
+    ``Auon_Adam_train.py``, ``zeropower_via_newtonschulz5`` + ``auon.step``) computes them:
+    X = M / (‖M‖ + 1e-7), U = X / (rms(cosh X) + 1e-8), in bf16 there (``dtype``: the
+    gradient's when None), scale √max(1, rows/cols)."""
     def direction(m):
-        x = m / m.norm()
-        return x / torch.sqrt(torch.mean(torch.cosh(x) ** 2))
+        x = m.to(dtype or m.dtype)
+        x = x / (x.norm() + 1e-7)
+        rms = torch.sqrt(torch.mean(torch.cosh(x).square()))
+        return x * 1 / (rms + 1e-8)
     return _paper_auon_like(params, grads, lr, momentum, direction)
 
 
 def hybrid_auon_paper_step(params, grads, lr=0.02, momentum=0.95, ns_steps=1,
                            dtype=torch.float32):
-    """The AuON paper's hybrid (§3.2): one Newton–Schulz step, then X / rms(cosh X)."""
+    """The AuON paper's hybrid (§3.2): one Newton–Schulz step (K. Jordan's, from
+    X / (‖X‖ + 1e-7), as the paper's script), then X / (rms(cosh X) + 1e-8)."""
     def direction(m):
-        x = _ns(m, ns_steps, dtype=dtype, additive=False).to(m.dtype)
-        return x / torch.sqrt(torch.mean(torch.cosh(x) ** 2))
+        x = _ns(m, ns_steps, dtype=dtype, additive=True).to(m.dtype)
+        return x / (torch.sqrt(torch.mean(torch.cosh(x) ** 2)) + 1e-8)
     return _paper_auon_like(params, grads, lr, momentum, direction)
 
 

@@ -11,7 +11,7 @@ import official_updates as official
 from conftest import compose, run_inprocess
 from ortho_run.errors import ConfigError, Preempted
 from ortho_run.optim.newton_schulz import MUON_COEFFICIENTS, newton_schulz
-from ortho_run.optim.orthogonal import (RULES, AuONHybridConfig, Hyper, NSConfig,
+from ortho_run.optim.orthogonal import (RULES, AuONConfig, AuONHybridConfig, Hyper, NSConfig,
                                         OrthogonalizedMomentum, ROOTConfig, hyper_from_config,
                                         linear_quantile, parse_coefficient_table, stacks)
 from ortho_run.regularizers.orthogonality import conv_orth, soft_orth, srip
@@ -161,6 +161,19 @@ def test_every_rule_equals_its_official_update_over_several_steps(dtype, gradien
         assert all(o.dtype == dtype for o in ours)
 
 
+@pytest.mark.parametrize("gradients", sorted(GRADIENTS))
+def test_auon_by_default_is_the_papers_script_to_the_bit(gradients):
+    """The default config's AuON (bf16, the script's guards +1e-7 and +1e-8) gives the weights
+    of the paper's training script re-typed, to the bit, batched or one matrix at a time."""
+    ws, gs = _weights_and_grads(gradients=gradients)
+    ref = official.auon_paper_step(ws, gs, dtype=torch.bfloat16)
+    for batched in (True, False):
+        ours, _ = _ours(ws, gs, lr=0.02, rule="auon", batched=batched,
+                        hyper=hyper_from_config("auon", AuONConfig()))
+        for r, o, shape in zip(ref, ours, MODEL_SHAPES):
+            assert torch.equal(r, o), (shape, batched)
+
+
 def test_root_quantile_is_the_official_interpolated_one():
     gen = torch.Generator().manual_seed(3)
     for n in (7, 10, 60, 1001, 4096):
@@ -300,7 +313,7 @@ def test_root_coefficient_table_keys_and_values_are_checked():
 def test_auon_hybrid_forms_take_their_own_defaults_and_the_brake_gamma_is_package_only():
     paper = hyper_from_config("auon_hybrid", AuONHybridConfig())
     package = hyper_from_config("auon_hybrid", AuONHybridConfig(hybrid_form="package"))
-    assert (paper.ns_steps, paper.ns_dtype, paper.add_eps) == (1, torch.bfloat16, False)
+    assert (paper.ns_steps, paper.ns_dtype, paper.add_eps) == (1, torch.bfloat16, True)
     assert (package.ns_steps, package.ns_dtype, package.add_eps, package.gamma) == (
         5, torch.float32, True, 1.5)
     with pytest.raises(ConfigError, match="optim.brake_gamma=2.0 only applies to optim.hybrid"):

@@ -58,6 +58,17 @@ def coefficient_sequence(coefficients: Sequence[Triple], steps: int) -> Tuple[Tr
     return seq + (seq[-1],) * (steps - len(seq))
 
 
+def unit_frobenius(x: Tensor, eps: float, add_eps: bool, safety: float = 1.0) -> Tensor:
+    """Each matrix of ``x`` divided by its Frobenius norm (times ``safety``), guarded by ``eps``
+    as the rule's code guards it: x / (‖x‖_F + eps) with ``add_eps`` (K. Jordan's Newton–Schulz
+    and the code that ships it: NorMuon, ROOT, AuON), else x / max(‖x‖_F, eps)
+    (torch.optim.Muon's). The two differ by about eps/‖x‖_F, which is large for a small x."""
+    norm = x.norm(dim=(-2, -1), keepdim=True)
+    if safety != 1.0:
+        norm = norm * safety
+    return x / (norm + eps if add_eps else norm.clamp(min=eps))
+
+
 def newton_schulz(x: Tensor, steps: int = 5, coefficients: Sequence[Triple] = (MUON_COEFFICIENTS,),
                   eps: float = 1e-7, dtype: torch.dtype = torch.bfloat16,
                   add_eps: bool = False, safety: float = 1.0) -> Tensor:
@@ -71,10 +82,7 @@ def newton_schulz(x: Tensor, steps: int = 5, coefficients: Sequence[Triple] = (M
     tall = x.size(-2) > x.size(-1)
     if tall:
         x = x.mT
-    norm = x.norm(dim=(-2, -1), keepdim=True)
-    if safety != 1.0:
-        norm = norm * safety
-    x = x / (norm + eps if add_eps else norm.clamp(min=eps))
+    x = unit_frobenius(x, eps, add_eps, safety)
     mm = torch.baddbmm if x.ndim == 3 else torch.addmm
     for a, b, c in seq:
         gram = x @ x.mT

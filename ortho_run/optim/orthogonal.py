@@ -50,13 +50,20 @@ device value on the host).
   CNN here has) else ``ns_coefficients``. W ← W(1 − ηλ) − η·0.2·√max(rows, cols)·NS(clip M)
   (the code's RMS-matching scale, ``root_scale``). The official code takes only 2-D weights; a convolution
   is its flattened matrix here.
-- ``auon`` — AuON (the paper's form, ryyzn9/AuON): X = M/‖M‖_F from the Nesterov momentum,
-  U = X / rms(cosh X) (element-wise cosh), W ← W − η·√max(1, rows/cols)·U; linear time, and
-  ‖U‖₂ ≤ ‖X‖_F / rms(cosh X) ≤ 1 since cosh ≥ 1. (The repository's current ``AuON`` class drops
-  the normalisation and uses γ 1.5, η 0.24: we follow the paper.)
+- ``auon`` — AuON (the paper's form, ryyzn9/AuON): X = M/(‖M‖_F + 1e-7) from the Nesterov
+  momentum, U = X / (rms(cosh X) + 1e-8) (element-wise cosh), W ← W − η·√max(1, rows/cols)·U;
+  linear time, and ‖U‖₂ ≤ ‖X‖_F / rms(cosh X) ≤ 1 since cosh ≥ 1. As the paper's training
+  script (``Auon_Adam_train.py``) computes it: the guards as written there (+1e-7 on the norm,
+  ``eps``; +1e-8 on the RMS), in bf16 (``ns_dtype``, as the script, which runs this map in the
+  place and under the name of Newton–Schulz; ``ns_dtype=fp32`` for full precision). The script
+  reads the scale from the parameter's last two dims, 1 for a k×k kernel; here, as for every
+  rule, from the flattened matrix, which gives 1 as well unless out > in·k·k. (The
+  repository's current ``AuON`` class drops the normalisation and uses γ 1.5, η 0.24: we
+  follow the paper.)
 - ``auon_hybrid`` — Hybrid-AuON: orthogonalise first, then the cosh brake
-  (``hybrid_form``). ``paper`` (the default, the paper's §3.2): X = NS(M) with one step, then
-  U = X / rms(cosh X), scaled by √max(1, rows/cols). ``package`` (the package's
+  (``hybrid_form``). ``paper`` (the default, the paper's §3.2): X = NS(M) with one step (bf16,
+  from X/(‖X‖_F + ε), the Newton–Schulz of the code the paper's script builds on), then
+  U = X / (rms(cosh X) + 1e-8), scaled by √max(1, rows/cols). ``package`` (the package's
   ``HybridAuON``): X = NS(M) with five steps in the gradient's dtype from X/(‖X‖_F + ε), then
   U = X / (rms(cosh(γ·X/(‖X‖_F + 1e-7))) + 1e-8) with γ = 1.5 (``brake_gamma``), no
   aspect-ratio factor (the package's default lr is 0.24; ``optim.lr`` stays as set).
@@ -82,11 +89,11 @@ from ortho_run.errors import ConfigError
 from ortho_run.optim.base import (OPTIMIZERS, ROLES, ParamGroup, check_roles, torch_groups,
                                   with_fused_fallback)
 from ortho_run.optim.newton_schulz import (MUON_COEFFICIENTS, NS_COEFFICIENTS, Triple,
-                                           newton_schulz)
+                                           newton_schulz, unit_frobenius)
 
 
 class NSDtype(Choice):
-    bf16 = "bf16"  # the official Muon/NorMuon code's
+    bf16 = "bf16"  # the official Muon/NorMuon code's, the AuON paper's script's
     fp32 = "fp32"  # float32, the gradient's dtype for float32 weights: ROOT's, the AuON package's
 
 
@@ -247,9 +254,9 @@ def root_update(m: Tensor, state: Dict[str, List[Tensor]], h: Hyper) -> Tensor:
 
 
 def auon_update(m: Tensor, state: Dict[str, List[Tensor]], h: Hyper) -> Tensor:
-    x = m.float()
-    x = x / x.norm(dim=(-2, -1), keepdim=True).clamp(min=h.eps)
-    return x / _rms(torch.cosh(x))
+    # the paper's script: X = M/(‖M‖ + 1e-7), U = X/(rms(cosh X) + 1e-8), all in bf16
+    x = unit_frobenius(m.to(h.ns_dtype), h.eps, bool(h.add_eps))
+    return x / (_rms(torch.cosh(x)) + 1e-8)
 
 
 def auon_hybrid_update(m: Tensor, state: Dict[str, List[Tensor]], h: Hyper) -> Tensor:
@@ -257,7 +264,7 @@ def auon_hybrid_update(m: Tensor, state: Dict[str, List[Tensor]], h: Hyper) -> T
     if h.hybrid_form == "package":
         unit = x / (x.norm(dim=(-2, -1), keepdim=True) + 1e-7)
         return x / (_rms(torch.cosh(unit * h.gamma)) + 1e-8)
-    return x / _rms(torch.cosh(x))
+    return x / (_rms(torch.cosh(x)) + 1e-8)
 
 
 #: the step's scale per (rows, cols), by ``AdjustLR`` name
@@ -281,7 +288,7 @@ RULES: Dict[str, Rule] = {
     "muon": Rule(muon_update),
     "normuon": Rule(normuon_update, add_eps=True, state=("row_second_moment",)),
     "root": Rule(root_update, momentum="sum", adjust_lr="match_rms_adamw", add_eps=True),
-    "auon": Rule(auon_update),
+    "auon": Rule(auon_update, add_eps=True),
     "auon_hybrid": Rule(auon_hybrid_update),
 }
 
@@ -493,7 +500,10 @@ class ROOTConfig(NSConfig):
 
 @dataclass
 class AuONConfig(OrthoConfig):
-    """AuON: no Newton–Schulz, so no ``ns_*`` keys."""
+    """AuON: no Newton–Schulz; its map stands where Newton–Schulz stands (in the paper's script,
+    inside the function of that name), and ``ns_dtype`` is the dtype it runs in (bf16 there)."""
+
+    ns_dtype: NSDtype = NSDtype.bf16
 
 
 @dataclass
@@ -507,7 +517,7 @@ class AuONHybridConfig(NSConfig):
 
 
 #: per rule and form: the NS defaults its official code uses
-_FORM_DEFAULTS = {"paper": dict(ns_steps=1, ns_dtype="bf16", add_eps=False, adjust_lr="original"),
+_FORM_DEFAULTS = {"paper": dict(ns_steps=1, ns_dtype="bf16", add_eps=True, adjust_lr="original"),
                   "package": dict(ns_steps=5, ns_dtype="fp32", add_eps=True, adjust_lr="none")}
 
 
@@ -531,14 +541,16 @@ def hyper_from_config(rule: str, cfg) -> Hyper:
     check_config(rule, cfg)
     kw = dict(eps=float(cfg.eps), momentum=_opt(cfg.momentum_form),
               adjust_lr=_opt(cfg.adjust_lr), renormalize=bool(cfg.renormalize))
-    if hasattr(cfg, "ns_steps"):
-        form = _FORM_DEFAULTS[str(cfg.hybrid_form)] if rule == "auon_hybrid" else {}
-        steps = cfg.ns_steps if cfg.ns_steps is not None else form.get("ns_steps", 5)
+    form = _FORM_DEFAULTS[str(cfg.hybrid_form)] if rule == "auon_hybrid" else {}
+    if hasattr(cfg, "ns_dtype"):
         dtype = str(cfg.ns_dtype) if cfg.ns_dtype is not None else form.get("ns_dtype", "bf16")
+        kw.update(ns_dtype=_DTYPES[dtype])
+    if hasattr(cfg, "ns_steps"):
+        steps = cfg.ns_steps if cfg.ns_steps is not None else form.get("ns_steps", 5)
         # null and no form default: the rule's own, which the optimiser fills in
         add = (str(cfg.ns_norm_eps) == "add" if cfg.ns_norm_eps is not None
                else form.get("add_eps"))
-        kw.update(ns_steps=int(steps), ns_dtype=_DTYPES[dtype],
+        kw.update(ns_steps=int(steps),
                   coefficients=NS_COEFFICIENTS[str(cfg.ns_coefficients)], add_eps=add)
         if form and kw["adjust_lr"] is None:
             kw["adjust_lr"] = form["adjust_lr"]
