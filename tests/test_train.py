@@ -153,3 +153,23 @@ def test_compile_mode_reaches_torch_compile(tmp_path, monkeypatch):
     run_inprocess(tmp_path, ["experiment=smoke", "trainer.max_epochs=1", "trainer.compile=true",
                              "trainer.compile_mode=reduce_overhead"])
     assert modes == ["reduce-overhead", "reduce-overhead"]  # the net and the loss
+
+
+def test_the_commit_and_versions_are_those_the_process_loaded(tmp_path, monkeypatch):
+    """Every job of a sweep records the commit and package versions read at the process's first
+    run: a checkout that moves on (or a package upgraded) while the sweep runs does not change
+    what later jobs, which still run the code loaded at the start, record."""
+    import subprocess
+
+    from ortho_run.runner import env
+
+    first = run_inprocess(tmp_path, ["trainer.max_epochs=1"], name="first")
+
+    def moved_on(*a, **k):  # git and the package metadata would now answer otherwise
+        raise AssertionError("read again after the first run")
+
+    monkeypatch.setattr(subprocess, "run", moved_on)
+    monkeypatch.setattr(env.metadata, "version", moved_on)
+    later = run_inprocess(tmp_path, ["trainer.max_epochs=1"], name="later")
+    for k in ("git_commit", "git_dirty", "versions"):
+        assert later[k] == first[k], k

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import platform
 import random
@@ -55,7 +56,8 @@ def set_rng_state(st: dict) -> None:
         torch.cuda.set_rng_state_all(st["cuda"])
 
 
-def git_commit() -> dict:
+@functools.lru_cache(maxsize=None)
+def _git_state() -> tuple:
     here = Path(__file__).resolve().parent
     for cwd in (here, Path.cwd()):
         try:
@@ -64,13 +66,27 @@ def git_commit() -> dict:
             if sha.returncode == 0:
                 dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
                                        cwd=cwd, capture_output=True, text=True, timeout=5)
-                return {"git_commit": sha.stdout.strip(), "git_dirty": bool(dirty.stdout.strip())}
+                return sha.stdout.strip(), bool(dirty.stdout.strip())
         except (OSError, subprocess.SubprocessError):
             continue
-    return {"git_commit": None, "git_dirty": None}
+    return None, None
+
+
+def git_commit() -> dict:
+    """The commit (and whether the tracked files differed from it) of the code this process
+    runs: read once, at the first run, so that every job of a sweep records the code it loaded,
+    even when the checkout moves on while the sweep runs."""
+    sha, dirty = _git_state()
+    return {"git_commit": sha, "git_dirty": dirty}
 
 
 def package_versions() -> dict:
+    """The versions of the packages this process loaded (read once, as ``git_commit``)."""
+    return dict(_versions())
+
+
+@functools.lru_cache(maxsize=None)
+def _versions() -> dict:
     out = {"python": platform.python_version()}
     for name in ("ortho-run", "torch", "torchvision", "numpy", "hydra-core", "omegaconf",
                  "scikit-learn", "wandb"):
