@@ -174,6 +174,18 @@ def test_auon_by_default_is_the_papers_script_to_the_bit(gradients):
             assert torch.equal(r, o), (shape, batched)
 
 
+def test_root_and_the_package_hybrid_run_newton_schulz_in_the_gradients_dtype():
+    """Their official code casts nothing: with float64 weights Newton–Schulz runs in float64,
+    so ROOT's default config meets the re-typed code to 1e-12 (a float32 cast: 5e-8)."""
+    ws, gs = _weights_and_grads(dtype=torch.float64)
+    ours, _ = _ours(ws, gs, lr=0.02, rule="root", weight_decay=0.1,
+                    hyper=hyper_from_config("root", ROOTConfig()))
+    assert _max_diff(ours, official.root_step(ws, gs, wd=0.1)) <= 1e-12
+    h = hyper_from_config("auon_hybrid", AuONHybridConfig(hybrid_form="package"))
+    u = h.orthogonalize(torch.randn(3, 8, 5, dtype=torch.float64), 8, 5)
+    assert u.dtype == torch.float64
+
+
 def test_root_quantile_is_the_official_interpolated_one():
     gen = torch.Generator().manual_seed(3)
     for n in (7, 10, 60, 1001, 4096):
@@ -315,7 +327,7 @@ def test_auon_hybrid_forms_take_their_own_defaults_and_the_brake_gamma_is_packag
     package = hyper_from_config("auon_hybrid", AuONHybridConfig(hybrid_form="package"))
     assert (paper.ns_steps, paper.ns_dtype, paper.add_eps) == (1, torch.bfloat16, True)
     assert (package.ns_steps, package.ns_dtype, package.add_eps, package.gamma) == (
-        5, torch.float32, True, 1.5)
+        5, None, True, 1.5)  # None: the gradient's own dtype
     with pytest.raises(ConfigError, match="optim.brake_gamma=2.0 only applies to optim.hybrid"):
         hyper_from_config("auon_hybrid", AuONHybridConfig(brake_gamma=2.0))
 

@@ -10,7 +10,7 @@ the launches of one.
 
 from __future__ import annotations
 
-from typing import Sequence, Tuple
+from typing import Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -70,15 +70,17 @@ def unit_frobenius(x: Tensor, eps: float, add_eps: bool, safety: float = 1.0) ->
 
 
 def newton_schulz(x: Tensor, steps: int = 5, coefficients: Sequence[Triple] = (MUON_COEFFICIENTS,),
-                  eps: float = 1e-7, dtype: torch.dtype = torch.bfloat16,
+                  eps: float = 1e-7, dtype: Optional[torch.dtype] = torch.bfloat16,
                   add_eps: bool = False, safety: float = 1.0) -> Tensor:
     """Orthogonalise ``x`` (``rows × cols`` or ``n × rows × cols``) by ``steps`` Newton–Schulz
-    steps in ``dtype``. The start is X = x / max(‖x‖_F·safety, eps) per matrix (``add_eps``:
-    x / (‖x‖_F + eps), the form of the code that ROOT and AuON ship). With Muon's coefficients
-    the singular values land in about [0.7, 1.2] rather than at 1 (a steeper slope at 0 for
-    fewer steps); with the cubic (1.5, −0.5, 0) they converge to 1. Returns ``dtype``."""
+    steps in ``dtype`` (None: ``x``'s own). The start is X = x / max(‖x‖_F·safety, eps) per
+    matrix (``add_eps``: x / (‖x‖_F + eps), the form of the code that ROOT and AuON ship). With
+    Muon's coefficients the singular values land in about [0.7, 1.2] rather than at 1 (a
+    steeper slope at 0 for fewer steps); with the cubic (1.5, −0.5, 0) they converge to 1.
+    Returns that dtype."""
     seq = coefficient_sequence(coefficients, steps)
-    x = x.to(dtype)
+    if dtype is not None:
+        x = x.to(dtype)
     tall = x.size(-2) > x.size(-1)
     if tall:
         x = x.mT

@@ -44,7 +44,7 @@ device value on the host).
   ``simple_quantile``: kthvalue at ⌊q(n−1)⌋+1 and ⌈q(n−1)⌉+1, lerp between them, in float32)
   plus 1e-9, are split off: only the clipped part clamp(M, −ε, ε) is orthogonalised (computed
   as the official M − sign(M)·relu(|M| − ε) rounds it, which differs from a plain clamp by up
-  to an ulp of each outlier), in the gradient's dtype (``ns_dtype=fp32``; no bf16 cast) from
+  to an ulp of each outlier), in the gradient's dtype (``ns_dtype=grad``; no bf16 cast) from
   X/(‖X‖_F + ε), with shape-fitted coefficients (``root_coefficients``, keyed by the matrix's
   ``ROWSxCOLS`` in either order; the default is the official table, whose four LLM shapes no
   CNN here has) else ``ns_coefficients``. W ← W(1 − ηλ) − η·0.2·√max(rows, cols)·NS(clip M)
@@ -94,7 +94,8 @@ from ortho_run.optim.newton_schulz import (MUON_COEFFICIENTS, NS_COEFFICIENTS, T
 
 class NSDtype(Choice):
     bf16 = "bf16"  # the official Muon/NorMuon code's, the AuON paper's script's
-    fp32 = "fp32"  # float32, the gradient's dtype for float32 weights: ROOT's, the AuON package's
+    fp32 = "fp32"  # float32, whatever the weights' dtype
+    grad = "grad"  # the gradient's own (float32 for float32 weights): ROOT's, the AuON package's
 
 
 class NSCoefficients(Choice):
@@ -130,7 +131,7 @@ class NormEps(Choice):
     add = "add"  # X / (‖X‖_F + eps): K. Jordan's, NorMuon's, ROOT's, AuON's, airbench's code
 
 
-_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "grad": None}  # None: no cast
 
 #: the official ROOT example's shape-fitted coefficients (ROOT/examples/example_train.py),
 #: keyed as min(rows, cols) x max(rows, cols)
@@ -190,7 +191,7 @@ class Hyper:
 
     ns_steps: int = 5
     coefficients: Tuple[Triple, ...] = (MUON_COEFFICIENTS,)
-    ns_dtype: torch.dtype = torch.bfloat16
+    ns_dtype: Optional[torch.dtype] = torch.bfloat16  # None: the gradient's own
     eps: float = 1e-7
     #: NS from X/(‖X‖ + eps) (K. Jordan's code, which NorMuon, ROOT and AuON ship) instead of
     #: X/max(‖X‖, eps) (torch.optim.Muon's); None: the rule's own (``Rule.add_eps``)
@@ -255,7 +256,7 @@ def root_update(m: Tensor, state: Dict[str, List[Tensor]], h: Hyper) -> Tensor:
 
 def auon_update(m: Tensor, state: Dict[str, List[Tensor]], h: Hyper) -> Tensor:
     # the paper's script: X = M/(‖M‖ + 1e-7), U = X/(rms(cosh X) + 1e-8), all in bf16
-    x = unit_frobenius(m.to(h.ns_dtype), h.eps, bool(h.add_eps))
+    x = unit_frobenius(m if h.ns_dtype is None else m.to(h.ns_dtype), h.eps, bool(h.add_eps))
     return x / (_rms(torch.cosh(x)) + 1e-8)
 
 
@@ -485,7 +486,7 @@ class NorMuonConfig(NSConfig):
 
 @dataclass
 class ROOTConfig(NSConfig):
-    ns_dtype: Optional[NSDtype] = NSDtype.fp32  # the gradient's dtype, as the official code
+    ns_dtype: Optional[NSDtype] = NSDtype.grad  # the gradient's dtype, as the official code
     root_quantile: float = 0.9  # ε = this quantile of |M|; entries beyond it are outliers
     root_scale: float = 0.2  # update RMS matching: η·scale·√max(rows, cols)
     # shape-fitted Newton–Schulz coefficients ("ROWSxCOLS": [a, b, c]); others: ns_coefficients
@@ -510,7 +511,7 @@ class AuONConfig(OrthoConfig):
 class AuONHybridConfig(NSConfig):
     hybrid_form: HybridForm = HybridForm.paper
     ns_steps: Optional[int] = None  # null: the form's (paper 1, package 5)
-    ns_dtype: Optional[NSDtype] = None  # null: the form's (paper bf16, package fp32)
+    ns_dtype: Optional[NSDtype] = None  # null: the form's (paper bf16, package grad)
     brake_gamma: Optional[float] = None  # package form: the brake's scale γ (null: 1.5)
     checks: ClassVar[list] = [
         ("brake_gamma", lambda v: v is None or v > 0, "> 0 or null")]
@@ -518,7 +519,7 @@ class AuONHybridConfig(NSConfig):
 
 #: per rule and form: the NS defaults its official code uses
 _FORM_DEFAULTS = {"paper": dict(ns_steps=1, ns_dtype="bf16", add_eps=True, adjust_lr="original"),
-                  "package": dict(ns_steps=5, ns_dtype="fp32", add_eps=True, adjust_lr="none")}
+                  "package": dict(ns_steps=5, ns_dtype="grad", add_eps=True, adjust_lr="none")}
 
 
 def check_config(rule: str, cfg) -> None:
