@@ -208,7 +208,8 @@ def test_summed_loss_scales_the_gradient_by_the_batch(tmp_path):
     # float32 backward passes of the two losses round apart by ~1e-7 of the largest entry:
     # the tolerance is relative to the gradient's scale, not to each (possibly tiny) entry
     want = 40 * grads["mean"][0]
-    torch.testing.assert_close(grads["sum"][0], want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
+    torch.testing.assert_close(grads["sum"][0], want, rtol=1e-5,
+                               atol=1e-5 * want.abs().max().item())
 
 
 def test_warm_up_steps_are_undone_exactly(tmp_path):

@@ -79,8 +79,7 @@ def newton_schulz(x: Tensor, steps: int = 5, coefficients: Sequence[Triple] = (M
     steeper slope at 0 for fewer steps); with the cubic (1.5, −0.5, 0) they converge to 1.
     Returns that dtype."""
     seq = coefficient_sequence(coefficients, steps)
-    if dtype is not None:
-        x = x.to(dtype)
+    x = x.to(dtype or x.dtype)
     tall = x.size(-2) > x.size(-1)
     if tall:
         x = x.mT

@@ -255,15 +255,15 @@ def root_update(m: Tensor, state: Dict[str, List[Tensor]], h: Hyper) -> Tensor:
 
 
 def auon_update(m: Tensor, state: Dict[str, List[Tensor]], h: Hyper) -> Tensor:
-    # the paper's script: X = M/(‖M‖ + 1e-7), U = X/(rms(cosh X) + 1e-8), all in bf16
-    x = unit_frobenius(m if h.ns_dtype is None else m.to(h.ns_dtype), h.eps, bool(h.add_eps))
+    # the paper's script: X = M/(‖M‖ + 1e-7), U = X/(rms(cosh X) + 1e-8), in ns_dtype (bf16 there)
+    x = unit_frobenius(m.to(h.ns_dtype or m.dtype), h.eps, bool(h.add_eps))
     return x / (_rms(torch.cosh(x)) + 1e-8)
 
 
 def auon_hybrid_update(m: Tensor, state: Dict[str, List[Tensor]], h: Hyper) -> Tensor:
     x = h.orthogonalize(m, *m.shape[-2:]).float()
     if h.hybrid_form == "package":
-        unit = x / (x.norm(dim=(-2, -1), keepdim=True) + 1e-7)
+        unit = unit_frobenius(x, 1e-7, add_eps=True)
         return x / (_rms(torch.cosh(unit * h.gamma)) + 1e-8)
     return x / (_rms(torch.cosh(x)) + 1e-8)
 
