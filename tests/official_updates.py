@@ -156,6 +156,44 @@ def srip_penalty(w, b):
     return torch.norm(v3, 2) ** 2
 
 
+def srip_ortho_decay(epoch, od=1e-2):
+    """VITA-Group/Orthogonality-in-CNNs ``Wide-Resnet/train_n.py``: the SRIP coefficient of
+    (0-based) epoch ``epoch``, which the loop asks as ``adjust_ortho_decay_rate(epoch + 1)``
+    with ``--ortho-decay`` 1e-2."""
+    epoch = epoch + 1
+    if epoch > 120:
+        return 0.0
+    if epoch > 70:
+        return 1e-6 * od
+    if epoch > 50:
+        return 1e-4 * od
+    if epoch > 20:
+        return 1e-3 * od
+    return od
+
+
+def ocnn_orth_dist(mat):
+    """samaonline/Orthogonal-Convolutional-Neural-Networks ``imagenet/utils.py`` ``orth_dist``
+    (what its training script applies to the 1×1 shortcut convolutions): the weight as a matrix,
+    turned so its Gram matrix is the smaller one, ‖G − I‖_F unsquared."""
+    mat = mat.reshape(mat.shape[0], -1)
+    if mat.shape[0] < mat.shape[1]:
+        mat = mat.T
+    return torch.norm(mat.T @ mat - torch.eye(mat.shape[1], dtype=mat.dtype))
+
+
+def ocnn_deconv_orth_dist(kernel, stride, padding):
+    """The same file's ``deconv_orth_dist`` (for the k×k convolutions): ‖conv2d(K, K, stride,
+    padding) − I_r0‖_F, I_r0 the identity over channel pairs at the centre. The code's padding is
+    1 whatever the stride; the tests pass the paper's ⌊(k − 1)/S⌋·S."""
+    o_c = kernel.shape[0]
+    output = torch.conv2d(kernel, kernel, stride=stride, padding=padding)
+    target = torch.zeros((o_c, o_c, output.shape[-2], output.shape[-1]), dtype=kernel.dtype)
+    ct = output.shape[-1] // 2
+    target[:, :, ct, ct] = torch.eye(o_c, dtype=kernel.dtype)
+    return torch.norm(output - target)
+
+
 def _paper_auon_like(params, grads, lr, momentum, direction):
     def update(p, g, st):
         g = g.reshape(g.shape[0], -1)

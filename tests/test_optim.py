@@ -415,6 +415,105 @@ def test_conv_orth_is_zero_on_an_orthogonal_convolution_and_not_on_an_orthogonal
     assert torch.autograd.gradcheck(lambda t: conv_orth(t, 2, squared=True), (x,))
 
 
+@pytest.mark.parametrize("out,cin,k,stride", [(4, 8, 1, 1), (16, 8, 1, 2), (128, 64, 1, 2),
+                                               (16, 8, 3, 1), (16, 8, 3, 2), (8, 2, 2, 2)])
+def test_conv_orth_is_the_official_distance_of_each_kernel_kind(out, cin, k, stride):
+    """Against the official ``orth_dist`` (the 1×1 shortcuts: the smaller Gram matrix, which a
+    tall 1×1 kernel can reach) and ``deconv_orth_dist`` at the paper's padding (k×k kernels),
+    re-typed; a kernel no wider than its stride is its matrix as well."""
+    torch.manual_seed(0)
+    w = torch.randn(out, cin, k, k, dtype=torch.float64) * 0.2
+    if k <= stride:
+        want = official.ocnn_orth_dist(w)
+    else:
+        want = official.ocnn_deconv_orth_dist(w, stride, ((k - 1) // stride) * stride)
+    assert float(conv_orth(w, stride)) == pytest.approx(float(want), rel=1e-12)
+    assert float(conv_orth(w, stride, squared=True)) == pytest.approx(float(want) ** 2, rel=1e-12)
+    if k == 1:  # orthonormal columns (tall) or rows (wide): an orthogonal 1×1 convolution
+        assert conv_orth(_orthogonal(out, cin).reshape(out, cin, 1, 1), stride).item() < 1e-6
+    if out * cin <= 128:
+        x = w.clone().requires_grad_(True)
+        assert torch.autograd.gradcheck(lambda t: conv_orth(t, stride), (x,))
+
+
+def test_conv_orth_on_the_official_scripts_layers_is_its_penalty():
+    """The OCNN ImageNet ResNet-18 script's term (``main_orth18.py``): ``orth_dist`` of the three
+    1×1 shortcuts plus ``deconv_orth_dist`` of each block's first convolution at its stride (at
+    the paper's padding), chosen here by two globs; weight 0.1 as its ``-r``."""
+    from ortho_run.models import build_backbone
+    from ortho_run.regularizers import build_regularizer
+
+    cfg = compose(["model=resnet18_cifar", "regularizer=conv_orth",
+                   "regularizer.layers=[body.layer*.conv1,body.layer*.downsample.0]"])
+    torch.manual_seed(0)
+    backbone = build_backbone(cfg.model, 3, 32).double()  # float64: compared to 1e-10
+    reg, body = build_regularizer(cfg.regularizer, backbone), backbone.body
+    assert cfg.regularizer.weight == 0.1
+    want = 0.0
+    for i in (1, 2, 3, 4):
+        stage = getattr(body, f"layer{i}")
+        if i > 1:
+            want = want + official.ocnn_orth_dist(stage[0].downsample[0].weight)
+        for block in stage:
+            s = block.conv1.stride[0]
+            want = want + official.ocnn_deconv_orth_dist(block.conv1.weight, s, (2 // s) * s)
+    assert len(reg.names) == 11
+    with torch.no_grad():
+        assert float(reg.penalty()) == pytest.approx(float(want), rel=1e-10)
+
+
+def test_srip_weight_by_default_is_the_official_scripts_ortho_decay():
+    """``regularizer=srip``'s weight in every epoch of the official 200-epoch recipe equals the
+    training script's ``adjust_ortho_decay_rate`` (re-typed); the schedule is the shared one
+    of every regulariser."""
+    from ortho_run.models import build_backbone
+    from ortho_run.regularizers import build_regularizer
+
+    cfg = compose(["regularizer=srip"])
+    reg = build_regularizer(cfg.regularizer, build_backbone(cfg.model, 1, 8))
+    for epoch in range(201):
+        assert reg.weight_at(epoch) == pytest.approx(official.srip_ortho_decay(epoch), rel=1e-12,
+                                                     abs=0.0), epoch
+    cfg = compose(["regularizer=soft_orth", "regularizer.weight=0.5",
+                   "regularizer.weight_milestones=[2,4]", "regularizer.weight_factors=[0.1,0]"])
+    reg = build_regularizer(cfg.regularizer, build_backbone(cfg.model, 1, 8))
+    assert [reg.weight_at(e) for e in range(6)] == pytest.approx([0.5, 0.5, 0.05, 0.05, 0, 0])
+
+
+def test_a_stepped_regulariser_weight_trains_and_logs_each_epochs_weight(tmp_path):
+    """The epoch's weight is logged as ``reg_weight``; once it is 0 the loss is the method's
+    alone while the penalty is still reported."""
+    import json
+
+    run_inprocess(tmp_path, ["experiment=smoke", "regularizer=soft_orth",
+                             "regularizer.weight=0.5", "regularizer.weight_milestones=[1]",
+                             "regularizer.weight_factors=[0.0]", "trainer.max_epochs=2"])
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text()
+            .splitlines() if '"train/loss"' in line]
+    assert [r["reg_weight"] for r in rows] == [0.5, 0.0]
+    first, second = rows
+    assert first["train/loss"] == pytest.approx(first["train/ce"] + 0.5 * first["train/reg"],
+                                                rel=1e-6)
+    assert second["train/loss"] == pytest.approx(second["train/ce"], rel=1e-12)
+    assert second["train/reg"] > 0
+
+
+@pytest.mark.parametrize("overrides,keys", [
+    (["regularizer=srip", "regularizer.weight_factors=[1]"],
+     ["regularizer.weight_milestones", "regularizer.weight_factors"]),
+    (["regularizer=soft_orth", "regularizer.weight_milestones=[5,3]",
+      "regularizer.weight_factors=[1,1]"], ["regularizer.weight_milestones"]),
+    (["regularizer=soft_orth", "regularizer.weight_milestones=[1]",
+      "regularizer.weight_factors=[-1]"], ["regularizer.weight_factors"]),
+])
+def test_a_bad_weight_schedule_is_refused_before_any_work_naming_its_keys(overrides, keys):
+    from ortho_run.validate import validate
+
+    with pytest.raises(ConfigError) as e:
+        validate(compose(overrides))
+    assert all(k in str(e.value) for k in keys), str(e.value)
+
+
 def _reference_penalty(name, layers, iterations=1):
     """Each layer alone, written out: Σ ‖G − I‖²_F; Σ σ²_max(G − I) by the power method from
     the normalised ones vector; Σ ‖conv2d(K, K, S, P) − I_r0‖_F."""
@@ -424,6 +523,9 @@ def _reference_penalty(name, layers, iterations=1):
         if name == "conv_orth":
             out, _, k, _ = w.shape
             s = m.stride[0]
+            if k <= s:  # a 1×1 shortcut: the official code's matrix distance
+                total = total + official.ocnn_orth_dist(w)
+                continue
             z = F.conv2d(w, w, stride=s, padding=((k - 1) // s) * s)
             target = torch.zeros_like(z)
             c = z.shape[-1] // 2

@@ -2,7 +2,8 @@
 
 A regulariser picks layers of the backbone by a glob on their module names (``layers``, default
 every convolution and linear layer) and adds ``weight`` × its penalty to the loss, logged as the
-loss part ``reg``. Whatever the regulariser (``none`` included), the mean orthogonality error of
+loss part ``reg``; ``weight_milestones``/``weight_factors`` step the weight down by epoch (the
+epoch's weight is logged as ``reg_weight``). Whatever the regulariser (``none`` included), the mean orthogonality error of
 the chosen layers, ‖G − I‖_F with G the smaller Gram matrix of the weight as a matrix
 (out × in·k·k), is reported as ``geometry/layer_orth_err``, so runs with and without a
 regulariser compare on the same number.
@@ -26,12 +27,22 @@ from ortho_run.registry import Registry
 log = logging.getLogger("ortho_run")
 
 
+def _increasing(v) -> bool:
+    return all(m >= 0 for m in v) and all(b > a for a, b in zip(v, v[1:]))
+
+
 @dataclass
 class RegularizerConfig:
     name: str = "none"
     weight: float = 1e-4
     layers: List[str] = field(default_factory=lambda: ["*"])  # globs on backbone module names
-    checks: ClassVar[list] = at_least(0, "weight")
+    #: the weight's steps: from (0-based) epoch ``weight_milestones[i]`` on, the penalty's weight
+    #: is ``weight × weight_factors[i]`` (SRIP's official schedule; none: constant)
+    weight_milestones: List[int] = field(default_factory=list)
+    weight_factors: List[float] = field(default_factory=list)
+    checks: ClassVar[list] = at_least(0, "weight") + [
+        ("weight_milestones", _increasing, "increasing epochs, each >= 0"),
+        ("weight_factors", lambda v: all(f >= 0 for f in v), "factors, each >= 0")]
 
 
 REGULARIZERS: Registry = Registry("regulariser", group="regularizer",
@@ -70,6 +81,25 @@ class Regularizer(nn.Module):
                         ", ".join(n for n, _ in chosen))
         self.names = [n for n, _ in chosen]
         self._layers = [m for _, m in chosen]  # not submodules: the backbone owns them
+
+    @classmethod
+    def check(cls, run_cfg) -> None:
+        """The pre-flight's: one factor per milestone."""
+        r = run_cfg.regularizer
+        if len(r.weight_milestones) != len(r.weight_factors):
+            raise ConfigError(
+                f"regularizer.weight_milestones={list(r.weight_milestones)} and "
+                f"regularizer.weight_factors={list(r.weight_factors)} differ in length: give "
+                f"one factor of regularizer.weight per milestone epoch")
+
+    def weight_at(self, epoch: int) -> float:
+        """The penalty's weight in (0-based) epoch ``epoch``: ``weight``, times the factor of
+        the last milestone reached."""
+        factor = 1.0
+        for m, f in zip(self.cfg.weight_milestones, self.cfg.weight_factors):
+            if epoch >= m:
+                factor = float(f)
+        return float(self.cfg.weight) * factor
 
     def weights(self) -> List[Tensor]:
         return [m.weight for m in self._layers]

@@ -9,7 +9,9 @@ functions on a stack of one.
   matrix of the weight as a matrix (a wide W can never reach 0 on the larger one).
 - ``srip`` — SRIP (Bansal et al. 2018, VITA-Group/Orthogonality-in-CNNs ``l2_reg_ortho``):
   σ²_max(G − I) by ``power_iterations`` steps of the power method, one by default as the code
-  (v = (G − I)b/‖(G − I)b‖, penalty ‖(G − I)v‖²). The code starts from a random positive
+  (v = (G − I)b/‖(G − I)b‖, penalty ‖(G − I)v‖²). Its weight by default is the official
+  training script's: 1e-2, stepped down by 1e-3, 1e-4, 1e-6 from epochs 20, 50, 70 and to 0 from
+  epoch 120 (``weight_milestones=[] weight_factors=[]`` keeps it constant). The code starts from a random positive
   vector b; ours from the constant one (the direction that vector has on average), so the
   penalty is deterministic, and guards the exactly orthogonal case, where the code divides
   by zero and returns NaN. More steps bring the estimate closer to σ²_max.
@@ -17,8 +19,10 @@ functions on a stack of one.
   Convolutional Neural Networks", samaonline/Orthogonal-Convolutional-Neural-Networks):
   ‖Conv(K, K, stride S, padding P) − I_r0‖_F, with P = ⌊(k − 1)/S⌋·S as the paper derives (the
   official training code's padding is wrong at stride 2 and checks too few shifts at stride
-  1); I_r0 is 1 at the centre of channel pairs (i, i), 0 elsewhere. The official distance is
-  unsquared (``squared=true`` squares it). Zero exactly when the convolution (as an operator) is
+  1); I_r0 is 1 at the centre of channel pairs (i, i), 0 elsewhere. A 1×1 kernel (or one no
+  wider than its stride) is its matrix: ‖G − I‖_F on the smaller Gram matrix, the code's
+  ``orth_dist`` for the 1×1 shortcuts. The official distance is unsquared (``squared=true``
+  squares it); the official weight is 0.1 (its ``-r``), the default here. Zero exactly when the convolution (as an operator) is
   orthogonal: a kernel orthogonal as a matrix need not be. Same-shape kernels of equal stride
   are one grouped convolution.
 - ``orthogonal`` — a hard constraint: ``torch.nn.utils.parametrizations.orthogonal`` on the
@@ -27,8 +31,8 @@ functions on a stack of one.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import ClassVar, Dict, Tuple
+from dataclasses import dataclass, field
+from typing import ClassVar, Dict, List, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -88,6 +92,11 @@ class SoftOrth(Regularizer):
 @dataclass
 class SRIPConfig(RegularizerConfig):
     power_iterations: int = 1  # the official code's one step
+    # the official training script's coefficient: 1e-2 (its --ortho-decay), × 1e-3 from epoch 20,
+    # × 1e-4 from 50, × 1e-6 from 70 and 0 from 120 (its adjust_ortho_decay_rate)
+    weight: float = 1e-2
+    weight_milestones: List[int] = field(default_factory=lambda: [20, 50, 70, 120])
+    weight_factors: List[float] = field(default_factory=lambda: [1e-3, 1e-4, 1e-6, 0.0])
     checks: ClassVar[list] = [
         ("power_iterations", lambda v: 1 <= v <= 1000, "in [1, 1000]")]
 
@@ -118,6 +127,7 @@ class SRIP(Regularizer):
 @dataclass
 class ConvOrthConfig(RegularizerConfig):
     squared: bool = False  # the official distance is unsquared
+    weight: float = 0.1  # the official training script's -r
 
 
 def _identity_target(n: int, out: int, h: int, device, dtype) -> Tensor:
@@ -130,8 +140,14 @@ def _identity_target(n: int, out: int, h: int, device, dtype) -> Tensor:
 
 def conv_orth_stack(kernels: Tensor, stride: int = 1, squared: bool = False) -> Tensor:
     """Σ over kernels (n × out × in × k × k) of ‖Conv(K, K) − I_r0‖_F (Wang et al. 2020): one
-    grouped convolution, group j convolving K_j's rows with K_j's filters."""
+    grouped convolution, group j convolving K_j's rows with K_j's filters. A kernel no wider
+    than its stride (every 1×1 kernel) has no overlapping shifted copies: the convolution is its
+    matrix, and the distance is ‖G − I‖_F with G the smaller Gram matrix, as the official code's
+    ``orth_dist`` for the 1×1 shortcuts (reachable when out > in·k·k, where Conv(K, K) is not)."""
     n, out, cin, k, _ = kernels.shape
+    if k <= stride:  # 1×1 kernels included (a stride is at least 1)
+        per_kernel = gram_deviation(kernels.reshape(n, out, -1)).pow(2).sum(dim=(1, 2))
+        return per_kernel.sum() if squared else per_kernel.clamp_min(1e-30).sqrt().sum()
     pad = ((k - 1) // stride) * stride
     inputs = kernels.transpose(0, 1).reshape(out, n * cin, k, k)  # batch: the rows of every K_j
     z = F.conv2d(inputs, kernels.reshape(n * out, cin, k, k), stride=stride, padding=pad,

@@ -136,7 +136,7 @@ class Trainer:
         #: an orthogonality regulariser of the backbone adds ``weight × penalty`` as part "reg"
         self.regularizer = regularizer if regularizer is not None and regularizer.adds_loss \
             else None
-        self.reg_weight = float(cfg.regularizer.weight) if self.regularizer is not None else 0.0
+        self.reg_weight = self.regularizer.weight_at(0) if self.regularizer is not None else 0.0
         self.penalty_fn = self.regularizer.penalty if self.regularizer is not None else None
         if self.tcfg.compile:
             mode = str(self.tcfg.compile_mode)
@@ -212,8 +212,12 @@ class Trainer:
             batch, out = self.train_net(x, y)
             parts = self.loss_fn(out, batch)
         if self.regularizer is not None:  # in full precision, outside autocast
-            reg = self.penalty_fn()
-            parts = dict(parts, loss=parts["loss"] + self.reg_weight * reg, reg=reg)
+            if self.reg_weight:
+                reg = self.penalty_fn()
+                parts = dict(parts, loss=parts["loss"] + self.reg_weight * reg, reg=reg)
+            else:  # a weight stepped down to 0: the penalty is still logged, not trained
+                with torch.no_grad():
+                    parts = dict(parts, reg=self.penalty_fn())
         loss = parts["loss"]
         for o in self.optimizers:
             o.zero_grad(set_to_none=True)
@@ -242,6 +246,8 @@ class Trainer:
             self.net.backbone.eval()
         loader = self.train_loader
         loader.set_epoch(epoch)
+        if self.regularizer is not None:  # the penalty's weight of this epoch
+            self.reg_weight = self.regularizer.weight_at(epoch)
         names: Optional[List[str]] = None  # loss part names, fixed by the first batch
         acc: Optional[torch.Tensor] = None  # [n_images, Σ part·batch, ...] on the device
         if st.sums:
@@ -302,6 +308,8 @@ class Trainer:
         row = {"epoch": epoch + 1, "step": st.step}
         row.update({f"train/{k}": v / n for k, v in zip(names, tot[1:])})
         row["lr"] = self.optimizers[0].param_groups[0]["lr"]
+        if self.regularizer is not None:
+            row["reg_weight"] = self.reg_weight
         row["time/epoch_s"] = dt
         row["time/train_img_per_s"] = n_imgs * self.dist.world_size / max(dt, 1e-9)
         if skipped:
