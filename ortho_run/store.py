@@ -156,7 +156,8 @@ def load_option(group: str, name: str) -> DictConfig:
 def upgraded(container: dict) -> dict:
     """A saved run config as today's schemas read it: keys added since take their defaults,
     keys no schema has any more are left out (today's code cannot read them). A config naming a
-    plugin that no longer exists comes back unchanged."""
+    plugin that no longer exists comes back unchanged. So a key added to a schema defaults to
+    the behaviour from before it existed; a plugin's new default goes in its yaml."""
     try:
         base = OmegaConf.to_container(OmegaConf.structured(RunConfig), enum_to_str=True)
         for group, reg in plugin_registries().items():

@@ -259,6 +259,26 @@ def test_a_key_added_to_a_schema_since_a_checkpoint_is_no_difference_at_its_defa
     assert config_differences(saved, compose(["optim=muon", "optim.ns_coefficients=quintic"]))
 
 
+def test_a_config_saved_before_the_regulariser_weight_schedule_reads_as_a_constant_weight():
+    """A key added to a schema takes its schema default in an older run's config, so that
+    default is the behaviour from before the key (a constant weight); SRIP's official steps live
+    in its yaml, and resuming an older SRIP run under them is a difference that names them."""
+    from conftest import compose
+
+    from ortho_run.checkpoint import config_differences, run_config
+    from ortho_run.store import upgraded
+
+    cfg = compose(["regularizer=srip"])
+    saved = run_config(cfg)
+    del saved["regularizer"]["weight_milestones"], saved["regularizer"]["weight_factors"]
+    old = upgraded(saved)["regularizer"]
+    assert (old["weight_milestones"], old["weight_factors"]) == ([], [])
+    assert sorted(config_differences(saved, cfg)) == ["regularizer.weight_factors",
+                                                      "regularizer.weight_milestones"]
+    steps = ["regularizer.weight_milestones=[]", "regularizer.weight_factors=[]"]
+    assert config_differences(saved, compose(["regularizer=srip", *steps])) == {}
+
+
 def test_no_plugin_schema_gives_a_base_key_another_type_or_mark():
     """A plugin's field of the same name as its group's base field (``optim.gamma``, the
     multistep factor) must mean the same thing: same type, same effect."""

@@ -9,9 +9,9 @@ functions on a stack of one.
   matrix of the weight as a matrix (a wide W can never reach 0 on the larger one).
 - ``srip`` — SRIP (Bansal et al. 2018, VITA-Group/Orthogonality-in-CNNs ``l2_reg_ortho``):
   σ²_max(G − I) by ``power_iterations`` steps of the power method, one by default as the code
-  (v = (G − I)b/‖(G − I)b‖, penalty ‖(G − I)v‖²). Its weight by default is the official
-  training script's: 1e-2, stepped down by 1e-3, 1e-4, 1e-6 from epochs 20, 50, 70 and to 0 from
-  epoch 120 (``weight_milestones=[] weight_factors=[]`` keeps it constant). The code starts from a random positive
+  (v = (G − I)b/‖(G − I)b‖, penalty ‖(G − I)v‖²). Its weight (``conf/regularizer/srip.yaml``) is
+  the official training script's: 1e-2, stepped down by 1e-3, 1e-4, 1e-6 from epochs 20, 50, 70
+  and to 0 from epoch 120 (``weight_milestones=[] weight_factors=[]`` keeps it constant). The code starts from a random positive
   vector b; ours from the constant one (the direction that vector has on average), so the
   penalty is deterministic, and guards the exactly orthogonal case, where the code divides
   by zero and returns NaN. More steps bring the estimate closer to σ²_max.
@@ -22,7 +22,7 @@ functions on a stack of one.
   1); I_r0 is 1 at the centre of channel pairs (i, i), 0 elsewhere. A 1×1 kernel (or one no
   wider than its stride) is its matrix: ‖G − I‖_F on the smaller Gram matrix, the code's
   ``orth_dist`` for the 1×1 shortcuts. The official distance is unsquared (``squared=true``
-  squares it); the official weight is 0.1 (its ``-r``), the default here. Zero exactly when the convolution (as an operator) is
+  squares it); the official weight is 0.1 (its ``-r``), the default of ``conf/regularizer/conv_orth.yaml``. Zero exactly when the convolution (as an operator) is
   orthogonal: a kernel orthogonal as a matrix need not be. Same-shape kernels of equal stride
   are one grouped convolution.
 - ``orthogonal`` — a hard constraint: ``torch.nn.utils.parametrizations.orthogonal`` on the
@@ -31,8 +31,8 @@ functions on a stack of one.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import ClassVar, Dict, List, Tuple
+from dataclasses import dataclass
+from typing import ClassVar, Dict, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -92,11 +92,6 @@ class SoftOrth(Regularizer):
 @dataclass
 class SRIPConfig(RegularizerConfig):
     power_iterations: int = 1  # the official code's one step
-    # the official training script's coefficient: 1e-2 (its --ortho-decay), × 1e-3 from epoch 20,
-    # × 1e-4 from 50, × 1e-6 from 70 and 0 from 120 (its adjust_ortho_decay_rate)
-    weight: float = 1e-2
-    weight_milestones: List[int] = field(default_factory=lambda: [20, 50, 70, 120])
-    weight_factors: List[float] = field(default_factory=lambda: [1e-3, 1e-4, 1e-6, 0.0])
     checks: ClassVar[list] = [
         ("power_iterations", lambda v: 1 <= v <= 1000, "in [1, 1000]")]
 
@@ -127,7 +122,6 @@ class SRIP(Regularizer):
 @dataclass
 class ConvOrthConfig(RegularizerConfig):
     squared: bool = False  # the official distance is unsquared
-    weight: float = 0.1  # the official training script's -r
 
 
 def _identity_target(n: int, out: int, h: int, device, dtype) -> Tensor:
