@@ -114,6 +114,26 @@ def root_step(params, grads, lr=0.02, momentum=0.95, wd=0.1, nesterov=True, step
     return _run(params, grads, update)
 
 
+def auon_package_step(params, grads, lr=0.24, momentum=0.95, wd=0.0, gamma=1.5):
+    """ryyzn9/AuON ``auon/optimizer.py`` ``AuON.step``: EMA momentum, the Nesterov blend
+    G ← lerp(G, M, μ), then U = G / (sqrt(mean(cosh(γ·G/(‖G‖ + 1e-7))²)) + 1e-8) over the whole
+    tensor (a zero G skips the step), no aspect-ratio factor, in the gradient's dtype."""
+    def update(p, g, st):
+        g = g.clone()
+        m = st.setdefault("m", torch.zeros_like(g))
+        if wd != 0:
+            p.mul_(1 - lr * wd)
+        m.lerp_(g, 1 - momentum)
+        G = g.lerp_(m, momentum)
+        g_norm = G.norm()
+        if g_norm == 0:
+            return
+        scaled = G / (g_norm + 1e-7) * gamma
+        r = torch.sqrt(torch.mean(torch.cosh(scaled) ** 2))
+        p.add_(G / (r + 1e-8), alpha=-lr)
+    return _run(params, grads, update)
+
+
 def hybrid_auon_package_step(params, grads, lr=0.24, momentum=0.95, wd=0.0, gamma=1.5,
                              ns_steps=5):
     """ryyzn9/AuON ``HybridAuON.step`` (on the flattened matrix of a convolution)."""

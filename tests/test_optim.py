@@ -147,6 +147,9 @@ def test_every_rule_equals_its_official_update_over_several_steps(dtype, gradien
                                        hyper=hyper_from_config("root", ROOTConfig())),
                                   official.root_step(ws, gs, wd=0.1, nesterov=False)),
         "auon": (dict(rule="auon", hyper=_hyper()), official.auon_paper_step(ws, gs)),
+        "auon (package)": (dict(rule="auon", lr=0.24, weight_decay=0.1, hyper=hyper_from_config(
+            "auon", AuONConfig(auon_form="package"))),
+            official.auon_package_step(ws, gs, wd=0.1)),
         "auon_hybrid (paper)": (dict(rule="auon_hybrid", hyper=hyper_from_config(
             "auon_hybrid", AuONHybridConfig(ns_dtype="fp32"))),
             official.hybrid_auon_paper_step(ws, gs)),
@@ -330,6 +333,21 @@ def test_auon_hybrid_forms_take_their_own_defaults_and_the_brake_gamma_is_packag
         5, None, True, 1.5)  # None: the gradient's own dtype
     with pytest.raises(ConfigError, match="optim.brake_gamma=2.0 only applies to optim.hybrid"):
         hyper_from_config("auon_hybrid", AuONHybridConfig(brake_gamma=2.0))
+
+
+def test_auon_forms_take_their_own_defaults_and_the_brake_gamma_is_package_only():
+    paper = hyper_from_config("auon", AuONConfig())
+    package = hyper_from_config("auon", AuONConfig(auon_form="package"))
+    assert (paper.form, paper.ns_dtype, paper.adjust_lr) == ("paper", torch.bfloat16, None)
+    assert (package.form, package.ns_dtype, package.adjust_lr, package.gamma) == (
+        "package", None, "none", 1.5)  # None dtype: the gradient's own; no aspect-ratio factor
+    assert hyper_from_config("auon", AuONConfig(auon_form="package", brake_gamma=2.0)).gamma == 2.0
+    with pytest.raises(ConfigError, match="optim.brake_gamma=2.0 only applies to optim.auon_form"):
+        hyper_from_config("auon", AuONConfig(brake_gamma=2.0))
+    from ortho_run.validate import validate
+
+    with pytest.raises(ConfigError, match="optim.auon_form=package"):
+        validate(compose(["optim=auon", "optim.brake_gamma=2"]))
 
 
 def test_roles_that_select_nothing_are_refused(tmp_path):

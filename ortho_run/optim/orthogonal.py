@@ -57,9 +57,12 @@ device value on the host).
   ``eps``; +1e-8 on the RMS), in bf16 (``ns_dtype``, as the script, which runs this map in the
   place and under the name of Newton–Schulz; ``ns_dtype=fp32`` for full precision). The script
   reads the scale from the parameter's last two dims, 1 for a k×k kernel; here, as for every
-  rule, from the flattened matrix, which gives 1 as well unless out > in·k·k. (The
-  repository's current ``AuON`` class drops the normalisation and uses γ 1.5, η 0.24: we
-  follow the paper.)
+  rule, from the flattened matrix, which gives 1 as well unless out > in·k·k. That is the
+  default, ``auon_form=paper``; ``auon_form=package`` is the package's ``AuON`` class
+  (``auon/optimizer.py``): U = M / (rms(cosh(γ·M/(‖M‖_F + 1e-7))) + 1e-8) with γ = 1.5
+  (``brake_gamma``), M the Nesterov momentum itself (not normalised), in the gradient's dtype,
+  no aspect-ratio factor; its default lr is 0.24 (``optim.lr`` stays as set). Its norm and
+  mean run over the whole tensor, so a convolution's kernel as a matrix gives the same step.
 - ``auon_hybrid`` — Hybrid-AuON: orthogonalise first, then the cosh brake
   (``hybrid_form``). ``paper`` (the default, the paper's §3.2): X = NS(M) with one step (bf16,
   from X/(‖X‖_F + ε), the Newton–Schulz of the code the paper's script builds on), then
@@ -104,7 +107,8 @@ class NSCoefficients(Choice):
     polar_express = "polar_express"
 
 
-class HybridForm(Choice):
+class Form(Choice):
+    """Which official code a rule follows where its paper's and its package's differ."""
     paper = "paper"
     package = "package"
 
@@ -201,8 +205,8 @@ class Hyper:
     root_quantile: float = 0.9
     root_scale: float = 0.2
     shape_coefficients: Tuple[Tuple[Tuple[int, int], Triple], ...] = ()
-    hybrid_form: str = "paper"
-    gamma: float = 1.5
+    form: str = "paper"  # auon's and auon_hybrid's (Form)
+    gamma: float = 1.5  # the package form's scale inside cosh
     momentum: Optional[str] = None  # ema | sum; None: the rule's own
     adjust_lr: Optional[str] = None  # original | match_rms_adamw | none; None: the rule's own
     renormalize: bool = False  # each weight to Frobenius norm √rows before its step
@@ -254,17 +258,25 @@ def root_update(m: Tensor, state: Dict[str, List[Tensor]], h: Hyper) -> Tensor:
     return h.orthogonalize(clipped, *m.shape[-2:])
 
 
+def cosh_brake(x: Tensor, gamma: float) -> Tensor:
+    """The AuON package's brake (its ``AuON`` and ``HybridAuON``): x / (rms(cosh(γ·x/(‖x‖_F +
+    1e-7))) + 1e-8), each matrix of the stack by its own norm; x itself is not normalised."""
+    return x / (_rms(torch.cosh(unit_frobenius(x, 1e-7, add_eps=True) * gamma)) + 1e-8)
+
+
 def auon_update(m: Tensor, state: Dict[str, List[Tensor]], h: Hyper) -> Tensor:
+    x = m.to(h.ns_dtype or m.dtype)
+    if h.form == "package":  # the package's AuON class: the brake on M as it is
+        return cosh_brake(x, h.gamma)
     # the paper's script: X = M/(‖M‖ + 1e-7), U = X/(rms(cosh X) + 1e-8), in ns_dtype (bf16 there)
-    x = unit_frobenius(m.to(h.ns_dtype or m.dtype), h.eps, bool(h.add_eps))
+    x = unit_frobenius(x, h.eps, bool(h.add_eps))
     return x / (_rms(torch.cosh(x)) + 1e-8)
 
 
 def auon_hybrid_update(m: Tensor, state: Dict[str, List[Tensor]], h: Hyper) -> Tensor:
     x = h.orthogonalize(m, *m.shape[-2:]).float()
-    if h.hybrid_form == "package":
-        unit = unit_frobenius(x, 1e-7, add_eps=True)
-        return x / (_rms(torch.cosh(unit * h.gamma)) + 1e-8)
+    if h.form == "package":
+        return cosh_brake(x, h.gamma)
     return x / (_rms(torch.cosh(x)) + 1e-8)
 
 
@@ -502,14 +514,18 @@ class ROOTConfig(NSConfig):
 @dataclass
 class AuONConfig(OrthoConfig):
     """AuON: no Newton–Schulz; its map stands where Newton–Schulz stands (in the paper's script,
-    inside the function of that name), and ``ns_dtype`` is the dtype it runs in (bf16 there)."""
+    inside the function of that name), and ``ns_dtype`` is the dtype it runs in."""
 
-    ns_dtype: NSDtype = NSDtype.bf16
+    auon_form: Form = Form.paper
+    ns_dtype: Optional[NSDtype] = None  # null: the form's (paper bf16, package grad)
+    brake_gamma: Optional[float] = None  # package form: the brake's scale γ (null: 1.5)
+    checks: ClassVar[list] = [
+        ("brake_gamma", lambda v: v is None or v > 0, "> 0 or null")]
 
 
 @dataclass
 class AuONHybridConfig(NSConfig):
-    hybrid_form: HybridForm = HybridForm.paper
+    hybrid_form: Form = Form.paper
     ns_steps: Optional[int] = None  # null: the form's (paper 1, package 5)
     ns_dtype: Optional[NSDtype] = None  # null: the form's (paper bf16, package grad)
     brake_gamma: Optional[float] = None  # package form: the brake's scale γ (null: 1.5)
@@ -517,18 +533,32 @@ class AuONHybridConfig(NSConfig):
         ("brake_gamma", lambda v: v is None or v > 0, "> 0 or null")]
 
 
-#: per rule and form: the NS defaults its official code uses
-_FORM_DEFAULTS = {"paper": dict(ns_steps=1, ns_dtype="bf16", add_eps=True, adjust_lr="original"),
-                  "package": dict(ns_steps=5, ns_dtype="grad", add_eps=True, adjust_lr="none")}
+#: the key that chooses the form, of the rules that have two (``Form``)
+_FORM_KEYS = {"auon": "auon_form", "auon_hybrid": "hybrid_form"}
+#: per rule and form: the defaults its official code uses for the keys left null
+_FORM_DEFAULTS = {
+    ("auon", "paper"): dict(ns_dtype="bf16"),
+    ("auon", "package"): dict(ns_dtype="grad", adjust_lr="none"),
+    ("auon_hybrid", "paper"): dict(ns_steps=1, ns_dtype="bf16", add_eps=True,
+                                   adjust_lr="original"),
+    ("auon_hybrid", "package"): dict(ns_steps=5, ns_dtype="grad", add_eps=True,
+                                     adjust_lr="none"),
+}
+
+
+def _form(rule: str, cfg) -> Optional[str]:
+    key = _FORM_KEYS.get(rule)
+    return str(getattr(cfg, key)) if key else None
 
 
 def check_config(rule: str, cfg) -> None:
     """Cross-key checks of an orthogonalised optimiser's config (the pre-flight runs them)."""
-    if rule == "auon_hybrid" and getattr(cfg, "brake_gamma", None) is not None \
-            and str(cfg.hybrid_form) != "package":
+    form = _form(rule, cfg)
+    if form is not None and getattr(cfg, "brake_gamma", None) is not None and form != "package":
+        key = _FORM_KEYS[rule]
         raise ConfigError(f"optim.brake_gamma={cfg.brake_gamma} only applies to "
-                          f"optim.hybrid_form=package (the paper's form has no scale inside "
-                          f"cosh): set optim.hybrid_form=package or leave optim.brake_gamma null")
+                          f"optim.{key}=package (the paper's form has no scale inside "
+                          f"cosh): set optim.{key}=package or leave optim.brake_gamma null")
     if rule == "root":
         parse_coefficient_table(cfg.root_coefficients)
 
@@ -542,7 +572,8 @@ def hyper_from_config(rule: str, cfg) -> Hyper:
     check_config(rule, cfg)
     kw = dict(eps=float(cfg.eps), momentum=_opt(cfg.momentum_form),
               adjust_lr=_opt(cfg.adjust_lr), renormalize=bool(cfg.renormalize))
-    form = _FORM_DEFAULTS[str(cfg.hybrid_form)] if rule == "auon_hybrid" else {}
+    form_name = _form(rule, cfg)
+    form = _FORM_DEFAULTS.get((rule, form_name), {})
     if hasattr(cfg, "ns_dtype"):
         dtype = str(cfg.ns_dtype) if cfg.ns_dtype is not None else form.get("ns_dtype", "bf16")
         kw.update(ns_dtype=_DTYPES[dtype])
@@ -553,15 +584,15 @@ def hyper_from_config(rule: str, cfg) -> Hyper:
                else form.get("add_eps"))
         kw.update(ns_steps=int(steps),
                   coefficients=NS_COEFFICIENTS[str(cfg.ns_coefficients)], add_eps=add)
-        if form and kw["adjust_lr"] is None:
-            kw["adjust_lr"] = form["adjust_lr"]
+    if kw["adjust_lr"] is None:  # null: the form's, else the rule's own
+        kw["adjust_lr"] = form.get("adjust_lr")
     if rule == "normuon":
         kw.update(beta2=float(cfg.beta2), norm_eps=float(cfg.norm_eps))
     if rule == "root":
         kw.update(root_quantile=float(cfg.root_quantile), root_scale=float(cfg.root_scale),
                   shape_coefficients=tuple(parse_coefficient_table(cfg.root_coefficients).items()))
-    if rule == "auon_hybrid":
-        kw.update(hybrid_form=str(cfg.hybrid_form),
+    if form_name is not None:
+        kw.update(form=form_name,
                   gamma=1.5 if cfg.brake_gamma is None else float(cfg.brake_gamma))
     return Hyper(**kw)
 
