@@ -677,6 +677,14 @@ def test_every_optimiser_learns_digits(tmp_path, optim, method):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("optim,form", [("auon", "auon_form"), ("auon_hybrid", "hybrid_form")])
+def test_the_package_forms_learn_digits_at_the_packages_lr(tmp_path, optim, form):
+    s = run_inprocess(tmp_path, [f"optim={optim}", f"optim.{form}=package", "optim.lr=0.24",
+                                 "trainer.max_epochs=12"])
+    assert s["test/acc1"] >= 0.95, s["test/acc1"]
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("reg,weight,factor", [
     ("soft_orth", 0.01, 0.5),  # the error itself: measured 0.18 against 5.57 without
     ("srip", 0.1, 0.9),  # its top eigenvalue only: measured 4.20
