@@ -3,10 +3,10 @@
 A regulariser picks layers of the backbone by a glob on their module names (``layers``, default
 every convolution and linear layer) and adds ``weight`` × its penalty to the loss, logged as the
 loss part ``reg``; ``weight_milestones``/``weight_factors`` step the weight down by epoch (the
-epoch's weight is logged as ``reg_weight``). Whatever the regulariser (``none`` included), the mean orthogonality error of
-the chosen layers, ‖G − I‖_F with G the smaller Gram matrix of the weight as a matrix
-(out × in·k·k), is reported as ``geometry/layer_orth_err``, so runs with and without a
-regulariser compare on the same number.
+epoch's weight is logged as ``reg_weight``). Whatever the regulariser (``none`` included), the
+mean orthogonality error of the chosen layers, ‖G − I‖_F with G the smaller Gram matrix of the
+weight as a matrix (out × in·k·k), is reported as ``geometry/layer_orth_err``, so runs with and
+without a regulariser compare on the same number.
 """
 
 from __future__ import annotations

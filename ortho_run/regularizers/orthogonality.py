@@ -9,12 +9,13 @@ functions on a stack of one.
   matrix of the weight as a matrix (a wide W can never reach 0 on the larger one).
 - ``srip`` — SRIP (Bansal et al. 2018, VITA-Group/Orthogonality-in-CNNs ``l2_reg_ortho``):
   σ²_max(G − I) by ``power_iterations`` steps of the power method, one by default as the code
-  (v = (G − I)b/‖(G − I)b‖, penalty ‖(G − I)v‖²). Its weight (``conf/regularizer/srip.yaml``) is
-  the official training script's: 1e-2, stepped down by 1e-3, 1e-4, 1e-6 from epochs 20, 50, 70
-  and to 0 from epoch 120 (``weight_milestones=[] weight_factors=[]`` keeps it constant). The code starts from a random positive
-  vector b; ours from the constant one (the direction that vector has on average), so the
-  penalty is deterministic, and guards the exactly orthogonal case, where the code divides
-  by zero and returns NaN. More steps bring the estimate closer to σ²_max.
+  (v = (G − I)b/‖(G − I)b‖, penalty ‖(G − I)v‖²). Its weight (``conf/regularizer/srip.yaml``)
+  is the official training script's: 1e-2, stepped down by 1e-3, 1e-4, 1e-6 from epochs 20,
+  50, 70 and to 0 from epoch 120 (``weight_milestones=[] weight_factors=[]`` keeps it
+  constant). The code starts from a random positive vector b; ours from the constant one (the
+  direction that vector has on average), so the penalty is deterministic, and guards the
+  exactly orthogonal case, where the code divides by zero and returns NaN. More steps bring
+  the estimate closer to σ²_max.
 - ``conv_orth`` — kernel orthogonality for convolutions (Wang et al. 2020, "Orthogonal
   Convolutional Neural Networks", samaonline/Orthogonal-Convolutional-Neural-Networks):
   ‖Conv(K, K, stride S, padding P) − I_r0‖_F, with P = ⌊(k − 1)/S⌋·S as the paper derives (the
@@ -22,7 +23,8 @@ functions on a stack of one.
   1); I_r0 is 1 at the centre of channel pairs (i, i), 0 elsewhere. A 1×1 kernel (or one no
   wider than its stride) is its matrix: ‖G − I‖_F on the smaller Gram matrix, the code's
   ``orth_dist`` for the 1×1 shortcuts. The official distance is unsquared (``squared=true``
-  squares it); the official weight is 0.1 (its ``-r``), the default of ``conf/regularizer/conv_orth.yaml``. Zero exactly when the convolution (as an operator) is
+  squares it); the official weight is 0.1 (its ``-r``), the default of
+  ``conf/regularizer/conv_orth.yaml``. Zero exactly when the convolution (as an operator) is
   orthogonal: a kernel orthogonal as a matrix need not be. Same-shape kernels of equal stride
   are one grouped convolution.
 - ``orthogonal`` — a hard constraint: ``torch.nn.utils.parametrizations.orthogonal`` on the
@@ -138,10 +140,15 @@ def conv_orth_stack(kernels: Tensor, stride: int = 1, squared: bool = False) -> 
     than its stride (every 1×1 kernel) has no overlapping shifted copies: the convolution is its
     matrix, and the distance is ‖G − I‖_F with G the smaller Gram matrix, as the official code's
     ``orth_dist`` for the 1×1 shortcuts (reachable when out > in·k·k, where Conv(K, K) is not)."""
+    per_kernel = _conv_orth_squared(kernels, stride)
+    return per_kernel.sum() if squared else per_kernel.clamp_min(1e-30).sqrt().sum()
+
+
+def _conv_orth_squared(kernels: Tensor, stride: int) -> Tensor:
+    """The squared distance of each kernel of the stack (n)."""
     n, out, cin, k, _ = kernels.shape
     if k <= stride:  # 1×1 kernels included (a stride is at least 1)
-        per_kernel = gram_deviation(kernels.reshape(n, out, -1)).pow(2).sum(dim=(1, 2))
-        return per_kernel.sum() if squared else per_kernel.clamp_min(1e-30).sqrt().sum()
+        return gram_deviation(kernels.reshape(n, out, -1)).pow(2).sum(dim=(1, 2))
     pad = ((k - 1) // stride) * stride
     inputs = kernels.transpose(0, 1).reshape(out, n * cin, k, k)  # batch: the rows of every K_j
     z = F.conv2d(inputs, kernels.reshape(n * out, cin, k, k), stride=stride, padding=pad,
@@ -150,8 +157,7 @@ def conv_orth_stack(kernels: Tensor, stride: int = 1, squared: bool = False) -> 
     target = _constant(("conv_orth", n, out, h, str(z.device), z.dtype),
                        lambda: _identity_target(n, out, h, z.device, z.dtype))
     d = (z - target).pow(2)
-    per_kernel = d.reshape(out, n, out * h * h).sum(dim=(0, 2))
-    return per_kernel.sum() if squared else per_kernel.clamp_min(1e-30).sqrt().sum()
+    return d.reshape(out, n, out * h * h).sum(dim=(0, 2))
 
 
 def conv_orth(kernel: Tensor, stride: int = 1, squared: bool = False) -> Tensor:
