@@ -3,10 +3,10 @@ here one matrix at a time in plain torch (no ortho_run import), for the tests to
 
 Each ``*_step(params, grads_per_step, ...)`` runs the whole optimiser over several steps and
 returns the final weights. Newton–Schulz runs in the dtype given (the official code's bf16 is
-replaced by float32/float64 where a test compares to 1e-6). Convolution weights are passed to
-the official 2-D code as their flattened out × (in·k·k) matrix, which is what ortho_run does for
-every rule (the NorMuon and HybridAuON code treat a 4-D tensor differently; see the optimiser
-docstrings).
+replaced by float32/float64 where a test compares to 1e-6). The first functions pass a
+convolution weight to the official code as its flattened out × (in·k·k) matrix
+(``optim.conv_shape=matrix``); the ``*_as_written`` ones at the end take it as it is, as the
+official code is written (``optim.conv_shape=kernel``).
 """
 
 import math
@@ -272,4 +272,99 @@ def airbench_muon_step(params, grads, lr=0.24, momentum=0.6, steps=3, dtype=torc
         g = g.add(buf, alpha=momentum)
         p.mul_(len(p) ** 0.5 / p.norm())
         p.add_(zeropower(g.reshape(len(g), -1)).view(g.shape).to(p.dtype), alpha=-lr)
+    return _run(params, grads, update)
+
+
+# ------------------------------------------------ the official code on a weight as it is
+# The functions above pass a convolution to the official code as its flattened matrix. These
+# take the weight as it is, 4-D kernels included, as the official code is written (what
+# ``optim.conv_shape=kernel`` follows): K. Jordan's ``muon_update`` flattens only for Newton–
+# Schulz and reads the scale from the 4-D gradient's last two dims; NorMuon's row statistics and
+# norm run on the 4-D update; HybridAuON orthogonalises each k×k slice; the AuON script reads the
+# scale from the parameter's last two dims.
+
+def _ns_batched(X, steps, coeffs=MUON, dtype=torch.float32, eps=1e-7):
+    """K. Jordan's ``zeropower_via_newtonschulz5`` on a tensor of any ndim ≥ 2 (batched over
+    the leading dims), in ``dtype`` instead of bf16."""
+    a, b, c = coeffs
+    X = X.to(dtype)
+    tall = X.size(-2) > X.size(-1)
+    if tall:
+        X = X.mT
+    X = X / (X.norm(dim=(-2, -1), keepdim=True) + eps)
+    for _ in range(steps):
+        A = X @ X.mT
+        B = b * A + c * A @ A
+        X = a * X + B @ X
+    return X.mT if tall else X
+
+
+def kj_muon_step_as_written(params, grads, lr=0.02, beta=0.95, wd=0.0, nesterov=True,
+                            dtype=torch.float32):
+    """KellerJordan/Muon ``muon_update`` + ``SingleDeviceMuon.step``, a 4-D weight as it is."""
+    def update(p, g, st):
+        buf = st.setdefault("m", torch.zeros_like(g))
+        buf.lerp_(g, 1 - beta)
+        u = g.lerp_(buf, beta) if nesterov else buf
+        if u.ndim == 4:
+            u = u.view(len(u), -1)
+        u = _ns_batched(u, 5, dtype=dtype)
+        u = u * max(1, g.size(-2) / g.size(-1)) ** 0.5
+        p.mul_(1 - lr * wd)
+        p.add_(u.reshape(p.shape).to(p.dtype), alpha=-lr)
+    return _run(params, grads, update)
+
+
+def normuon_step_as_written(params, grads, lr=0.02, beta=0.95, beta2=0.95, wd=0.0,
+                            dtype=torch.float32):
+    """zichongli5/NorMuon ``normuon_update`` + ``SingleDeviceNorMuon.step``, a 4-D weight as
+    it is (the update in float32 where the official code keeps bf16)."""
+    def update(p, g, st):
+        buf = st.setdefault("m", torch.zeros_like(p))
+        sm = st.setdefault("v", torch.zeros_like(p[..., 0:1], dtype=torch.float32))
+        buf.lerp_(g, 1 - beta)
+        u = g.lerp_(buf, beta)
+        shape = None
+        if u.ndim == 4:
+            shape = u.shape
+            u = u.reshape(u.size(0), -1)
+        u = _ns_batched(u, 5, dtype=dtype).float()
+        if shape is not None:
+            u = u.reshape(shape)
+        vnorm = u.norm(dim=(-2, -1), keepdim=True)
+        sm.lerp_(torch.mean(u * u, dim=-1, keepdim=True), 1 - beta2)
+        u = u * (1 / sm.sqrt().add(1e-10))
+        u = u * (vnorm / u.norm(dim=(-2, -1), keepdim=True).add(1e-10))
+        u = u * max(1, g.size(-2) / g.size(-1)) ** 0.5
+        if wd:
+            p.mul_(1 - lr * wd)
+        p.add_(u.reshape(p.shape).to(p.dtype), alpha=-lr)
+    return _run(params, grads, update)
+
+
+def hybrid_auon_package_step_as_written(params, grads, lr=0.24, momentum=0.95, wd=0.0,
+                                        gamma=1.5, ns_steps=5):
+    """ryyzn9/AuON ``HybridAuON.step``, a 4-D weight as it is (Newton–Schulz per k×k slice,
+    the brake by the whole weight's norm)."""
+    def update(p, g, st):
+        m = st.setdefault("m", torch.zeros_like(g))
+        if wd:
+            p.mul_(1 - lr * wd)
+        m.lerp_(g, 1 - momentum)
+        G = _ns_batched(g.lerp_(m, momentum), ns_steps, dtype=g.dtype)
+        r = torch.sqrt(torch.mean(torch.cosh(G / (G.norm() + 1e-7) * gamma) ** 2))
+        p.add_(G / (r + 1e-8), alpha=-lr)
+    return _run(params, grads, update)
+
+
+def auon_script_step_as_written(params, grads, lr=0.02, momentum=0.95, dtype=None):
+    """ryyzn9/AuON ``Auon_Adam_train.py`` ``auon.step``: the scale from the parameter's last two
+    dims."""
+    def update(p, g, st):
+        buf = st.setdefault("m", torch.zeros_like(g))
+        buf.lerp_(g, 1 - momentum)
+        x = g.lerp_(buf, momentum).to(dtype or g.dtype)
+        x = x / (x.norm() + 1e-7)
+        u = x * 1 / (torch.sqrt(torch.mean(torch.cosh(x).square())) + 1e-8)
+        p.add_(u.reshape(p.shape).to(p.dtype), alpha=-lr * max(1, p.size(-2) / p.size(-1)) ** 0.5)
     return _run(params, grads, update)

@@ -2,10 +2,12 @@
 their composition with every method, and what they do on digits."""
 
 import math
+from dataclasses import replace
 
 import pytest
 import torch
 import torch.nn.functional as F
+from omegaconf import OmegaConf
 
 import official_updates as official
 from conftest import compose, run_inprocess
@@ -162,6 +164,67 @@ def test_every_rule_equals_its_official_update_over_several_steps(dtype, gradien
         ours, _ = _ours(ws, gs, **kw)
         assert _max_diff(ours, ref) <= tol, (name, _max_diff(ours, ref))
         assert all(o.dtype == dtype for o in ours)
+
+
+@pytest.mark.parametrize("gradients", sorted(GRADIENTS))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_conv_shape_kernel_is_the_official_code_on_a_kernel_as_it_is(dtype, gradients):
+    """``optim.conv_shape=kernel`` against the official code handed each weight as it is: K.
+    Jordan's Muon and NorMuon read the aspect-ratio scale from a kernel's last two dims (the
+    1x1 shortcut-like 12x4x1x1 kernel gets 1, not sqrt(3)), NorMuon takes its row statistics
+    on the 4-D update, HybridAuON orthogonalises each k x k slice, the AuON script scales by
+    the parameter's last two dims; ``matrix`` differs from each of them there."""
+    ws, gs = _weights_and_grads(dtype=dtype, gradients=gradients)
+    # float32: a few ulps of weights up to about 4 after four steps (lr 0.24 for the package)
+    tol = 2e-6 if dtype == torch.float32 else 1e-6  # (Newton–Schulz in float32 for both)
+    kern = dict(conv_shape="kernel")
+    cases = {
+        "muon": (dict(rule="muon", weight_decay=0.1, hyper=_hyper(add_eps=True, **kern)),
+                 official.kj_muon_step_as_written(ws, gs, wd=0.1)),
+        "normuon": (dict(rule="normuon", weight_decay=0.1, hyper=_hyper(add_eps=True, **kern)),
+                    official.normuon_step_as_written(ws, gs, wd=0.1)),
+        "auon": (dict(rule="auon", hyper=_hyper(add_eps=True, **kern)),
+                 official.auon_script_step_as_written(ws, gs)),
+        "auon_hybrid (package)": (dict(rule="auon_hybrid", lr=0.24, hyper=hyper_from_config(
+            "auon_hybrid", AuONHybridConfig(hybrid_form="package", conv_shape="kernel"))),
+            official.hybrid_auon_package_step_as_written(ws, gs)),
+    }
+    for name, (kw, ref) in cases.items():
+        kw.setdefault("lr", 0.02)
+        for batched in (True, False):
+            ours, opt = _ours(ws, gs, batched=batched, **kw)
+            assert _max_diff(ours, ref) <= tol, (name, batched, _max_diff(ours, ref))
+        flat = dict(kw, hyper=replace(kw["hyper"], conv_shape="matrix"))
+        assert _max_diff(_ours(ws, gs, **flat)[0], ref) > 1e-4, name
+    # NorMuon's row moments are the official state's shape: out x in x k x 1 for a kernel
+    _, opt = _ours(ws, gs, lr=0.02, rule="normuon", hyper=_hyper(add_eps=True, **kern))
+    moments = [tuple(opt.state[p]["row_second_moment"].shape)
+               for p in opt.param_groups[0]["params"]]
+    assert moments == [(*s[:-1], 1) for s in MODEL_SHAPES]
+
+
+def test_the_plugins_take_their_official_codes_conv_shape_and_root_refuses_kernel():
+    """The yaml of muon, normuon, auon and auon_hybrid choose the kernel form (their official
+    code's), ROOT's the matrix (its code takes only matrices, and kernel is refused before any
+    work, naming the key); a config saved before the key existed reads as the matrix form."""
+    from conftest import compose
+
+    from ortho_run.checkpoint import config_differences, run_config
+    from ortho_run.store import upgraded
+    from ortho_run.validate import validate
+
+    for name in ("muon", "normuon", "auon", "auon_hybrid"):
+        cfg = compose([f"optim={name}"])
+        assert str(cfg.optim.conv_shape) == "kernel", name
+        assert hyper_from_config(name, OmegaConf.to_object(cfg.optim)).conv_shape == "kernel"
+    assert str(compose(["optim=root"]).optim.conv_shape) == "matrix"
+    with pytest.raises(ConfigError, match=r"optim\.conv_shape=kernel.*root.*conv_shape=matrix"):
+        validate(compose(["optim=root", "optim.conv_shape=kernel"]))
+    cfg = compose(["optim=normuon"])
+    saved = run_config(cfg)
+    del saved["optim"]["conv_shape"]
+    assert str(upgraded(saved)["optim"]["conv_shape"]) == "matrix"
+    assert sorted(config_differences(saved, cfg)) == ["optim.conv_shape"]
 
 
 @pytest.mark.parametrize("gradients", sorted(GRADIENTS))

@@ -25,14 +25,15 @@ device value on the host).
   sequence tuned for modded-nanogpt, timm's default; ``polar_express``), on X/‖X‖_F, run in bf16
   as the official code (``ns_dtype=fp32`` for full precision). On 2-D weights this is
   ``torch.optim.Muon``'s step to the bit, and on 2-D and convolution weights timm's ``Muon``
-  (``ns_coefficients="original"``, ``adjust_lr_fn="original"``, Nesterov) to the bit (tested).
+  (``ns_coefficients="original"``, ``adjust_lr_fn="original"``, Nesterov) to the bit with
+  ``conv_shape=matrix`` (tested); ``kernel`` is K. Jordan's ``muon_update`` on a kernel.
 - ``normuon`` — NorMuon (Li et al. 2025, zichongli5/NorMuon): after NS, a per-row (neuron)
   second-moment EMA v ← β₂v + (1 − β₂)·mean_j(U²_ij) (β₂ = 0.95, no bias correction, ε = 1e-10)
   normalises each row, Û = U/(√v + ε); as the official code, Û is then rescaled to U's
   Frobenius norm (the paper instead states an update RMS of 0.2·η: not what its code does). On
-  a convolution the rows are the output units of the flattened kernel, as for every rule here;
-  the official code, given a 4-D weight, takes the statistics over the kernel's last axis and
-  restores the norm per k×k slice, which we do not follow. Newton–Schulz starts from
+  a convolution (``conv_shape``, below) ``kernel`` is the official code's: the statistics over
+  the kernel's last axis (state out × in × k × 1), the norm restored per k×k slice; ``matrix``
+  takes the rows of the flattened kernel (the output units). Newton–Schulz starts from
   X/(‖X‖_F + 1e-7), as the K. Jordan code that NorMuon ships (``ns_norm_eps=add``; Muon's
   default here is torch.optim.Muon's X/max(‖X‖_F, eps), which differs by 1e-7/‖X‖_F, a lot
   for a small momentum). The row statistics run in float32: the official code keeps
@@ -56,9 +57,8 @@ device value on the host).
   script (``Auon_Adam_train.py``) computes it: the guards as written there (+1e-7 on the norm,
   ``eps``; +1e-8 on the RMS), in bf16 (``ns_dtype``, as the script, which runs this map in the
   place and under the name of Newton–Schulz; ``ns_dtype=fp32`` for full precision). The script
-  reads the scale from the parameter's last two dims, 1 for a k×k kernel; here, as for every
-  rule, from the flattened matrix, which gives 1 as well unless out > in·k·k. That is the
-  default, ``auon_form=paper``; ``auon_form=package`` is the package's ``AuON`` class
+  reads the scale from the parameter's last two dims, 1 for a k×k kernel (``conv_shape``,
+  below). That is the default, ``auon_form=paper``; ``auon_form=package`` is the package's ``AuON`` class
   (``auon/optimizer.py``): U = M / (rms(cosh(γ·M/(‖M‖_F + 1e-7))) + 1e-8) with γ = 1.5
   (``brake_gamma``), M the Nesterov momentum itself (not normalised), in the gradient's dtype,
   no aspect-ratio factor; its default lr is 0.24 (``optim.lr`` stays as set). Its norm and
@@ -73,7 +73,18 @@ device value on the host).
   ``ns_steps`` / ``ns_dtype`` / ``brake_gamma`` left null take the form's own. (Dividing by
   the cosh RMS *before* Newton–Schulz, as an earlier version here did, is a no-op:
   Newton–Schulz starts by normalising its input.) On a 4-D weight the package orthogonalises
-  each k×k slice of the kernel; here, as for every rule, the flattened matrix.
+  each k×k slice of the kernel (``conv_shape=kernel``); the paper's form, the flattened matrix.
+
+A convolution kernel (out × in × k × k) is orthogonalised as its flattened matrix out × (in·k·k)
+by every rule. What the steps after Newton–Schulz see of it is ``optim.conv_shape``: ``kernel``,
+the plugins' yaml default for muon, normuon, auon and auon_hybrid, is how their official code,
+handed a 4-D weight, reads it: the aspect-ratio scale from the kernel's last two dims (K.
+Jordan's ``muon_update`` and NorMuon take ``grad.size(-2) / grad.size(-1)``, the AuON script
+the parameter's, which is 1 for a square kernel where the flattened matrix gives √(out/(in·k·k))
+for a kernel with out > in·k·k, a 1×1 shortcut that widens), NorMuon's statistics and
+HybridAuON's slices as said above. ``matrix`` sees the flattened matrix throughout: timm's Muon,
+and the behaviour of configs saved before the key existed (the schema's default). ROOT's code
+takes only matrices: its ``kernel`` is refused.
 """
 
 from __future__ import annotations
@@ -111,6 +122,12 @@ class Form(Choice):
     """Which official code a rule follows where its paper's and its package's differ."""
     paper = "paper"
     package = "package"
+
+
+class ConvShape(Choice):
+    """What a rule's steps after Newton–Schulz see of a convolution kernel (out × in × k × k)."""
+    matrix = "matrix"  # its flattened matrix out × (in·k·k), for every step (timm's Muon)
+    kernel = "kernel"  # the kernel's own shape where the official code reads it (see the docstring)
 
 
 class Other(Choice):
@@ -210,6 +227,12 @@ class Hyper:
     momentum: Optional[str] = None  # ema | sum; None: the rule's own
     adjust_lr: Optional[str] = None  # original | match_rms_adamw | none; None: the rule's own
     renormalize: bool = False  # each weight to Frobenius norm √rows before its step
+    conv_shape: str = "matrix"  # ConvShape: how a 4-D kernel is seen after Newton–Schulz
+
+    def kernel_of(self, p: Tensor) -> Optional[Tuple[int, ...]]:
+        """The kernel shape a rule reads for ``p`` (``conv_shape=kernel`` and a 4-D weight),
+        else None (the flattened matrix throughout)."""
+        return tuple(p.shape) if self.conv_shape == "kernel" and p.ndim == 4 else None
 
     def orthogonalize(self, x: Tensor, rows: int, cols: int) -> Tensor:
         """NS of a stack of ``rows × cols`` matrices with this rule's settings."""
@@ -229,25 +252,32 @@ def _rms(t: Tensor) -> Tensor:
 
 # ------------------------------------------------------------------ the rules, on stacks
 # Each takes the stacked momentum M (n × rows × cols, the parameters' dtype), the rule's
-# per-parameter state as lists (updated in place) and its settings; it returns the direction U
-# (n × rows × cols) that the step scales by lr × Rule.scale.
+# per-parameter state as lists (updated in place), its settings and the kernel shape it reads
+# (``Hyper.kernel_of``: None for a matrix, or with conv_shape=matrix); it returns the direction
+# U (n × rows × cols) that the step scales by lr × Rule.scale.
 
-def muon_update(m: Tensor, state: Dict[str, List[Tensor]], h: Hyper) -> Tensor:
+def muon_update(m: Tensor, state: Dict[str, List[Tensor]], h: Hyper,
+                kernel: Optional[Tuple[int, ...]] = None) -> Tensor:
     return h.orthogonalize(m, *m.shape[-2:])
 
 
-def normuon_update(m: Tensor, state: Dict[str, List[Tensor]], h: Hyper) -> Tensor:
+def normuon_update(m: Tensor, state: Dict[str, List[Tensor]], h: Hyper,
+                   kernel: Optional[Tuple[int, ...]] = None) -> Tensor:
     # in float32: the official code keeps the NS output's dtype, and with bf16 Newton–Schulz and
     # float32 weights its second-moment lerp refuses the bf16 row means
     u = h.orthogonalize(m, *m.shape[-2:]).float()
-    v = state["row_second_moment"]  # per matrix: rows × 1, float32
+    if kernel is not None:  # the official code's 4-D statistics: rows of the kernel's last axis
+        u = u.reshape(m.shape[0], *kernel)
+    v = state["row_second_moment"]  # per weight: rows × 1 (kernel: out × in × k × 1), float32
     torch._foreach_lerp_(v, list(u.pow(2).mean(dim=-1, keepdim=True).unbind(0)), 1 - h.beta2)
     normed = u * (1 / (torch.stack(v).sqrt() + h.norm_eps))
+    # Muon's Frobenius norm restored, as the official code (kernel: of each k × k slice)
     keep = u.norm(dim=(-2, -1), keepdim=True) / (normed.norm(dim=(-2, -1), keepdim=True) + 1e-10)
-    return normed * keep  # Muon's Frobenius norm, as the official code
+    return (normed * keep).reshape(m.shape)
 
 
-def root_update(m: Tensor, state: Dict[str, List[Tensor]], h: Hyper) -> Tensor:
+def root_update(m: Tensor, state: Dict[str, List[Tensor]], h: Hyper,
+                kernel: Optional[Tuple[int, ...]] = None) -> Tensor:
     n = m.shape[0]
     eps = linear_quantile(m.abs().reshape(n, -1).float(), h.root_quantile) + 1e-9
     eps = eps.to(m.dtype).view(n, 1, 1)
@@ -264,7 +294,8 @@ def cosh_brake(x: Tensor, gamma: float) -> Tensor:
     return x / (_rms(torch.cosh(unit_frobenius(x, 1e-7, add_eps=True) * gamma)) + 1e-8)
 
 
-def auon_update(m: Tensor, state: Dict[str, List[Tensor]], h: Hyper) -> Tensor:
+def auon_update(m: Tensor, state: Dict[str, List[Tensor]], h: Hyper,
+                kernel: Optional[Tuple[int, ...]] = None) -> Tensor:
     x = m.to(h.ns_dtype or m.dtype)
     if h.form == "package":  # the package's AuON class: the brake on M as it is
         return cosh_brake(x, h.gamma)
@@ -273,10 +304,15 @@ def auon_update(m: Tensor, state: Dict[str, List[Tensor]], h: Hyper) -> Tensor:
     return x / (_rms(torch.cosh(x)) + 1e-8)
 
 
-def auon_hybrid_update(m: Tensor, state: Dict[str, List[Tensor]], h: Hyper) -> Tensor:
-    x = h.orthogonalize(m, *m.shape[-2:]).float()
+def auon_hybrid_update(m: Tensor, state: Dict[str, List[Tensor]], h: Hyper,
+                       kernel: Optional[Tuple[int, ...]] = None) -> Tensor:
     if h.form == "package":
-        return cosh_brake(x, h.gamma)
+        if kernel is not None:  # the package orthogonalises each k × k slice of a kernel
+            x = h.orthogonalize(m.reshape(-1, *kernel[-2:]), *kernel[-2:]).reshape(m.shape)
+        else:
+            x = h.orthogonalize(m, *m.shape[-2:])
+        return cosh_brake(x.float(), h.gamma)  # by the whole weight's norm
+    x = h.orthogonalize(m, *m.shape[-2:]).float()
     return x / (_rms(torch.cosh(x)) + 1e-8)
 
 
@@ -290,7 +326,7 @@ SCALES: Dict[str, Callable[[int, int, Hyper], float]] = {
 
 @dataclass(frozen=True)
 class Rule:
-    update: Callable[[Tensor, Dict[str, List[Tensor]], Hyper], Tensor]
+    update: Callable[..., Tensor]  # (M, state, Hyper, kernel) -> U, as the functions above
     momentum: str = "ema"  # its momentum form (MomentumForm) unless the config says otherwise
     adjust_lr: str = "original"  # its scale (SCALES) unless the config says otherwise
     add_eps: bool = False  # its NS start X/(‖X‖ + eps) (NormEps.add) unless ns_norm_eps is set
@@ -337,10 +373,14 @@ def orthogonalized_step(rule: Rule, h: Hyper, params: List[Tensor], grads: List[
     by_scale: Dict[float, Tuple[List[Tensor], List[Tensor]]] = {}
     for idx in stacks(params, batched):
         rows, cols = matrix_shape(params[idx[0]])
+        kernel = h.kernel_of(params[idx[0]])
         m = (moms[idx[0]].reshape(1, rows, cols) if len(idx) == 1
              else torch.stack([moms[i] for i in idx]).reshape(len(idx), rows, cols))
-        u = rule.update(m, {k: [v[i] for i in idx] for k, v in state.items()}, h)
-        ps, us = by_scale.setdefault(scale_of(rows, cols, h), ([], []))
+        u = rule.update(m, {k: [v[i] for i in idx] for k, v in state.items()}, h, kernel)
+        # the aspect-ratio scale: of the matrix, or (kernel) of the weight's last two dims, as
+        # the official Muon, NorMuon and AuON code reads it (1 for a square kernel)
+        ps, us = by_scale.setdefault(scale_of(*(kernel[-2:] if kernel else (rows, cols)), h),
+                                     ([], []))
         for i, ui in zip(idx, u.unbind(0)):
             ps.append(params[i])
             us.append(ui.view(params[i].shape))
@@ -413,8 +453,11 @@ class OrthogonalizedMomentum(torch.optim.Optimizer):
             st = self.state[p]
             if "momentum_buffer" not in st:
                 st["momentum_buffer"] = torch.zeros_like(p, memory_format=_memory_format(p))
-                for k in self.rule.state:
-                    st[k] = torch.zeros(p.shape[0], 1, device=p.device, dtype=torch.float32)
+                for k in self.rule.state:  # row statistics: rows × 1 (a kernel read as
+                    # its own shape: out × in × k × 1, as the official NorMuon)
+                    kernel = self.hyper.kernel_of(p)
+                    shape = (*kernel[:-1], 1) if kernel else (p.shape[0], 1)
+                    st[k] = torch.zeros(shape, device=p.device, dtype=torch.float32)
                 if self._static:
                     for t in [st["momentum_buffer"], *(st[k] for k in self.rule.state)]:
                         torch._dynamo.mark_static_address(t)
@@ -469,6 +512,10 @@ class OrthoConfig(OptimConfig):
     momentum_form: Optional[MomentumForm] = None  # null: the rule's own (ROOT sum, others ema)
     adjust_lr: Optional[AdjustLR] = None  # null: the rule's own scale per matrix shape
     renormalize: bool = False  # each weight to Frobenius norm √rows before its step (airbench)
+    # how a convolution kernel is seen after Newton–Schulz: matrix (its flattened matrix
+    # throughout) or kernel (its own shape where the official code reads it); the plugins'
+    # yaml choose their official code's, this default is the behaviour before the key existed
+    conv_shape: ConvShape = ConvShape.matrix
     checks: ClassVar[list] = (positive("other_lr", "eps") + at_least(0, "other_weight_decay")
                               + in_unit_interval("momentum", "other_momentum")
                               + [("betas", lambda v: len(v) == 2 and all(0 <= b < 1 for b in v),
@@ -561,6 +608,14 @@ def check_config(rule: str, cfg) -> None:
                           f"cosh): set optim.{key}=package or leave optim.brake_gamma null")
     if rule == "root":
         parse_coefficient_table(cfg.root_coefficients)
+    if rule in _MATRIX_ONLY and str(cfg.conv_shape) == "kernel":
+        raise ConfigError(f"optim.conv_shape=kernel: {rule}'s official code takes only matrices, "
+                          f"so there is no kernel form to follow; set optim.conv_shape=matrix "
+                          f"(a convolution as its flattened out x (in*k*k) matrix)")
+
+
+#: the rules whose official code takes no convolution kernel (conv_shape=kernel is refused)
+_MATRIX_ONLY = ("root",)
 
 
 def _opt(v) -> Optional[str]:
@@ -571,7 +626,8 @@ def hyper_from_config(rule: str, cfg) -> Hyper:
     """The settings of ``rule`` from its (plain) config."""
     check_config(rule, cfg)
     kw = dict(eps=float(cfg.eps), momentum=_opt(cfg.momentum_form),
-              adjust_lr=_opt(cfg.adjust_lr), renormalize=bool(cfg.renormalize))
+              adjust_lr=_opt(cfg.adjust_lr), renormalize=bool(cfg.renormalize),
+              conv_shape=str(cfg.conv_shape))
     form_name = _form(rule, cfg)
     form = _FORM_DEFAULTS.get((rule, form_name), {})
     if hasattr(cfg, "ns_dtype"):
