@@ -201,6 +201,12 @@ def test_conv_shape_kernel_is_the_official_code_on_a_kernel_as_it_is(dtype, grad
     moments = [tuple(opt.state[p]["row_second_moment"].shape)
                for p in opt.param_groups[0]["params"]]
     assert moments == [(*s[:-1], 1) for s in MODEL_SHAPES]
+    # a checkpoint of the other form is refused by name, not broadcast into this one's state
+    other = OrthogonalizedMomentum([torch.nn.Parameter(w.clone()) for w in ws], lr=0.02,
+                                   rule="normuon", hyper=_hyper(add_eps=True))
+    from ortho_run.errors import CheckpointError
+    with pytest.raises(CheckpointError, match=r"row_second_moment.*conv_shape=matrix"):
+        other.load_state_dict(opt.state_dict())
 
 
 def test_the_plugins_take_their_official_codes_conv_shape_and_root_refuses_kernel():

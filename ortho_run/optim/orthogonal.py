@@ -99,7 +99,7 @@ import torch
 from torch import Tensor
 
 from ortho_run.config import Choice, OptimConfig, at_least, in_unit_interval, positive
-from ortho_run.errors import ConfigError
+from ortho_run.errors import CheckpointError, ConfigError
 from ortho_run.optim.base import (OPTIMIZERS, ROLES, ParamGroup, check_roles, torch_groups,
                                   with_fused_fallback)
 from ortho_run.optim.newton_schulz import (MUON_COEFFICIENTS, NS_COEFFICIENTS, Triple,
@@ -420,16 +420,33 @@ class OrthogonalizedMomentum(torch.optim.Optimizer):
         self._static = False  # CUDA graphs: the state's addresses are fixed
         self.register_load_state_dict_post_hook(OrthogonalizedMomentum._shape_buffers)
 
+    def _row_state_shape(self, p: Tensor) -> Tuple[int, ...]:
+        """The shape of a rule's row statistics for ``p``: rows × 1, or (a kernel read as its
+        own shape) out × in × k × 1, as the official NorMuon keeps them."""
+        kernel = self.hyper.kernel_of(p)
+        return (*kernel[:-1], 1) if kernel else (p.shape[0], 1)
+
     @staticmethod
     def _shape_buffers(opt: "OrthogonalizedMomentum") -> None:
         """Momentum buffers saved as the flattened matrix (an earlier format) take the
-        parameter's shape again; the values are the same (a row-major reshape)."""
+        parameter's shape again; the values are the same (a row-major reshape). Row statistics
+        of the other ``conv_shape`` cannot be converted: a clear error, not a broadcast."""
         for group in opt.param_groups:
             for p in group["params"]:
-                buf = opt.state.get(p, {}).get("momentum_buffer")
+                st = opt.state.get(p, {})
+                buf = st.get("momentum_buffer")
                 if buf is not None and buf.shape != p.shape:
-                    opt.state[p]["momentum_buffer"] = buf.reshape(p.shape).to(
+                    st["momentum_buffer"] = buf.reshape(p.shape).to(
                         memory_format=_memory_format(p))
+                for k in opt.rule.state:
+                    want = opt._row_state_shape(p)
+                    if k in st and tuple(st[k].shape) != want:
+                        raise CheckpointError(
+                            f"the checkpoint's {opt.rule_name} {k} for a weight of shape "
+                            f"{tuple(p.shape)} has shape {tuple(st[k].shape)}, this run's "
+                            f"optim.conv_shape={opt.hyper.conv_shape} keeps {want}: resume with "
+                            f"the optim.conv_shape the checkpoint was trained with (the other "
+                            f"of kernel and matrix), or start a new run")
 
     def compile_step(self, mode: Optional[str] = "default", **kw) -> None:
         """Compile the step as one graph (``torch.compile(fullgraph=True)``); ``kw`` reaches
@@ -453,11 +470,9 @@ class OrthogonalizedMomentum(torch.optim.Optimizer):
             st = self.state[p]
             if "momentum_buffer" not in st:
                 st["momentum_buffer"] = torch.zeros_like(p, memory_format=_memory_format(p))
-                for k in self.rule.state:  # row statistics: rows × 1 (a kernel read as
-                    # its own shape: out × in × k × 1, as the official NorMuon)
-                    kernel = self.hyper.kernel_of(p)
-                    shape = (*kernel[:-1], 1) if kernel else (p.shape[0], 1)
-                    st[k] = torch.zeros(shape, device=p.device, dtype=torch.float32)
+                for k in self.rule.state:
+                    st[k] = torch.zeros(self._row_state_shape(p), device=p.device,
+                                        dtype=torch.float32)
                 if self._static:
                     for t in [st["momentum_buffer"], *(st[k] for k in self.rule.state)]:
                         torch._dynamo.mark_static_address(t)
