@@ -57,23 +57,15 @@ def muon_step(params, grads, lr=0.02, beta=0.95, wd=0.0, nesterov=True, dtype=to
 
 
 def normuon_step(params, grads, lr=0.02, beta=0.95, beta2=0.95, wd=0.0, dtype=torch.float32):
-    """zichongli5/NorMuon ``normuon_update`` + ``SingleDeviceNorMuon.step`` (Nesterov)."""
-    def update(p, g, st):
-        m2 = g.reshape(g.shape[0], -1)
-        buf = st.setdefault("m", torch.zeros_like(m2))
-        sm = st.setdefault("v", torch.zeros(m2.shape[0], 1, dtype=torch.float32))
-        buf.lerp_(m2, 1 - beta)
-        u = m2.lerp(buf, beta)
-        u = _ns(u, 5, dtype=dtype).float()
-        vnorm = u.norm(dim=(-2, -1), keepdim=True)
-        sm.lerp_(torch.mean(u * u, dim=-1, keepdim=True), 1 - beta2)
-        u = u * (1 / sm.sqrt().add(1e-10))
-        u = u * (vnorm / u.norm(dim=(-2, -1), keepdim=True).add(1e-10))
-        u = u * max(1, m2.size(-2) / m2.size(-1)) ** 0.5
-        if wd:
-            p.mul_(1 - lr * wd)
-        p.add_(u.reshape(p.shape).to(p.dtype), alpha=-lr)
-    return _run(params, grads, update)
+    """zichongli5/NorMuon ``normuon_update`` + ``SingleDeviceNorMuon.step`` (Nesterov), each
+    weight handed over as its flattened matrix (the code as written is below)."""
+    def flat(t):
+        return t.reshape(t.shape[0], -1)
+
+    out = normuon_step_as_written([flat(p) for p in params],
+                                  [[flat(g) for g in step] for step in grads],
+                                  lr=lr, beta=beta, beta2=beta2, wd=wd, dtype=dtype)
+    return [o.reshape(p.shape) for o, p in zip(out, params)]
 
 
 def simple_quantile(t, q):
