@@ -26,7 +26,8 @@ device value on the host).
   as the official code (``ns_dtype=fp32`` for full precision). On 2-D weights this is
   ``torch.optim.Muon``'s step to the bit, and on 2-D and convolution weights timm's ``Muon``
   (``ns_coefficients="original"``, ``adjust_lr_fn="original"``, Nesterov) to the bit with
-  ``conv_shape=matrix`` (tested); ``kernel`` is K. Jordan's ``muon_update`` on a kernel.
+  ``conv_shape=matrix`` (tested); ``kernel`` with ``ns_norm_eps=add`` is K. Jordan's
+  ``muon_update`` on a kernel (tested).
 - ``normuon`` — NorMuon (Li et al. 2025, zichongli5/NorMuon): after NS, a per-row (neuron)
   second-moment EMA v ← β₂v + (1 − β₂)·mean_j(U²_ij) (β₂ = 0.95, no bias correction, ε = 1e-10)
   normalises each row, Û = U/(√v + ε); as the official code, Û is then rescaled to U's
