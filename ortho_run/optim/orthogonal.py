@@ -50,8 +50,8 @@ device value on the host).
   X/(‖X‖_F + ε), with shape-fitted coefficients (``root_coefficients``, keyed by the matrix's
   ``ROWSxCOLS`` in either order; the default is the official table, whose four LLM shapes no
   CNN here has) else ``ns_coefficients``. W ← W(1 − ηλ) − η·0.2·√max(rows, cols)·NS(clip M)
-  (the code's RMS-matching scale, ``root_scale``). The official code takes only 2-D weights; a convolution
-  is its flattened matrix here.
+  (the code's RMS-matching scale, ``root_scale``). The official code takes only 2-D weights;
+  a convolution is its flattened matrix here.
 - ``auon`` — AuON (the paper's form, ryyzn9/AuON): X = M/(‖M‖_F + 1e-7) from the Nesterov
   momentum, U = X / (rms(cosh X) + 1e-8) (element-wise cosh), W ← W − η·√max(1, rows/cols)·U;
   linear time, and ‖U‖₂ ≤ ‖X‖_F / rms(cosh X) ≤ 1 since cosh ≥ 1. As the paper's training
@@ -59,8 +59,8 @@ device value on the host).
   ``eps``; +1e-8 on the RMS), in bf16 (``ns_dtype``, as the script, which runs this map in the
   place and under the name of Newton–Schulz; ``ns_dtype=fp32`` for full precision). The script
   reads the scale from the parameter's last two dims, 1 for a k×k kernel (``conv_shape``,
-  below). That is the default, ``auon_form=paper``; ``auon_form=package`` is the package's ``AuON`` class
-  (``auon/optimizer.py``): U = M / (rms(cosh(γ·M/(‖M‖_F + 1e-7))) + 1e-8) with γ = 1.5
+  below). That is the default, ``auon_form=paper``; ``auon_form=package`` is the package's
+  ``AuON`` class (``auon/optimizer.py``): U = M / (rms(cosh(γ·M/(‖M‖_F + 1e-7))) + 1e-8) with γ = 1.5
   (``brake_gamma``), M the Nesterov momentum itself (not normalised), in the gradient's dtype,
   no aspect-ratio factor; its default lr is 0.24 (``optim.lr`` stays as set). Its norm and
   mean run over the whole tensor, so a convolution's kernel as a matrix gives the same step.
