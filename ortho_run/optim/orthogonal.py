@@ -307,13 +307,12 @@ def auon_update(m: Tensor, state: Dict[str, List[Tensor]], h: Hyper,
 
 def auon_hybrid_update(m: Tensor, state: Dict[str, List[Tensor]], h: Hyper,
                        kernel: Optional[Tuple[int, ...]] = None) -> Tensor:
+    # the matrices Newton–Schulz sees: each k × k slice of a kernel in the package's form
+    # (kernel given), else the weight's matrix
+    shape = kernel[-2:] if kernel is not None and h.form == "package" else m.shape[-2:]
+    x = h.orthogonalize(m.reshape(-1, *shape), *shape).reshape(m.shape).float()
     if h.form == "package":
-        if kernel is not None:  # the package orthogonalises each k × k slice of a kernel
-            x = h.orthogonalize(m.reshape(-1, *kernel[-2:]), *kernel[-2:]).reshape(m.shape)
-        else:
-            x = h.orthogonalize(m, *m.shape[-2:])
-        return cosh_brake(x.float(), h.gamma)  # by the whole weight's norm
-    x = h.orthogonalize(m, *m.shape[-2:]).float()
+        return cosh_brake(x, h.gamma)  # by the whole weight's norm
     return x / (_rms(torch.cosh(x)) + 1e-8)
 
 
@@ -439,8 +438,8 @@ class OrthogonalizedMomentum(torch.optim.Optimizer):
                 if buf is not None and buf.shape != p.shape:
                     st["momentum_buffer"] = buf.reshape(p.shape).to(
                         memory_format=_memory_format(p))
+                want = opt._row_state_shape(p)
                 for k in opt.rule.state:
-                    want = opt._row_state_shape(p)
                     if k in st and tuple(st[k].shape) != want:
                         raise CheckpointError(
                             f"the checkpoint's {opt.rule_name} {k} for a weight of shape "
