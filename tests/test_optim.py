@@ -11,7 +11,7 @@ from omegaconf import OmegaConf
 
 import official_updates as official
 from conftest import compose, run_inprocess
-from ortho_run.errors import ConfigError, Preempted
+from ortho_run.errors import CheckpointError, ConfigError, Preempted
 from ortho_run.optim.newton_schulz import MUON_COEFFICIENTS, newton_schulz
 from ortho_run.optim.orthogonal import (RULES, AuONConfig, AuONHybridConfig, Hyper, NSConfig,
                                         OrthogonalizedMomentum, ROOTConfig, hyper_from_config,
@@ -192,7 +192,7 @@ def test_conv_shape_kernel_is_the_official_code_on_a_kernel_as_it_is(dtype, grad
     for name, (kw, ref) in cases.items():
         kw.setdefault("lr", 0.02)
         for batched in (True, False):
-            ours, opt = _ours(ws, gs, batched=batched, **kw)
+            ours, _ = _ours(ws, gs, batched=batched, **kw)
             assert _max_diff(ours, ref) <= tol, (name, batched, _max_diff(ours, ref))
         flat = dict(kw, hyper=replace(kw["hyper"], conv_shape="matrix"))
         assert _max_diff(_ours(ws, gs, **flat)[0], ref) > 1e-4, name
@@ -204,7 +204,6 @@ def test_conv_shape_kernel_is_the_official_code_on_a_kernel_as_it_is(dtype, grad
     # a checkpoint of the other form is refused by name, not broadcast into this one's state
     other = OrthogonalizedMomentum([torch.nn.Parameter(w.clone()) for w in ws], lr=0.02,
                                    rule="normuon", hyper=_hyper(add_eps=True))
-    from ortho_run.errors import CheckpointError
     with pytest.raises(CheckpointError, match=r"row_second_moment.*conv_shape=matrix"):
         other.load_state_dict(opt.state_dict())
 
@@ -213,8 +212,6 @@ def test_the_plugins_take_their_official_codes_conv_shape_and_root_refuses_kerne
     """The yaml of muon, normuon, auon and auon_hybrid choose the kernel form (their official
     code's), ROOT's the matrix (its code takes only matrices, and kernel is refused before any
     work, naming the key); a config saved before the key existed reads as the matrix form."""
-    from conftest import compose
-
     from ortho_run.checkpoint import config_differences, run_config
     from ortho_run.store import upgraded
     from ortho_run.validate import validate
