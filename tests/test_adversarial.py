@@ -65,6 +65,10 @@ def test_resume_with_another_config_is_refused_listing_the_keys(tmp_path, finish
     assert tree(run_dir) == before  # and the finished run is untouched
 
 
+def _rows(run_dir: Path) -> list:
+    return [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
 def test_resume_force_continues_and_says_so(tmp_path, finished):
     run_dir, _ = finished
     s = run_inprocess(tmp_path, [*SMOKE, "trainer.max_epochs=2", "optim.lr=0.05",
@@ -72,6 +76,14 @@ def test_resume_force_continues_and_says_so(tmp_path, finished):
     assert s["status"] == "finished" and s["epoch"] == 2
     assert s["resume_forced"] == {"optim.lr": [0.1, 0.05]}
     assert json.loads((run_dir / "summary.json").read_text())["resume_forced"]
+    # what it accepted is what it trained with: the resumed epoch's lr is that of a run made
+    # with optim.lr=0.05 from the start (same schedule, same step), not the checkpoint's 0.1
+    ref = run_inprocess(tmp_path, [*SMOKE, "trainer.max_epochs=2", "optim.lr=0.05"], name="ref")
+    assert ref["status"] == "finished"
+    assert _rows(run_dir)[-1]["lr"] == _rows(tmp_path / "ref")[-1]["lr"]
+    old = run_inprocess(tmp_path, [*SMOKE, "trainer.max_epochs=2"], name="old")
+    assert old["status"] == "finished"
+    assert _rows(run_dir)[-1]["lr"] == pytest.approx(_rows(tmp_path / "old")[-1]["lr"] / 2)
 
 
 def test_resume_may_grow_max_epochs_and_change_reporting_keys(tmp_path, finished):

@@ -339,6 +339,72 @@ def test_buffers_saved_as_flattened_matrices_resume_unchanged():
     assert _max_diff([p.detach() for p in ps], full) == 0.0
 
 
+def test_a_restored_optimiser_keeps_this_runs_settings_and_the_checkpoints_state():
+    """A resume takes the optimiser's state (momentum, moments) from the checkpoint and every
+    group setting from this run: a forced resume under a changed lr/momentum trains with it."""
+    from ortho_run.optim import restore_optimizer
+
+    torch.manual_seed(0)
+    w = [torch.randn(6, 4), torch.randn(6)]
+    grads = [[torch.randn_like(t) for t in w] for _ in range(3)]
+
+    def make(lr, momentum, wd, rule=None):
+        ps = [torch.nn.Parameter(t.clone()) for t in w]
+        groups = [{"params": ps[:1], "role": "hidden"}, {"params": ps[1:], "role": "head"}]
+        if rule:
+            return ps, OrthogonalizedMomentum(groups[:1], lr=lr, rule=rule, momentum=momentum,
+                                              weight_decay=wd)
+        return ps, torch.optim.SGD(groups, lr=lr, momentum=momentum, weight_decay=wd)
+
+    for rule in (None, "normuon"):
+        ps, opt = make(0.1, 0.9, 1e-4, rule)
+        for g in grads:
+            for p, gi in zip(ps, g):
+                p.grad = gi.clone()
+            opt.step()
+        saved = opt.state_dict()
+        ps2, opt2 = make(0.01, 0.5, 0.0, rule)
+        restore_optimizer(opt2, saved)
+        for group in opt2.param_groups:
+            assert (group["lr"], group["momentum"], group["weight_decay"]) == (0.01, 0.5, 0.0)
+        for p, p2 in zip(ps, ps2):
+            for k, v in opt.state[p].items():
+                assert torch.equal(opt2.state[p2][k], v), (rule, k)
+    _, two_groups = make(0.1, 0.9, 0.0)
+    with pytest.raises(ValueError, match="1 parameter groups, this run's 2"):
+        restore_optimizer(two_groups, saved)  # the last one's: one group
+
+
+@pytest.mark.parametrize("scheduler", ["cosine", "multistep", "onecycle", "linear"])
+def test_a_schedule_put_at_a_step_is_the_schedule_stepped_there(scheduler):
+    """``schedule_at`` (how a resume continues) gives every group the lr that stepping the
+    schedule that far gives, to the bit, and the steps after it agree too."""
+    from ortho_run.optim import build_scheduler, schedule_at
+
+    cfg = OmegaConf.to_object(compose(["optim=sgd", f"optim.scheduler={scheduler}",
+                                       "optim.warmup_epochs=1"]).optim)
+
+    def make():
+        ps = [torch.nn.Parameter(torch.zeros(2)) for _ in range(2)]
+        opt = torch.optim.SGD([{"params": ps[:1], "lr": 0.1},
+                               {"params": ps[1:], "lr": 0.02, "schedule_epochs": 2}], lr=0.1)
+        return opt, build_scheduler(opt, cfg, steps_per_epoch=5, max_epochs=4)
+
+    opt, sc = make()
+    for _ in range(13):
+        opt.step()
+        sc.step()
+    opt2, sc2 = make()
+    schedule_at(sc2, 13)
+    assert sc2.last_epoch == 13
+    assert [g["lr"] for g in opt2.param_groups] == [g["lr"] for g in opt.param_groups]
+    assert sc2.get_last_lr() == sc.get_last_lr()
+    for _ in range(4):
+        opt.step(), opt2.step()
+        sc.step(), sc2.step()
+        assert [g["lr"] for g in opt2.param_groups] == [g["lr"] for g in opt.param_groups]
+
+
 def test_ns_coefficient_sequences():
     from ortho_run.optim.newton_schulz import NS_COEFFICIENTS, coefficient_sequence
 

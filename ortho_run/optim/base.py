@@ -120,6 +120,27 @@ def build_optimizers(groups: List[ParamGroup], cfg, device: torch.device
     return out
 
 
+def optimizer_kind(opt: torch.optim.Optimizer) -> str:
+    """What a checkpoint records of an optimiser, so that a resume can tell whether the state it
+    holds fits this run's: the class, and the rule where one class serves several."""
+    rule = getattr(opt, "rule_name", None)
+    return type(opt).__name__ + (f"({rule})" if rule else "")
+
+
+def restore_optimizer(opt: torch.optim.Optimizer, saved: dict) -> None:
+    """Load a checkpoint's optimiser state ``saved`` into ``opt`` under ``opt``'s own settings:
+    the per-parameter state (momentum buffers, moments, step counts) comes from ``saved``, every
+    setting of the param groups (lr, momentum, betas, weight decay, role, ...) stays as this
+    run's config made it. For the config the checkpoint was trained with the two are the same;
+    a forced resume under a changed config trains with what the config says."""
+    groups = saved["param_groups"]
+    if len(groups) != len(opt.param_groups):
+        raise ValueError(f"the checkpoint's {optimizer_kind(opt)} has {len(groups)} parameter "
+                         f"groups, this run's {len(opt.param_groups)}")
+    mine = [dict(g, params=s["params"]) for g, s in zip(opt.param_groups, groups)]
+    opt.load_state_dict(dict(saved, param_groups=mine))
+
+
 def with_fused_fallback(make: Callable[[dict], torch.optim.Optimizer], cfg, device):
     """``make(kw)`` with fused kernels on CUDA when asked for, falling back to foreach when
     this torch has no fused kernel for that optimiser/dtype."""

@@ -430,7 +430,8 @@ class OrthogonalizedMomentum(torch.optim.Optimizer):
     def _shape_buffers(opt: "OrthogonalizedMomentum") -> None:
         """Momentum buffers saved as the flattened matrix (an earlier format) take the
         parameter's shape again; the values are the same (a row-major reshape). Row statistics
-        of the other ``conv_shape`` cannot be converted: a clear error, not a broadcast."""
+        of the other ``conv_shape``, or none where the rule keeps them (another rule's state),
+        cannot be converted: a clear error, not a broadcast or a failure at the next step."""
         for group in opt.param_groups:
             for p in group["params"]:
                 st = opt.state.get(p, {})
@@ -440,6 +441,12 @@ class OrthogonalizedMomentum(torch.optim.Optimizer):
                         memory_format=_memory_format(p))
                 want = opt._row_state_shape(p)
                 for k in opt.rule.state:
+                    if buf is not None and k not in st:
+                        raise CheckpointError(
+                            f"the checkpoint's state for a weight of shape {tuple(p.shape)} has a "
+                            f"momentum buffer but no {k}, which {opt.rule_name} keeps: it was "
+                            f"trained by another optimiser. Resume with the optim= it was "
+                            f"trained with, or start a new run")
                     if k in st and tuple(st[k].shape) != want:
                         raise CheckpointError(
                             f"the checkpoint's {opt.rule_name} {k} for a weight of shape "

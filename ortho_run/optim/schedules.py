@@ -75,6 +75,17 @@ def lr_factor(cfg, step: int, steps_per_epoch: int, max_epochs: float) -> float:
     return fn(cfg, step, warm, total, steps_per_epoch)
 
 
+def schedule_at(sc: torch.optim.lr_scheduler.LambdaLR, step: int) -> None:
+    """Put schedule ``sc`` (one ``build_scheduler`` made for this run) at optimiser step
+    ``step``, each group's lr what this run's schedule and base lr give there: how a resumed run
+    continues (the step is all of a schedule's state; its lrs come from the config)."""
+    lrs = [base * factor(step) for base, factor in zip(sc.base_lrs, sc.lr_lambdas)]
+    sc.load_state_dict(dict(sc.state_dict(), last_epoch=step, _step_count=step + 1,
+                            _last_lr=lrs))
+    for group, lr in zip(sc.optimizer.param_groups, lrs):
+        group["lr"] = lr
+
+
 def build_scheduler(opt: torch.optim.Optimizer, cfg, steps_per_epoch: int, max_epochs: int):
     """One schedule per param group: over the run, or over a group's own ``schedule_epochs``
     (after which its lr is 0)."""

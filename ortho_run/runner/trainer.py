@@ -22,7 +22,8 @@ from omegaconf import OmegaConf
 from ortho_run import checkpoint as ckpt
 from ortho_run.assemble import Net, NetSpec
 from ortho_run.errors import CheckpointError, Preempted, TrainingDiverged
-from ortho_run.optim import build_optimizers, build_scheduler
+from ortho_run.optim import (build_optimizers, build_scheduler, optimizer_kind, restore_optimizer,
+                             schedule_at)
 from ortho_run.runner.env import rng_state, set_rng_state
 from ortho_run.runner.evaluate import evaluate
 from ortho_run.runner.guards import NonFiniteGuard, StopRequest
@@ -176,6 +177,7 @@ class Trainer:
             "shape": self.spec.to_dict() if self.spec is not None else {},
             "net": self.net.state_dict(),
             "optimizers": [o.state_dict() for o in self.optimizers],
+            "optimizer_kinds": [optimizer_kind(o) for o in self.optimizers],
             "schedulers": [sc.state_dict() for sc in self.schedulers],
             "epoch": s.epoch, "batch": s.batch, "step": s.step, "sums": dict(s.sums),
             "best": s.best, "history": list(s.history), "rng": rng_state(),
@@ -183,12 +185,19 @@ class Trainer:
         }
 
     def load_state_dict(self, st: dict) -> None:
+        """Continue from checkpoint state ``st``: the net's weights, the optimisers' state, the
+        counters and the random state come from it; every hyperparameter (the groups' lrs,
+        momenta, weight decays, the schedules' base lrs) comes from this run's config, the
+        schedules are put at the checkpoint's step. State of another optimiser is refused."""
         try:
             self.net.load_state_dict(st["net"])
-            for o, sd in zip(self.optimizers, st["optimizers"], strict=True):
-                o.load_state_dict(sd)
-            for sc, sd in zip(self.schedulers, st["schedulers"], strict=True):
-                sc.load_state_dict(sd)
+            mine = [optimizer_kind(o) for o in self.optimizers]
+            saved = st.get("optimizer_kinds")  # absent in checkpoints of earlier versions
+            if len(st["optimizers"]) != len(mine) or (saved is not None and saved != mine):
+                theirs = ", ".join(saved) if saved else f"{len(st['optimizers'])} optimisers"
+                raise ValueError(f"its optimisers are {theirs}, this run's are {', '.join(mine)}")
+            for o, sd in zip(self.optimizers, st["optimizers"]):
+                restore_optimizer(o, sd)
         except (RuntimeError, KeyError, ValueError) as exc:
             raise CheckpointError(
                 f"checkpoint does not fit this model/method/optimiser: "
@@ -197,6 +206,8 @@ class Trainer:
         self.state = TrainState(epoch=st["epoch"], batch=st["batch"], step=st["step"],
                                 sums=dict(st["sums"]), best=st["best"],
                                 history=list(st["history"]), train_s=st.get("train_s", 0.0))
+        for sc in self.schedulers:
+            schedule_at(sc, self.state.step)
         set_rng_state(st["rng"])
 
     def save(self, name: str = "last.pt") -> None:
