@@ -3,6 +3,7 @@
     ortho-run                                  # digits, small CNN, CE
     ortho-run method=opl data=cifar100 model=resnet56
     ortho-run -m method=ce,opl,gcr,ebv seed=0,1,2
+    ortho-run --from outputs/<date>/<run> seed=1   # a run's saved config again
 
 Errors the user can fix print one paragraph and exit 2 (config, data, checkpoint), 3 (the
 loss diverged) or 75 (preempted; resume with trainer.resume=auto). In a multirun a failing
@@ -13,20 +14,26 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any, Dict, List
 
 from hydra.experimental.callback import Callback
 
-from ortho_run.store import config_dir, register_configs
-from ortho_run.errors import EXIT_SWEEP_FAILED, OrthoRunError, Preempted
+from omegaconf import OmegaConf
+
+from ortho_run.store import (RERUN_CONFIG, config_dir, plugin_registries, register_configs,
+                             rerun_config)
+from ortho_run.errors import EXIT_SWEEP_FAILED, ConfigError, OrthoRunError, Preempted
 from ortho_run import keys
 from ortho_run.naming import step_labels
 
 log = logging.getLogger("ortho_run")
 
 _FAILED: List[str] = []  # filled by SweepReport in the launching process
+RERUN_OF = "ORTHO_RUN_RERUN_OF"  # set by ``--from RUN`` for the jobs it launches
 
 
 def _job_info():
@@ -36,6 +43,8 @@ def _job_info():
     hc = HydraConfig.get()
     multirun = hc.mode == RunMode.MULTIRUN
     info = {"overrides": list(hc.overrides.task)}
+    if os.environ.get(RERUN_OF):  # ``--from RUN``: the run whose saved config this one reruns
+        info["rerun_of"] = os.environ[RERUN_OF]
     if multirun:
         info.update(sweep=Path(hc.sweep.dir).name, job_num=hc.job.num,
                     sweep_dir=str(hc.sweep.dir))
@@ -252,8 +261,48 @@ def _main() -> None:
         _hide_schemas_from_completion()
     _worker_rank_overrides()
     _FAILED.clear()
+    with tempfile.TemporaryDirectory(prefix="ortho-run-from-") as tmp:
+        config_path, config_name = _from_run(Path(tmp))
+        _hydra_main(hydra, config_path, config_name)
+
+
+def _from_run(tmp: Path):
+    """``--from RUN`` (a run dir, or a saved config file): the primary config is that run's
+    saved config (``store.rerun_config``, written to ``tmp``), so the run is retrained exactly
+    as it was; the other arguments are key overrides on it (``seed=1``,
+    ``trainer.max_epochs=50``, ``-m seed=0,1,2``). Returns the primary config's folder and
+    name (ortho-run's own without ``--from``)."""
+    args = sys.argv[1:]
+    at = next((i for i, a in enumerate(args) if a == "--from" or a.startswith("--from=")), None)
+    if at is None:
+        return str(config_dir()), "config"
+    source = args[at].partition("=")[2] if "=" in args[at] else (
+        args[at + 1] if at + 1 < len(args) else "")
+    rest = args[:at] + args[at + (1 if "=" in args[at] else 2):]
+    groups = [a for a in rest if not a.startswith("-") and "=" in a
+              and a.split("=")[0].lstrip("+~") in (*plugin_registries(), "experiment")]
     try:
-        hydra.main(config_path=str(config_dir()), config_name="config",
+        if not source:
+            raise ConfigError("--from needs a run dir (or a saved config file): "
+                              "ortho-run --from outputs/<date>/<run> [key=value ...]")
+        if groups:
+            raise ConfigError(f"--from {source} reruns that run's config, its plugins "
+                              f"included; {', '.join(groups)} would choose another: change its "
+                              f"keys (optim.lr=0.01, seed=1), or compose a new run without "
+                              f"--from")
+        primary = rerun_config(Path(source))
+    except ConfigError as exc:
+        print(f"ortho-run: error: {exc}", file=sys.stderr)
+        sys.exit(2)
+    (tmp / f"{RERUN_CONFIG}.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(primary)))
+    os.environ[RERUN_OF] = str(Path(source).expanduser().absolute())  # the jobs' processes too
+    sys.argv = [sys.argv[0], *rest]
+    return str(tmp), RERUN_CONFIG
+
+
+def _hydra_main(hydra, config_path: str, config_name: str) -> None:
+    try:
+        hydra.main(config_path=config_path, config_name=config_name,
                    version_base="1.3")(task)()
     except SystemExit as exc:
         # Hydra reports its own errors (an unknown option, a bad override, a config that does

@@ -189,10 +189,15 @@ def structured(container, source: str = "config") -> DictConfig:
             name = container[group]["name"]
             base[group] = OmegaConf.structured(reg.schema(str(name)))
         return OmegaConf.merge(base, container)
-    except (KeyError, TypeError) as exc:
-        raise ConfigError(f"{source}: not an ortho-run run config ({exc})") from None
     except Exception as exc:  # omegaconf's validation errors name the key
         key = getattr(exc, "full_key", None)
+        if isinstance(exc, KeyError) and key:  # a key the plugin's schema does not have
+            schema = getattr(getattr(exc, "object_type", None), "__name__", None) or "its schema"
+            raise ConfigError(f"{source}: unknown key {key}: {schema} has no key "
+                              f"{key.rsplit('.', 1)[-1]!r} (check the spelling; ortho-run --cfg "
+                              f"job prints every key)") from None
+        if isinstance(exc, (KeyError, TypeError)):
+            raise ConfigError(f"{source}: not an ortho-run run config ({exc})") from None
         where = f" (key {key})" if key else ""
         raise ConfigError(f"{source}: {str(exc).splitlines()[0]}{where}") from None
 
@@ -244,3 +249,40 @@ def config_dir() -> Path:
         if (cand / "config.yaml").is_file():
             return cand
     raise FileNotFoundError(f"ortho-run's conf/ directory not found next to {pkg}")
+
+
+#: the name of the primary config ``ortho-run --from RUN`` composes
+RERUN_CONFIG = "rerun"
+
+
+def rerun_config(source: Path) -> dict:
+    """The primary config that reruns a saved run (``ortho-run --from RUN``): the run's
+    resolved config (``RUN/resolved_config.yaml``, or a saved config file given itself) as
+    today's schemas read it (``upgraded``: a key added since takes the behaviour from before it
+    existed), under ortho-run's own Hydra settings (run and sweep dirs, nothing written by a
+    refused run, the help, the launchers and sweepers of ``conf/hydra``). A source that is no
+    run config is a ConfigError saying what to give."""
+    source = Path(source).expanduser()
+    path = source / "resolved_config.yaml" if source.is_dir() else source
+    if not path.is_file():
+        raise ConfigError(f"--from {source}: no {path.name if source.is_dir() else 'file'} "
+                          f"there. Give a run dir (it holds resolved_config.yaml) or a saved "
+                          f"config file")
+    try:
+        saved = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
+    except Exception as exc:
+        raise ConfigError(f"--from {path}: not a readable yaml file "
+                          f"({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})"
+                          ) from None
+    groups = plugin_registries()
+    if not isinstance(saved, dict) or not all(isinstance(saved.get(g), dict) and "name" in saved[g]
+                                              for g in groups if g not in OPTIONAL_GROUPS):
+        raise ConfigError(f"--from {path}: not an ortho-run run config (it needs the groups "
+                          f"{', '.join(g for g in groups if g not in OPTIONAL_GROUPS)}, each "
+                          f"with its name); give a run dir's resolved_config.yaml")
+    ours = OmegaConf.to_container(OmegaConf.load(config_dir() / "config.yaml"), resolve=False)
+    hydra = dict(ours["hydra"], searchpath=[f"file://{config_dir()}"])
+    defaults = [d for d in ours["defaults"] if isinstance(d, dict)
+                and any(str(k).startswith("override hydra/") for k in d)]
+    saved.pop("hydra", None)
+    return {"defaults": [*defaults, "_self_"], **upgraded(saved), "hydra": hydra}

@@ -58,8 +58,11 @@ def _unknown_key(node, prefix: str = "") -> Optional[str]:
     return None
 
 
-def validate(cfg) -> None:
-    """Raise ConfigError naming the first bad key."""
+def validate(cfg) -> DictConfig:
+    """Raise ConfigError naming the first bad key; else return the config the run reads: a
+    composed config as it is, a plain one (a run dir's saved config, given to
+    ``--config-path RUN/.hydra --config-name config``) typed by the schemas of the plugins it
+    names, so that it runs exactly as the composed one it was saved from."""
     from ortho_run.optim import SCHEDULES
     from ortho_run.store import plugin_registries, structured
 
@@ -84,7 +87,7 @@ def validate(cfg) -> None:
     if cfg.reference is not None:
         references.get(str(cfg.reference))
     if not typed:  # an untyped config is typed here, through the schemas of the names it gives
-        structured(container, source="unknown key")
+        cfg = structured(container, source="the config")
     for key, v in _walk(container):
         if isinstance(v, float) and not math.isfinite(v):
             raise ConfigError(f"{key}={v} is not a finite number")
@@ -114,3 +117,4 @@ def validate(cfg) -> None:
         log.warning("optim.warmup_epochs=%g is longer than the run (trainer.max_epochs=%d): the "
                     "learning rate never reaches optim.lr=%g", cfg.optim.warmup_epochs,
                     cfg.trainer.max_epochs, cfg.optim.lr)
+    return cfg

@@ -420,3 +420,50 @@ def test_a_forced_resume_whose_state_does_not_fit_says_what_to_do_and_keeps_the_
     assert ("does not fit" in msg) if not older else ("another optimiser" in msg), msg
     after = {p.name: p.read_bytes() for p in (tmp_path / "run").iterdir() if p.is_file()}
     assert after == before  # nothing lost: summary, metrics, config as they were
+
+
+# ---------------------------------------------------------------- a run from its saved config
+def test_a_saved_config_retrains_the_run_it_was_saved_from_to_the_bit(tmp_path):
+    """A run dir's resolved_config.yaml loaded as a plain config (what ``ortho-run --from RUN``
+    and Hydra's ``--config-path RUN/.hydra`` give the runner) is typed by the schemas of the
+    plugins it names and retrains the run exactly."""
+    from omegaconf import OmegaConf
+
+    from ortho_run.runner.run import run
+
+    a = run_inprocess(tmp_path, [*SMOKE, "optim=muon", "trainer.max_epochs=2"])
+    saved = (tmp_path / "run" / "resolved_config.yaml").read_text()
+    b = run(OmegaConf.create(saved), tmp_path / "again")
+    assert b["status"] == "finished" and b["test/acc1"] == a["test/acc1"]
+    nets = [torch.load(tmp_path / d / "checkpoints" / "last.pt", weights_only=False)["net"]
+            for d in ("run", "again")]
+    assert nets[0].keys() == nets[1].keys()
+    assert all(torch.equal(nets[0][k], nets[1][k]) for k in nets[0])
+    assert (tmp_path / "again" / "resolved_config.yaml").read_text() == saved
+
+
+def test_the_rerun_config_reads_a_saved_run_as_todays_schemas_and_refuses_what_is_none(tmp_path):
+    from omegaconf import OmegaConf
+
+    from ortho_run.store import rerun_config
+    from ortho_run.validate import validate
+
+    run_inprocess(tmp_path, [*SMOKE, "optim=normuon"])
+    saved = OmegaConf.to_container(OmegaConf.load(tmp_path / "run" / "resolved_config.yaml"))
+    del saved["optim"]["conv_shape"]  # as a run of a version before the key existed saved it
+    (tmp_path / "old.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(saved)))
+    primary = rerun_config(tmp_path / "old.yaml")
+    assert primary["optim"]["conv_shape"] == "matrix"  # the behaviour from before the key
+    assert primary["hydra"]["output_subdir"] is None  # a refused rerun writes nothing either
+    assert any("override hydra/help" in str(d) for d in primary["defaults"])
+    job = {k: v for k, v in primary.items() if k not in ("defaults", "hydra")}
+    typed = validate(OmegaConf.create(job))
+    assert str(typed.optim.conv_shape) == "matrix" and float(typed.optim.lr) == 0.02
+    with pytest.raises(ConfigError, match="no resolved_config.yaml there"):
+        rerun_config(tmp_path)
+    (tmp_path / "x.yaml").write_text("a: 1\n")
+    with pytest.raises(ConfigError, match="not an ortho-run run config"):
+        rerun_config(tmp_path / "x.yaml")
+    job["optim"]["nosuch"] = 1
+    with pytest.raises(ConfigError, match="unknown key optim.nosuch"):
+        validate(OmegaConf.create(job))

@@ -191,6 +191,39 @@ def test_cli_end_of_run_and_after_sweep_blocks(tmp_path):
 
 
 @pytest.mark.slow
+def test_from_reruns_a_run_dir_to_the_bit_and_takes_key_overrides(tmp_path):
+    import torch
+
+    def net(d):
+        return torch.load(tmp_path / d / "checkpoints" / "last.pt", weights_only=False)["net"]
+
+    r = cli([*SMOKE, "optim=muon", f"hydra.run.dir={tmp_path}/a"], cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-1500:]
+    r = cli(["--from", str(tmp_path / "a"), f"hydra.run.dir={tmp_path}/b"], cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-1500:]
+    a, b = net("a"), net("b")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert ((tmp_path / "b" / "resolved_config.yaml").read_text()
+            == (tmp_path / "a" / "resolved_config.yaml").read_text())
+    s = json.loads((tmp_path / "b" / "summary.json").read_text())
+    assert s["rerun_of"] == str(tmp_path / "a") and s["status"] == "finished"
+    assert not (tmp_path / "b" / "cli.log").exists()  # ortho-run's Hydra settings, not Hydra's
+    r = cli([f"--from={tmp_path}/a", "seed=1", f"hydra.run.dir={tmp_path}/c"], cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-1500:]
+    assert json.loads((tmp_path / "c" / "summary.json").read_text())["seed"] == 1
+    assert not all(torch.equal(a[k], net("c")[k]) for k in a)
+    for args, says in ((["optim=adamw"], "its plugins included"),
+                       (["optim.lr=-1"], "optim.lr=-1.0 is out of range"),
+                       (["+optim.nosuch=1"], "unknown key optim.nosuch")):
+        r = cli(["--from", str(tmp_path / "a"), *args, f"hydra.run.dir={tmp_path}/d"],
+                cwd=tmp_path)
+        assert r.returncode == 2 and says in r.stderr, (args, r.stderr[-1500:])
+        assert not (tmp_path / "d").exists()  # a refused rerun writes nothing
+    r = cli(["--from", str(tmp_path / "nowhere")], cwd=tmp_path)
+    assert r.returncode == 2 and "Give a run dir" in r.stderr
+
+
+@pytest.mark.slow
 def test_a_resumed_run_continues_its_wandb_run(tmp_path):
     env = {"WANDB_MODE": "offline", "WANDB_SILENT": "true"}
     args = [*SMOKE, "logger=wandb", f"hydra.run.dir={tmp_path}/run"]

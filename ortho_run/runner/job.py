@@ -52,7 +52,7 @@ def prepare(cfg, run_dir: Path, dist: Dist, emit, launch: Callable) -> "Job":
     """The pre-flight and the job: the config checked (``validate``) and planned, the
     checkpoint it resumes from checked, then the job built (from that checkpoint's state).
     Raises before anything of the run dir is written."""
-    validate(cfg)
+    cfg = validate(cfg)
     p = plan(cfg, run_dir, dist)
     # a checkpoint that may not be continued is refused before an earlier model trains
     point = ckpt.resume_point(cfg, p.run_dir)
