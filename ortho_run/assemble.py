@@ -95,6 +95,32 @@ def check_one_image_batches(backbone: nn.Module, spec: NetSpec, model: str,
                 f"training images per rank") from None
 
 
+def check_input_shape(backbone: "Backbone", spec: NetSpec, model: str, data: str) -> None:
+    """Refuse a backbone that cannot take the data's images (a net whose pooling needs larger
+    ones, a stem for other channels) or that gives features of another width than it declares,
+    before any work: one forward pass of one zero image in eval mode without gradients (still on
+    the CPU), which changes neither the backbone's state nor the random streams."""
+    shape = (spec.channels, spec.image_size, spec.image_size)
+    was_training = backbone.training
+    backbone.eval()
+    try:
+        with torch.no_grad(), torch.random.fork_rng(devices=[]):
+            out = backbone(torch.zeros(1, *shape))
+    except (RuntimeError, ValueError) as exc:
+        raise ConfigError(
+            f"model={model} cannot take the images of data={data} "
+            f"({' x '.join(map(str, shape))}: channels x height x width): "
+            f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}. Choose a model "
+            f"made for {spec.image_size} x {spec.image_size} images, or data whose images it "
+            f"takes") from None
+    finally:
+        backbone.train(was_training)
+    if tuple(out.shape) != (1, backbone.feature_dim):
+        raise ConfigError(f"model={model} gives features of shape {tuple(out.shape[1:])} for one "
+                          f"image of data={data}, but declares feature_dim={backbone.feature_dim}: "
+                          f"the model plugin must return [batch, feature_dim]")
+
+
 def build_method(cfg, num_classes: int, feature_dim: int, device, distributed: bool = False,
                  compat=None):
     ctx = MethodContext(feature_dim=feature_dim, num_classes=num_classes, device=device,
@@ -109,13 +135,15 @@ def build_net(cfg, spec: NetSpec, device, distributed: bool = False, compat=None
               smallest_batch: Optional[int] = None) -> Net:
     """The net for ``cfg`` on data of ``spec``. Model weights are initialised from ``cfg.seed``;
     with ``backbone_state`` (an independently trained backbone) the backbone then takes those
-    weights and is frozen. A backbone that cannot train on batches of ``smallest_batch``
-    images (one, with batch norm over a single value) is refused."""
+    weights and is frozen. A backbone that cannot take the data's images, or cannot train on
+    batches of ``smallest_batch`` images (one, with batch norm over a single value), is
+    refused."""
     model_cfg = cfg.model
     if spec.embed_dim != model_cfg.embed_dim:
         model_cfg = OmegaConf.merge(model_cfg, {"embed_dim": spec.embed_dim})
     torch.manual_seed(cfg.seed)  # model init does not depend on the data set's RNG use
     backbone = build_backbone(model_cfg, spec.channels, spec.image_size)
+    check_input_shape(backbone, spec, str(cfg.model.name), str(cfg.data.name))
     if smallest_batch == 1:
         check_one_image_batches(backbone, spec, str(cfg.model.name), int(cfg.data.batch_size))
     method = build_method(cfg, spec.num_classes, backbone.feature_dim, device, distributed,

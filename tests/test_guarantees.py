@@ -471,3 +471,34 @@ def test_the_rerun_config_reads_a_saved_run_as_todays_schemas_and_refuses_what_i
     job["optim"]["nosuch"] = 1
     with pytest.raises(ConfigError, match="unknown key optim.nosuch"):
         validate(OmegaConf.create(job))
+
+
+# ---------------------------------------------------------------- a model and data that differ
+@pytest.mark.parametrize("overrides,size", [
+    (["model=airbench94"], "1 x 8 x 8"),  # digits: its pooling needs larger images
+    (["experiment=airbench94", "data=synthetic", "data.image_size=16", "trainer.compile=false",
+      "trainer.warmup_steps=0"], "3 x 16 x 16"),
+])
+def test_a_model_that_cannot_take_the_datas_images_is_refused_before_any_work(
+        tmp_path, overrides, size):
+    msg = refused(tmp_path, [*SMOKE, *overrides])
+    assert "cannot take the images of data=" in msg and size in msg and "Choose a model" in msg
+    assert not (tmp_path / "run").exists()  # refused in the pre-flight: nothing written
+
+
+def test_a_backbone_is_probed_without_changing_it_and_must_give_its_declared_width():
+    from torch import nn
+
+    from ortho_run.assemble import NetSpec, check_input_shape
+    from ortho_run.models import Backbone
+
+    spec = NetSpec(channels=1, image_size=2, num_classes=2, embed_dim=None)
+    body = nn.Sequential(nn.Flatten(), nn.BatchNorm1d(4), nn.Dropout(0.5))
+    good = Backbone(body, feature_dim=4).train()
+    before = {k: v.clone() for k, v in good.state_dict().items()}
+    rng = torch.get_rng_state()
+    check_input_shape(good, spec, "toy", "toy_data")
+    assert good.training and torch.equal(torch.get_rng_state(), rng)
+    assert all(torch.equal(v, good.state_dict()[k]) for k, v in before.items())
+    with pytest.raises(ConfigError, match=r"gives features of shape \(4,\).*feature_dim=5"):
+        check_input_shape(Backbone(nn.Flatten(), feature_dim=5), spec, "toy", "toy_data")
