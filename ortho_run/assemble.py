@@ -19,6 +19,7 @@ from ortho_run.errors import CheckpointError, ConfigError
 from ortho_run.methods import METHODS, Batch, MethodContext, MethodOutput
 from ortho_run.methods.base import CompatArtifacts, CompatShape
 from ortho_run.models import build_backbone
+from ortho_run.regularizers import build_regularizer
 
 
 @dataclass(frozen=True)
@@ -187,6 +188,9 @@ def load_run(run_dir: Path, device):
                               f"(it is trained again), or point compat.old_ckpt at a run dir "
                               f"that holds a complete checkpoint.")
     net = build_net(cfg, spec, device, compat=compat)
+    # a regulariser that reparametrises layers (regularizer=orthogonal) gives the net the
+    # structure its weights were saved with, as in the run
+    build_regularizer(cfg.regularizer, net.backbone)
     try:
         net.load_state_dict(state["net"])
     except RuntimeError as exc:

@@ -502,3 +502,21 @@ def test_a_backbone_is_probed_without_changing_it_and_must_give_its_declared_wid
     assert all(torch.equal(v, good.state_dict()[k]) for k, v in before.items())
     with pytest.raises(ConfigError, match=r"gives features of shape \(4,\).*feature_dim=5"):
         check_input_shape(Backbone(nn.Flatten(), feature_dim=5), spec, "toy", "toy_data")
+
+
+def test_a_run_whose_regulariser_reparametrises_its_layers_reloads_and_serves_as_an_old_model(
+        tmp_path):
+    """``regularizer=orthogonal`` gives the net parametrised layers: a finished run reloads
+    with them (its weights to the bit), and a compatibility run can take it as its old model."""
+    from ortho_run.assemble import load_run
+
+    run_inprocess(tmp_path, [*SMOKE, "regularizer=orthogonal", "model.embed_dim=8"])
+    net, _, _ = load_run(tmp_path / "run", "cpu")
+    saved = torch.load(tmp_path / "run" / "checkpoints" / "last.pt", weights_only=False)["net"]
+    assert any("parametrizations" in k for k in saved)
+    assert net.state_dict().keys() == saved.keys()
+    assert all(torch.equal(net.state_dict()[k], v) for k, v in saved.items())
+    s = run_inprocess(tmp_path, ["experiment=compat_smoke", "method=bct", "trainer.max_epochs=1",
+                                 "regularizer=orthogonal", f"cache_dir={tmp_path}/cache"],
+                      name="compat")
+    assert s["status"] == "finished" and "compat/new_old/cmc1" in s
