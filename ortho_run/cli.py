@@ -28,7 +28,7 @@ from ortho_run.store import (RERUN_CONFIG, config_dir, plugin_registries, regist
                              rerun_config)
 from ortho_run.errors import EXIT_SWEEP_FAILED, ConfigError, OrthoRunError, Preempted
 from ortho_run import keys
-from ortho_run.naming import step_labels
+from ortho_run.naming import key_of, step_labels
 
 log = logging.getLogger("ortho_run")
 
@@ -45,6 +45,7 @@ def _job_info():
     info = {"overrides": list(hc.overrides.task)}
     if os.environ.get(RERUN_OF):  # ``--from RUN``: the run whose saved config this one reruns
         info["rerun_of"] = os.environ[RERUN_OF]
+        info["overrides"] = _rerun_overrides(Path(info["rerun_of"]), info["overrides"])
     if multirun:
         info.update(sweep=Path(hc.sweep.dir).name, job_num=hc.job.num,
                     sweep_dir=str(hc.sweep.dir))
@@ -298,6 +299,23 @@ def _from_run(tmp: Path):
     os.environ[RERUN_OF] = str(Path(source).expanduser().absolute())  # the jobs' processes too
     sys.argv = [sys.argv[0], *rest]
     return str(tmp), RERUN_CONFIG
+
+
+def _rerun_overrides(source: Path, own: List[str]) -> List[str]:
+    """What defines a rerun, for its name, tags and report group: the overrides of the run it
+    reruns (its summary's, else its ``.hydra/overrides.yaml``; none for a loose config file),
+    each replaced by this command's override of the same key, then this command's others."""
+    run_dir = source if source.is_dir() else source.parent
+    saved: List[str] = []
+    try:
+        saved = [str(o) for o in json.loads((run_dir / "summary.json").read_text())["overrides"]]
+    except (OSError, ValueError, KeyError, TypeError):
+        for f in (run_dir / ".hydra" / "overrides.yaml", run_dir / "overrides.yaml"):
+            if f.is_file():
+                saved = [str(o) for o in OmegaConf.load(f)]
+                break
+    mine = {key_of(o) for o in own}
+    return [o for o in saved if key_of(o) not in mine] + list(own)
 
 
 def _hydra_main(hydra, config_path: str, config_name: str) -> None:

@@ -246,10 +246,13 @@ def test_a_stopped_sweep_job_prints_the_sweep_command():
              "sweep_overrides": ["method=ce,opl", "seed=0,1"]}
     assert resume_command(Path("/s/x/3_method=opl"), sweep) == \
         "ortho-run -m method=ce,opl seed=0,1 hydra.sweep.dir=/s/x"
-    # a rerun of a saved config continues from that config again
-    rerun = {"overrides": ["seed=1"], "rerun_of": "/runs/a b"}
-    assert resume_command(Path("/r"), rerun) == \
-        "ortho-run --from '/runs/a b' seed=1 trainer.resume=auto hydra.run.dir=/r"
+    # a rerun of a saved config continues from its own saved config; a rerun sweep, the sweep
+    rerun = {"overrides": ["optim=muon", "seed=1"], "rerun_of": "/runs/a"}
+    assert resume_command(Path("/r/x y"), rerun) == \
+        "ortho-run --from '/r/x y' trainer.resume=auto 'hydra.run.dir=/r/x y'"
+    rerun.update(job_num=1, sweep_dir="/s/y", sweep_overrides=["seed=0,1"])
+    assert resume_command(Path("/s/y/1_seed=1"), rerun) == \
+        "ortho-run --from /runs/a -m seed=0,1 hydra.sweep.dir=/s/y"
 
 
 # ---------------------------------------------------------------- 7. absurd but finite values

@@ -208,9 +208,14 @@ def test_from_reruns_a_run_dir_to_the_bit_and_takes_key_overrides(tmp_path):
     s = json.loads((tmp_path / "b" / "summary.json").read_text())
     assert s["rerun_of"] == str(tmp_path / "a") and s["status"] == "finished"
     assert not (tmp_path / "b" / "cli.log").exists()  # ortho-run's Hydra settings, not Hydra's
-    r = cli([f"--from={tmp_path}/a", "seed=1", f"hydra.run.dir={tmp_path}/c"], cwd=tmp_path)
+    r = cli([f"--from={tmp_path}/a", "seed=1", "trainer.max_epochs=2",
+             f"hydra.run.dir={tmp_path}/c"], cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-1500:]
-    assert json.loads((tmp_path / "c" / "summary.json").read_text())["seed"] == 1
+    s = json.loads((tmp_path / "c" / "summary.json").read_text())
+    assert s["seed"] == 1 and s["epoch"] == 2
+    # named and grouped by what defines it: the saved run's overrides, then its own
+    assert s["overrides"] == ["experiment=smoke", "data.max_train_samples=128", "optim=muon",
+                              "seed=1", "trainer.max_epochs=2"]
     assert not all(torch.equal(a[k], net("c")[k]) for k in a)
     for args, says in ((["optim=adamw"], "its plugins included"),
                        (["optim.lr=-1"], "optim.lr=-1.0 is out of range"),

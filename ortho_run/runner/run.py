@@ -56,16 +56,18 @@ def resume_command(run_dir: Path, sweep: Optional[Dict[str, Any]]) -> str:
 
     sweep = sweep or {}
     skip = ("trainer.resume=", "hydra.run.dir=", "hydra.sweep.")
-    # a rerun of a saved config (``--from RUN``) continues from that config again
-    cmd = ["ortho-run", *(["--from", shlex.quote(sweep["rerun_of"])] if sweep.get("rerun_of")
-                          else [])]
+    rerun = sweep.get("rerun_of")  # a rerun of a saved config (``--from RUN``)
     if "job_num" in sweep and sweep.get("sweep_dir"):
         keep = [o for o in sweep.get("sweep_overrides") or sweep.get("overrides", [])
                 if not o.startswith(skip)]
-        return " ".join([*cmd, "-m", *map(shlex.quote, keep),
+        return " ".join(["ortho-run", *(["--from", shlex.quote(rerun)] if rerun else []), "-m",
+                         *map(shlex.quote, keep),
                          shlex.quote(f"hydra.sweep.dir={sweep['sweep_dir']}")])
+    if rerun:  # its own saved config is the one to continue
+        return " ".join(["ortho-run", "--from", shlex.quote(str(run_dir)), "trainer.resume=auto",
+                         shlex.quote(f"hydra.run.dir={run_dir}")])
     keep = [o for o in sweep.get("overrides", []) if not o.startswith(skip)]
-    return " ".join([*cmd, *map(shlex.quote, keep), "trainer.resume=auto",
+    return " ".join(["ortho-run", *map(shlex.quote, keep), "trainer.resume=auto",
                      shlex.quote(f"hydra.run.dir={run_dir}")])
 
 
