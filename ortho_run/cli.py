@@ -44,8 +44,14 @@ def _job_info():
     multirun = hc.mode == RunMode.MULTIRUN
     info = {"overrides": list(hc.overrides.task)}
     if os.environ.get(RERUN_OF):  # ``--from RUN``: the run whose saved config this one reruns
-        info["rerun_of"] = os.environ[RERUN_OF]
-        info["overrides"] = _rerun_overrides(Path(info["rerun_of"]), info["overrides"])
+        source = Path(os.environ[RERUN_OF])
+        info["overrides"] = _rerun_overrides(source, info["overrides"])
+        info["rerun_of"] = str(source)
+        if source == Path(hc.runtime.output_dir).absolute():  # a stopped rerun, continued
+            try:
+                info["rerun_of"] = json.loads((source / "summary.json").read_text())["rerun_of"]
+            except (OSError, ValueError, KeyError, TypeError):
+                pass
     if multirun:
         info.update(sweep=Path(hc.sweep.dir).name, job_num=hc.job.num,
                     sweep_dir=str(hc.sweep.dir))
