@@ -9,6 +9,7 @@ import the plugins back.
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Dict
 
@@ -159,20 +160,23 @@ def upgraded(container: dict) -> dict:
     plugin that no longer exists comes back unchanged. So a key added to a schema defaults to
     the behaviour from before it existed; a plugin's new default goes in its yaml."""
     try:
-        base = OmegaConf.to_container(OmegaConf.structured(RunConfig), enum_to_str=True)
-        for group, reg in plugin_registries().items():
-            name = (container.get(group) or {}).get("name", OPTIONAL_GROUPS.get(group))
-            base[group] = OmegaConf.to_container(OmegaConf.structured(reg.schema(str(name))),
-                                                 enum_to_str=True)
-        for group, schema in GROUP_SCHEMAS.items():
-            base[group] = OmegaConf.to_container(OmegaConf.structured(schema), enum_to_str=True)
+        schemas = {group: reg.schema(str((container.get(group) or {}).get(
+            "name", OPTIONAL_GROUPS.get(group)))) for group, reg in plugin_registries().items()}
+        schemas.update(GROUP_SCHEMAS)
     except ConfigError:
         return container
+    base = OmegaConf.structured(RunConfig)
+    for group, schema in schemas.items():
+        base[group] = OmegaConf.structured(schema)
 
     def merge(default, saved):
-        if not isinstance(default, dict) or not isinstance(saved, dict):
+        # a schema's node: its fields, each the saved value where there is one; a free-form
+        # Dict field (optim.role_lr) or any other value: the saved one, whole
+        if not (isinstance(default, DictConfig) and isinstance(saved, dict)
+                and dataclasses.is_dataclass(OmegaConf.get_type(default))):
             return saved
-        return {k: merge(v, saved[k]) if k in saved else v for k, v in default.items()}
+        return {k: merge(default._get_node(k), saved[k]) if k in saved
+                else OmegaConf.to_container(default, enum_to_str=True)[k] for k in default}
 
     return merge(base, container)
 

@@ -279,6 +279,32 @@ def test_a_config_saved_before_the_regulariser_weight_schedule_reads_as_a_consta
     assert config_differences(saved, compose(["regularizer=srip", *steps])) == {}
 
 
+@pytest.mark.parametrize("preset", [["experiment=airbench94"], ["experiment=airbench94", "optim=root"],
+                                    ["optim=sgd", "+optim.role_lr.head=0.5"]])
+def test_a_saved_config_keeps_its_free_form_tables_and_equals_itself_read_again(preset):
+    """``upgraded`` reads a saved config through today's schemas: a schema's node gets the
+    fields it lacks and loses those it no longer has, but a free-form table (``optim.role_lr``,
+    ``optim.root_coefficients``) is the saved one, whole. So an unchanged config is read back as
+    itself (a resume of it is not refused, a rerun of it trains the same)."""
+    from conftest import compose
+
+    from ortho_run.checkpoint import config_differences, run_config
+    from ortho_run.store import upgraded
+
+    cfg = compose(preset)
+    saved = run_config(cfg)
+    assert upgraded(saved) == saved and config_differences(saved, cfg) == {}
+    saved["optim"]["role_lr"] = {"head": 0.25, "backbone_1d": 0.5}
+    if "root_coefficients" in saved["optim"]:
+        saved["optim"]["root_coefficients"] = {"64x576": [3.0, -4.0, 2.0]}
+    saved["optim"]["a_key_no_schema_has"] = 1
+    old = upgraded(saved)["optim"]
+    assert old["role_lr"] == {"head": 0.25, "backbone_1d": 0.5}
+    assert old.get("root_coefficients", {"64x576": [3.0, -4.0, 2.0]}) == {"64x576": [3.0, -4.0,
+                                                                                 2.0]}
+    assert "a_key_no_schema_has" not in old
+
+
 def test_no_plugin_schema_gives_a_base_key_another_type_or_mark():
     """A plugin's field of the same name as its group's base field (``optim.gamma``, the
     multistep factor) must mean the same thing: same type, same effect."""
