@@ -68,6 +68,13 @@ def config_differences(saved: Dict[str, Any], cfg) -> Dict[str, tuple]:
             if not any(k.startswith(g + ".") and k != g + ".name" for g in swapped)}
 
 
+def growable_differences(saved: Dict[str, Any], cfg) -> Dict[str, tuple]:
+    """``{key: (checkpoint value, this run's value)}`` for the ``GROWABLE`` keys that differ
+    (the resume check lets them)."""
+    a, b = _flat(saved), _flat(run_config(cfg))
+    return {k: (a.get(k), b.get(k)) for k in GROWABLE if a.get(k) != b.get(k)}
+
+
 def describe_differences(diff: Dict[str, tuple]) -> str:
     def show(v):
         plain = (str, int, float, bool, list, dict, type(None))

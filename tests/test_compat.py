@@ -246,3 +246,37 @@ def test_load_run_rebuilds_from_the_checkpoint_without_the_data_set(compat_runs,
     saved = torch.load(old_dir / "checkpoints" / "last.pt", weights_only=False)["net"]
     assert n_classes == 5 and cfg.data.classes == "first_half"
     assert all(torch.equal(v, saved[k]) for k, v in net.state_dict().items())
+
+
+@pytest.mark.parametrize("method", ["bct", "lambda_orth"])
+def test_a_resume_that_would_change_the_earlier_models_is_refused_and_force_records_it(
+        tmp_path, method):
+    """The earlier models train with the run's trainer settings, so a grown trainer.max_epochs
+    (which a resume may take) would make them others: the run is refused before anything
+    trains or is written, and a forced one records the models it now uses. With the old model
+    given as a checkpoint, and nothing else derived, the run may grow."""
+    from ortho_run.errors import CheckpointError
+
+    cache = f"cache_dir={tmp_path}/cache"
+    common = ["experiment=compat_smoke", f"method={method}", cache]
+    run_inprocess(tmp_path, [*common, "trainer.max_epochs=1"])
+    before = {p: p.read_bytes() for p in (tmp_path / "run").rglob("*") if p.is_file()}
+    with pytest.raises(CheckpointError) as e:
+        run_inprocess(tmp_path, [*common, "trainer.max_epochs=2"])
+    msg = str(e.value)
+    assert "other earlier models" in msg and "trainer.max_epochs=2 (checkpoint: 1)" in msg
+    assert "old-model:" in msg and ("independent-model:" in msg) == (method == "lambda_orth")
+    assert {p: p.read_bytes() for p in (tmp_path / "run").rglob("*") if p.is_file()} == before
+    assert len(list((tmp_path / "cache" / "models").glob("*/summary.json"))) == (
+        1 if method == "bct" else 2)  # nothing trained for the refused run
+    s = run_inprocess(tmp_path, [*common, "trainer.max_epochs=2", "trainer.resume=force"])
+    assert s["status"] == "finished" and s["epoch"] == 2
+    then, now = s["resume_forced"]["compat.earlier_models"]
+    assert then != now and len(then) == len(now)
+    if method == "bct":  # the old model fixed by path: growing changes nothing it uses
+        old = next(p.parent for p in (tmp_path / "cache" / "models").glob("*/summary.json")
+                   if json.loads(p.read_text())["epoch"] == 1)
+        fixed = [*common, f"compat.old_ckpt={old}"]
+        run_inprocess(tmp_path, [*fixed, "trainer.max_epochs=1"], name="fixed")
+        s = run_inprocess(tmp_path, [*fixed, "trainer.max_epochs=2"], name="fixed")
+        assert s["status"] == "finished" and s["epoch"] == 2 and "resume_forced" not in s

@@ -109,12 +109,25 @@ def train_or_load(cfg, classes, method: str, launch: Launch, overrides=(), devic
                       launch, device)
 
 
+def independent_config(cfg):
+    """The config of the independently trained new model: ``ce`` on this run's classes, the
+    independent role's seed (one cache entry per step of a multi-step update, shared by every
+    method)."""
+    return old_config(cfg, OmegaConf.to_container(cfg.data, resolve=True)["classes"], "ce",
+                      role=INDEPENDENT)
+
+
+def model_key(sub) -> str:
+    """A trained model's cache key: the hash of what its config learns."""
+    return config_hash(learned_part(OmegaConf.to_container(sub, resolve=True, enum_to_str=True)))
+
+
 def cached_run(sub, launch: Launch, device=None):
     """The trained model of config ``sub``, from the cache or trained now (under a file lock,
     so concurrent sweep jobs train it once): (net, config, number of classes, run dir)."""
     from filelock import FileLock
 
-    key = config_hash(learned_part(OmegaConf.to_container(sub, resolve=True, enum_to_str=True)))
+    key = model_key(sub)
     root = cache_folder(sub.cache_dir, "models")
     run_dir = root / key
     with FileLock(str(run_dir) + ".lock"):
@@ -223,15 +236,23 @@ class CompatPlan(NamedTuple):
 
     steps: Optional[List[Step]]
     chain: List[object]
+    independent: Optional[object] = None  # the independent new model's config, when needed
 
     @property
     def previous(self):
         return self.chain[-1]
 
+    def models(self) -> List[str]:
+        """Every earlier model the run trains against, as its role and cache key (a given
+        checkpoint as its path): what must stay the same for a run to be continued."""
+        return [f"{m}" if isinstance(m, Path) else f"{m.tag}:{model_key(m)}"
+                for m in [*self.chain, *([self.independent] if self.independent else [])]]
 
-def plan_compat(cfg, source_classes: int) -> CompatPlan:
-    """``compat.steps`` and ``compat.old_classes`` checked (named as the user set them), and the
-    chain of earlier models, each level's steps resolved once."""
+
+def plan_compat(cfg, source_classes: int, needs=None) -> CompatPlan:
+    """``compat.steps`` and ``compat.old_classes`` checked (named as the user set them), the
+    chain of earlier models, each level's steps resolved once, and the independent new model
+    when ``needs`` asks for it."""
     steps = resolve_steps(cfg, source_classes)
     if not cfg.compat.old_ckpt and steps is None:
         resolve_classes(OmegaConf.to_container(cfg.compat, resolve=True)["old_classes"],
@@ -245,7 +266,10 @@ def plan_compat(cfg, source_classes: int) -> CompatPlan:
         current, current_steps = prev, resolve_steps(prev, source_classes)
         if current_steps is None:
             break
-    return CompatPlan(steps, chain)
+    independent = None
+    if needs is not None and (needs.independent_backbone or needs.independent_embedding):
+        independent = independent_config(cfg)
+    return CompatPlan(steps, chain, independent)
 
 
 def load_model(source, launch: Launch, device):
@@ -318,10 +342,10 @@ class CompatService:
         return out
 
     def _independent(self):
-        """An independently trained new model: ``ce`` on this run's classes, another seed,
-        cached (one per step of a multi-step update, shared by every method)."""
-        return train_or_load(self.cfg, OmegaConf.to_container(self.cfg.data, resolve=True)[
-            "classes"], "ce", self.launch, (), self.device, role=INDEPENDENT)
+        """The independently trained new model (``independent_config``), from the cache or
+        trained now."""
+        return cached_run(self.plan.independent or independent_config(self.cfg), self.launch,
+                          self.device)
 
     def independent_backbone(self) -> Dict[str, torch.Tensor]:
         """The backbone weights of the independently trained new model."""
