@@ -197,3 +197,37 @@ def test_standard_and_device_pipelines_agree_without_augmentation():
     std_ = torch.cat([x for x, _ in TorchLoader(sp, 16, "cpu", mean, std, train=False,
                                                  image_size=8, num_workers=0)])
     assert torch.allclose(dev, std_, atol=1e-5)
+
+
+def test_the_loader_pipelines_augmented_batches_do_not_depend_on_its_workers():
+    """Each image's random transform draws from a seed of its own (the epoch's and the
+    image's): the same augmented batches with 0 or 2 workers, and a loader made afresh at
+    epoch 1 (a resumed run) gives the epoch-1 batches of one that went on from epoch 0 with
+    persistent workers. A new epoch draws other augmentations."""
+    sp = _split(n=24, s=8)
+
+    def loader(workers):
+        return TorchLoader(sp, 8, "cpu", (0.5,) * 3, (0.25,) * 3, train=True,
+                           augment="crop_flip", padding=2, image_size=8, num_workers=workers,
+                           color_jitter=0.3)
+
+    def epoch(ld, e):
+        ld.set_epoch(e)
+        return [b for b in ld]
+
+    def same(a, b):
+        return all(torch.equal(xa, xb) and torch.equal(ya, yb) for (xa, ya), (xb, yb) in zip(a, b))
+
+    alone, pooled = loader(0), loader(2)
+    try:
+        e0, e0w = epoch(alone, 0), epoch(pooled, 0)
+        e1, e1w = epoch(alone, 1), epoch(pooled, 1)
+        fresh = loader(2)
+        e1_fresh = epoch(fresh, 1)
+    finally:
+        pooled.close()
+        fresh.close()
+    assert len(e0) == 3 and same(e0, e0w) and same(e1, e1w) and same(e1, e1_fresh)
+    # the same images in the same order as the index shuffle alone, augmented differently
+    ys0 = torch.cat([y for _, y in e0])
+    assert not same(e0, e1) and sorted(ys0.tolist()) == sorted(sp.y.tolist())

@@ -523,3 +523,21 @@ def test_a_run_whose_regulariser_reparametrises_its_layers_reloads_and_serves_as
                                  "regularizer=orthogonal", f"cache_dir={tmp_path}/cache"],
                       name="compat")
     assert s["status"] == "finished" and "compat/new_old/cmc1" in s
+
+
+def test_data_num_workers_changes_nothing_that_is_learned(tmp_path):
+    """``data.num_workers`` is marked as a key that changes no result: with the loader
+    pipeline's per-image transform seeds, a run with workers trains bit-identically to one
+    without."""
+    from ortho_run.config import REPORT
+    from ortho_run.store import effect_of
+
+    assert effect_of("data.num_workers") == REPORT
+    nets = []
+    for workers in (0, 2):
+        run_inprocess(tmp_path, [*SMOKE, "data.pipeline=loader", "data.augment=crop_flip",
+                                 f"data.num_workers={workers}", "trainer.max_epochs=2"],
+                      name=f"w{workers}")
+        nets.append(torch.load(tmp_path / f"w{workers}" / "checkpoints" / "last.pt",
+                               weights_only=False)["net"])
+    assert all(torch.equal(nets[0][k], nets[1][k]) for k in nets[0])

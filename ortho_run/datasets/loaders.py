@@ -7,7 +7,11 @@ a few tensor ops per batch: no workers, no per-sample Python. ``TorchLoader``
 for image folders and as the reference pipeline in the benchmark.
 
 Both are seeded per epoch (``set_epoch``), so a run resumed at epoch k sees the same batches as
-an uninterrupted one, and both shard by rank for data-parallel training.
+an uninterrupted one, and both shard by rank for data-parallel training. In ``TorchLoader`` each
+image's random transform is drawn from a seed of its own (of the epoch and the image), which
+the sampler hands to the worker with its index: the augmented batches do not depend on
+``data.num_workers``, nor on which worker reads an image, nor on where a resumed run restarted
+its workers.
 """
 
 from __future__ import annotations
@@ -189,48 +193,82 @@ def color_jitter(x: Tensor, factors: Tensor) -> Tensor:
     return x
 
 
-class _ArrayImages(torch.utils.data.Dataset):
+def sample_seed(epoch_seed_: int, index: int) -> int:
+    """The seed of image ``index``'s random transform in the epoch of ``epoch_seed_``."""
+    return (epoch_seed_ * 6_364_136_223_846_793_005 + index * 1_442_695_040_888_963_407
+            + 1) % (2**63 - 1)
+
+
+class _Seeded(torch.utils.data.Sampler):
+    """The indices of ``inner``, each with its image's transform seed in the current epoch of
+    ``loader`` (read when an epoch's iteration starts, in the main process)."""
+
+    def __init__(self, inner, loader: "TorchLoader"):
+        self.inner, self.loader = inner, loader
+
+    def __iter__(self):
+        base = epoch_seed(self.loader.seed, self.loader.epoch)
+        return ((int(i), sample_seed(base, int(i))) for i in self.inner)
+
+    def __len__(self) -> int:
+        return len(self.inner)
+
+
+class _Images(torch.utils.data.Dataset):
+    """A split's images for torchvision transforms, read by (index, transform seed): the
+    transform draws from the global torch generator, seeded with the image's seed for it alone
+    (the worker's own random state is put back after)."""
+
+    def __init__(self, y: Tensor, transform):
+        self.y, self.transform = y.numpy(), transform
+
+    def __len__(self):
+        return len(self.y)
+
+    def image(self, i: int):  # pragma: no cover - each kind reads its own
+        raise NotImplementedError
+
+    def __getitem__(self, key):
+        i, seed = key
+        img = self.image(i)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return self.transform(img), int(self.y[i])
+
+
+class _ArrayImages(_Images):
     """uint8 arrays → PIL → torchvision transforms (the standard per-sample pipeline)."""
 
     def __init__(self, x: Tensor, y: Tensor, transform):
+        super().__init__(y, transform)
         self.x = x.permute(0, 2, 3, 1).numpy()  # HWC for PIL
-        self.y = y.numpy()
-        self.transform = transform
 
-    def __len__(self):
-        return len(self.y)
-
-    def __getitem__(self, i):
+    def image(self, i):
         from PIL import Image
 
         a = self.x[i]
-        img = Image.fromarray(a[..., 0] if a.shape[-1] == 1 else a)
-        return self.transform(img), int(self.y[i])
+        return Image.fromarray(a[..., 0] if a.shape[-1] == 1 else a)
 
 
-class _RecordImages(torch.utils.data.Dataset):
+class _RecordImages(_Images):
     """Images read lazily from an indexable (a Hugging Face or torchvision data set)."""
 
     def __init__(self, records, y: Tensor, transform, mode: str = "RGB"):
-        self.records, self.y, self.transform, self.mode = records, y.numpy(), transform, mode
+        super().__init__(y, transform)
+        self.records, self.mode = records, mode
 
-    def __len__(self):
-        return len(self.y)
-
-    def __getitem__(self, i):
+    def image(self, i):
         from ortho_run.datasets.records import to_pil
 
-        return self.transform(to_pil(self.records[i]).convert(self.mode)), int(self.y[i])
+        return to_pil(self.records[i]).convert(self.mode)
 
 
-class _FileImages(torch.utils.data.Dataset):
+class _FileImages(_Images):
     def __init__(self, files, y: Tensor, transform):
-        self.files, self.y, self.transform = files, y.numpy(), transform
+        super().__init__(y, transform)
+        self.files = files
 
-    def __len__(self):
-        return len(self.y)
-
-    def __getitem__(self, i):
+    def image(self, i):
         from PIL import Image
 
         try:
@@ -241,7 +279,7 @@ class _FileImages(torch.utils.data.Dataset):
                             f"{str(exc).splitlines()[0] if str(exc) else ''}): remove or replace "
                             f"it, or set data.verify_images=true to leave out every such "
                             f"file") from None
-        return self.transform(img), int(self.y[i])
+        return img
 
 
 def standard_transform(train: bool, augment: str, padding: int, image_size: int, mean, std,
@@ -280,19 +318,25 @@ class TorchLoader:
         self.device = torch.device(device)
         self.seed, self.epoch, self.limit = seed, 0, limit_batches
         self.channels_last = channels_last
-        self.gen = torch.Generator()
-        sampler = None
+        self.gen = torch.Generator()  # the epoch's shuffle, seeded per epoch
         if world_size > 1:
             sampler = (torch.utils.data.DistributedSampler(ds, world_size, rank, shuffle=True,
                                                            seed=seed, drop_last=True)
                        if train else _EvalShard(len(ds), rank, world_size))
+        else:
+            sampler = (torch.utils.data.RandomSampler(ds, generator=self.gen) if train
+                       else torch.utils.data.SequentialSampler(ds))
         self.sampler = sampler
         drop = _drop_last(train, shard_size(len(ds), train, rank, world_size), batch_size,
                           drop_last)
         self.dl = torch.utils.data.DataLoader(
-            ds, batch_size=batch_size, shuffle=train and sampler is None, sampler=sampler,
+            ds, batch_size=batch_size, sampler=_Seeded(sampler, self),
             num_workers=num_workers, pin_memory=self.device.type == "cuda", drop_last=drop,
-            persistent_workers=num_workers > 0, generator=self.gen,
+            persistent_workers=num_workers > 0,
+            # the workers' base seeds: a generator of their own, so that neither the shuffle
+            # nor the global random stream depends on how often the loader draws one (each
+            # epoch without workers, once with persistent ones)
+            generator=torch.Generator().manual_seed(epoch_seed(seed, -2)),
             prefetch_factor=4 if num_workers > 0 else None)
 
     def set_epoch(self, epoch: int) -> None:
