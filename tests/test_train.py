@@ -173,3 +173,67 @@ def test_the_commit_and_versions_are_those_the_process_loaded(tmp_path, monkeypa
     later = run_inprocess(tmp_path, ["trainer.max_epochs=1"], name="later")
     for k in ("git_commit", "git_dirty", "versions"):
         assert later[k] == first[k], k
+
+
+# ------------------------------------------------------------------ what is marked as not learned
+#: an other value for every key of the smoke run's config marked as changing nothing learned
+NOT_LEARNED = {
+    "data.eval_batch_size": 7, "data.num_workers": 0, "trainer.eval_every": 2,
+    "trainer.checkpoint_every": 0, "trainer.resume": "none", "trainer.progress": "on",
+    "trainer.log_every_steps": 1, "trainer.nonfinite_check_every": 1, "trainer.geometry": False,
+    "trainer.retrieval": True, "trainer.tta_flip": True, "trainer.tta_translate": True,
+    "trainer.warmup_steps": 3, "logger.mode": "offline", "logger.project": "elsewhere",
+    "logger.entity": "someone", "logger.group": "g", "logger.name": "n", "logger.tags": ["t"],
+    "logger.init_timeout": 5.0, "compat.evaluate": False, "tag": "other", "objective": "test/acc5",
+    "reference": "airbench94", "output_root": "{tmp}/elsewhere", "cache_dir": "{tmp}/cache2",
+}
+#: keys that run the same maths in other kernels (another device, compiled code, another memory
+#: layout): equal up to the order of floating-point operations, so not compared bit for bit
+OTHER_KERNELS = {"trainer.device", "trainer.compile", "trainer.compile_mode",
+                 "trainer.channels_last"}
+
+
+def _not_learned_keys(cfg):
+    from omegaconf import OmegaConf
+
+    from ortho_run.config import LEARNED
+    from ortho_run.store import effect_of
+
+    def flat(d, p=""):
+        for k, v in d.items():
+            yield from flat(v, f"{p}{k}.") if isinstance(v, dict) else [f"{p}{k}"]
+
+    return {k for k in flat(OmegaConf.to_container(cfg)) if effect_of(k) != LEARNED}
+
+
+def test_every_key_marked_as_not_learned_has_an_other_value_to_train_with():
+    from conftest import compose
+
+    keys = _not_learned_keys(compose(["experiment=smoke"]))
+    assert keys == set(NOT_LEARNED) | OTHER_KERNELS, (
+        "a key marked as changing nothing learned needs an other value in NOT_LEARNED (or, "
+        "if it only changes the kernels, a place in OTHER_KERNELS)", keys ^ (set(NOT_LEARNED)
+                                                                          | OTHER_KERNELS))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("key", sorted(NOT_LEARNED))
+def test_a_key_marked_as_not_learned_trains_the_same_net_to_the_bit(tmp_path, key):
+    """The mark says the key changes where or how a run is reported or evaluated, never what
+    it learns: trained with another value of it, the net is bit-identical."""
+    value = NOT_LEARNED[key]
+    value = value.format(tmp=tmp_path) if isinstance(value, str) else value
+    base = ["experiment=smoke", "trainer.max_epochs=2", "data.max_train_samples=256",
+            "optim=muon", "data.augment=crop_flip"]
+    if key == "data.num_workers":
+        base.append("data.pipeline=loader")
+    if key == "trainer.tta_translate":
+        base.append("trainer.tta_flip=true")
+    over = f"{key}={json.dumps(value) if not isinstance(value, str) else value}"
+    nets = []
+    for name, extra in (("ref", []), ("other", [over])):
+        s = run_inprocess(tmp_path, [*base, *extra], name=name)
+        assert s["status"] == "finished", s
+        nets.append(torch.load(tmp_path / name / "checkpoints" / "last.pt",
+                               weights_only=False)["net"])
+    assert all(torch.equal(nets[0][k], nets[1][k]) for k in nets[0]), key

@@ -299,7 +299,7 @@ class Trainer:
                     bar.loss(loss_sum / max(n_seen, 1.0))
             if t.log_every_steps > 0 and st.step % t.log_every_steps == 0 and self.dist.is_main:
                 self.emit({"epoch": epoch + (i + 1) / len(loader), "step": st.step,
-                           **{f"train/{k}_step": float(v) for k, v in parts.items()},
+                           **{f"train/{k}_step": float(v.detach()) for k, v in parts.items()},
                            "lr": self.optimizers[0].param_groups[0]["lr"]})
             if bar is not None:
                 bar.update()
