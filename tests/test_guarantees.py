@@ -541,3 +541,14 @@ def test_data_num_workers_changes_nothing_that_is_learned(tmp_path):
         nets.append(torch.load(tmp_path / f"w{workers}" / "checkpoints" / "last.pt",
                                weights_only=False)["net"])
     assert all(torch.equal(nets[0][k], nets[1][k]) for k in nets[0])
+
+
+@pytest.mark.parametrize("overrides,keys", [
+    (["optim=sgd", "optim.momentum=0", "optim.nesterov=true"], ["optim.nesterov", "optim.momentum"]),
+    (["optim=muon", "optim.other=sgd", "optim.other_momentum=0", "optim.other_nesterov=true"],
+     ["optim.other_nesterov", "optim.other_momentum"]),
+])
+def test_nesterov_without_momentum_is_refused_in_the_pre_flight_naming_both_keys(
+        tmp_path, overrides, keys):
+    msg = refused(tmp_path, [*SMOKE, *overrides])
+    assert all(k in msg for k in keys), msg

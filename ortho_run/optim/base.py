@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from ortho_run.config import BACKBONE_ROLES, ROLES, OptimConfig
+from ortho_run.errors import ConfigError
 from ortho_run.registry import Registry
 
 log = logging.getLogger("ortho_run")
@@ -118,6 +119,15 @@ def build_optimizers(groups: List[ParamGroup], cfg, device: torch.device
     for name, gs in by_name.items():
         out += OPTIMIZERS.get(name)(gs, cfg, device)
     return out
+
+
+def check_nesterov(cfg, nesterov: str = "nesterov", momentum: str = "momentum") -> None:
+    """A pre-flight check: torch's SGD takes Nesterov's step only with a momentum (it looks
+    ahead along it); refused naming both keys, not by torch once the run has started."""
+    if getattr(cfg, nesterov) and not getattr(cfg, momentum) > 0:
+        raise ConfigError(f"optim.{nesterov}=true needs optim.{momentum} > 0 (got "
+                          f"{getattr(cfg, momentum)}): Nesterov's step looks ahead along the "
+                          f"momentum; set optim.{momentum} or optim.{nesterov}=false")
 
 
 def optimizer_kind(opt: torch.optim.Optimizer) -> str:

@@ -101,8 +101,8 @@ from torch import Tensor
 
 from ortho_run.config import Choice, OptimConfig, at_least, in_unit_interval, positive
 from ortho_run.errors import CheckpointError, ConfigError
-from ortho_run.optim.base import (OPTIMIZERS, ROLES, ParamGroup, check_roles, torch_groups,
-                                  with_fused_fallback)
+from ortho_run.optim.base import (OPTIMIZERS, ROLES, ParamGroup, check_nesterov, check_roles,
+                                  torch_groups, with_fused_fallback)
 from ortho_run.optim.newton_schulz import (MUON_COEFFICIENTS, NS_COEFFICIENTS, Triple,
                                            newton_schulz, unit_frobenius)
 
@@ -630,6 +630,8 @@ def check_config(rule: str, cfg) -> None:
                           f"cosh): set optim.{key}=package or leave optim.brake_gamma null")
     if rule == "root":
         parse_coefficient_table(cfg.root_coefficients)
+    if str(cfg.other) == "sgd":
+        check_nesterov(cfg, "other_nesterov", "other_momentum")
     if rule in _MATRIX_ONLY and str(cfg.conv_shape) == "kernel":
         raise ConfigError(f"optim.conv_shape=kernel: {rule}'s official code takes only matrices, "
                           f"so there is no kernel form to follow; set optim.conv_shape=matrix "

@@ -8,7 +8,7 @@ from typing import ClassVar
 import torch
 
 from ortho_run.config import OptimConfig, in_unit_interval
-from ortho_run.optim.base import OPTIMIZERS, torch_groups, with_fused_fallback
+from ortho_run.optim.base import OPTIMIZERS, check_nesterov, torch_groups, with_fused_fallback
 
 
 @dataclass
@@ -30,3 +30,6 @@ def build_sgd(groups, cfg, device):
         lambda kw: torch.optim.SGD(torch_groups(groups, cfg), lr=cfg.lr, momentum=cfg.momentum,
                                    nesterov=cfg.nesterov, weight_decay=cfg.weight_decay, **kw),
         cfg, device)]
+
+
+build_sgd.check = lambda run_cfg: check_nesterov(run_cfg.optim)  # the pre-flight's
