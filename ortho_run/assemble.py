@@ -156,18 +156,30 @@ def build_net(cfg, spec: NetSpec, device, distributed: bool = False, compat=None
     return net
 
 
-def load_run(run_dir: Path, device):
-    """The trained Net of a finished run dir, its config and its number of classes.
+def run_files(source: Path) -> Tuple[Path, Path]:
+    """(checkpoint, resolved config) of ``source``: a run dir (its ``checkpoints/last.pt``) or a
+    checkpoint file in a run dir's ``checkpoints/`` (``best.pt``, say)."""
+    source = Path(source).expanduser()
+    if source.is_file():
+        return source, source.parent.parent / "resolved_config.yaml"
+    return source / "checkpoints" / "last.pt", source / "resolved_config.yaml"
+
+
+def load_run(source: Path, device):
+    """The trained Net of a finished run (a run dir, or one of its checkpoint files), its
+    config and its number of classes.
 
     The checkpoint records the data shape the net was built for, so the data set itself is
     not loaded (checkpoints from before that record fall back to loading it)."""
     from ortho_run.datasets import load_dataset
 
-    f = run_dir / "checkpoints" / "last.pt"
-    conf = run_dir / "resolved_config.yaml"
+    f, conf = run_files(source)
+    run_dir = conf.parent
     if not f.is_file() or not conf.is_file():
-        raise CheckpointError(f"{run_dir}: expected checkpoints/last.pt and resolved_config.yaml "
-                              f"in that run dir")
+        raise CheckpointError(f"{source}: expected a run dir holding checkpoints/last.pt and "
+                              f"resolved_config.yaml, or a checkpoint file in a run dir's "
+                              f"checkpoints/ folder" + ("" if Path(source).expanduser().exists()
+                                                        else " (it does not exist)"))
     from ortho_run.store import structured
 
     cfg = structured(OmegaConf.load(conf), source=str(conf))

@@ -222,11 +222,32 @@ def test_old_new_embedding_dim_mismatch_is_explained(tmp_path):
         run_inprocess(tmp_path, ["experiment=compat_smoke", "method=bct", "trainer.max_epochs=1",
                                  'compat.old_overrides=["model.embed_dim=16"]',
                                  f"cache_dir={tmp_path}/cache"])
-    from ortho_run.errors import CheckpointError
-
-    with pytest.raises(CheckpointError, match="expected checkpoints/last.pt"):
+    # an old model that is no finished run: refused in the plan, naming the key and the files
+    with pytest.raises(ConfigError, match=r"compat.old_ckpt=.*missing: not a finished run") as e:
         run_inprocess(tmp_path, ["experiment=compat_smoke", "method=oca",
                                  f"compat.old_ckpt={tmp_path}/missing"], name="m")
+    assert "checkpoints/last.pt" in str(e.value) and not (tmp_path / "m").exists()
+
+
+def test_an_old_model_given_as_a_checkpoint_file_is_that_file(tmp_path):
+    """``compat.old_ckpt`` (and ``load_run``) take a run dir, whose checkpoints/last.pt is read,
+    or one of its checkpoint files, which is read itself (not the dir's last.pt)."""
+    from ortho_run.assemble import load_run
+
+    run_inprocess(tmp_path, ["experiment=compat_smoke", "method=ce", "data.classes=first_half",
+                             "trainer.max_epochs=1"], name="old")
+    ck = tmp_path / "old" / "checkpoints"
+    state = torch.load(ck / "last.pt", weights_only=False)
+    state["net"] = {k: torch.zeros_like(v) if v.is_floating_point() else v
+                    for k, v in state["net"].items()}
+    torch.save(state, ck / "zeroed.pt")
+    last, _, _ = load_run(tmp_path / "old", "cpu")
+    zeroed, _, _ = load_run(ck / "zeroed.pt", "cpu")
+    assert any(v.abs().sum() > 0 for v in last.state_dict().values() if v.is_floating_point())
+    assert all(v.abs().sum() == 0 for v in zeroed.state_dict().values() if v.is_floating_point())
+    s = run_inprocess(tmp_path, ["experiment=compat_smoke", "method=bct", "trainer.max_epochs=1",
+                                 f"compat.old_ckpt={ck / 'zeroed.pt'}"], name="new")
+    assert s["status"] == "finished" and s["compat/old_old/cmc1"] <= 0.2  # a zeroed old model
 
 
 @pytest.mark.slow

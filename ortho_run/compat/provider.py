@@ -17,7 +17,7 @@ from typing import Callable, Dict, List, NamedTuple, Optional
 import torch
 from omegaconf import OmegaConf
 
-from ortho_run.assemble import load_run
+from ortho_run.assemble import load_run, run_files
 from ortho_run.checkpoint import config_hash
 from ortho_run.compat.artifacts import FrozenNet, class_means, embed_all
 from ortho_run.compat.evaluate import compat_matrix, multistep_matrix
@@ -221,7 +221,14 @@ def previous_model(cfg, source_classes: int, steps: Optional[List[Step]] = None)
 
         return derived_config(cfg, STEP, steps[-2].classes, steps[-2].fraction,
                               step=len(steps) - 2, edit=edit)
-    if c.old_ckpt:
+    if c.old_ckpt:  # checked here, in the plan, before anything trains or is written
+        ckpt_file, conf = run_files(Path(c.old_ckpt))
+        if not ckpt_file.is_file() or not conf.is_file():
+            missing = ", ".join(str(p) for p in (ckpt_file, conf) if not p.is_file())
+            raise ConfigError(f"compat.old_ckpt={c.old_ckpt}: not a finished run ({missing} "
+                              f"missing); give the old model's run dir (it holds "
+                              f"checkpoints/last.pt and resolved_config.yaml) or one of its "
+                              f"checkpoint files")
         return Path(c.old_ckpt).expanduser()
     first = steps[0] if steps is not None else Step(c.old_classes, None)
     return old_config(cfg, first.classes, c.old_method, c.old_overrides,
@@ -275,8 +282,7 @@ def plan_compat(cfg, source_classes: int, needs=None) -> CompatPlan:
 def load_model(source, launch: Launch, device):
     """(net, config, number of classes) of a chain entry."""
     if isinstance(source, Path):
-        net, cfg, n = load_run(source if source.is_dir() else source.parent.parent, device)
-        return net, cfg, n
+        return load_run(source, device)
     net, cfg, n, _ = cached_run(source, launch, device)
     return net, cfg, n
 
