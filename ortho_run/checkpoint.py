@@ -13,7 +13,7 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional
 
 import torch
 from omegaconf import OmegaConf
@@ -123,9 +123,12 @@ def load(path: Path, map_location="cpu") -> Dict[str, Any]:
     return state
 
 
-def check_resume(path: Path, state: Dict[str, Any], cfg) -> Dict[str, tuple]:
-    """Refuse to resume ``state`` under ``cfg`` when that would continue another experiment.
-    Returns the differences accepted by ``trainer.resume=force`` (empty when none)."""
+def check_resume(path: Path, state: Dict[str, Any], cfg,
+                 earlier_models: Optional[List[str]] = None) -> Dict[str, tuple]:
+    """Refuse to resume ``state`` under ``cfg`` when that would continue another experiment:
+    another config, or (a compatibility run, ``earlier_models`` given) other earlier models
+    than the checkpoint's. Returns the differences accepted by ``trainer.resume=force`` (empty
+    when none)."""
     saved = state.get("config")
     if saved is None:  # a checkpoint from before configs were stored: model and method only
         want, got = fingerprint(cfg), state.get("fingerprint")
@@ -144,6 +147,22 @@ def check_resume(path: Path, state: Dict[str, Any], cfg) -> Dict[str, tuple]:
             f"checkpoint's config (its run dir's resolved_config.yaml), give this run another "
             f"hydra.run.dir (or trainer.resume=none to start over in this dir), or set "
             f"trainer.resume=force to continue anyway (summary.json records it).")
+    saved_models = state.get("earlier_models")  # absent in checkpoints of earlier versions
+    if (earlier_models is not None and saved_models is not None
+            and list(saved_models) != list(earlier_models)):
+        # a key that may differ on resume (a grown trainer.max_epochs) enters their configs:
+        # they train with this run's trainer settings
+        grown = describe_differences(growable_differences(saved, cfg)) or "its config"
+        if str(cfg.trainer.resume) != "force":
+            raise CheckpointError(
+                f"{path} was trained against other earlier models than this run would use: "
+                f"{grown} enters the configs of the models it is made compatible with (they "
+                f"train with this run's trainer settings), so it would continue against others "
+                f"({', '.join(earlier_models)}; checkpoint: {', '.join(saved_models)}). Resume "
+                f"with the checkpoint's value, give the old model as compat.old_ckpt, or set "
+                f"trainer.resume=force to continue anyway")
+        diff = dict(diff, **{"compat.earlier_models": (list(saved_models),
+                                                         list(earlier_models))})
     if state.get("epoch", 0) > cfg.trainer.max_epochs:
         raise CheckpointError(
             f"{path} is at epoch {state['epoch']}, beyond trainer.max_epochs="
@@ -162,14 +181,16 @@ class ResumePoint:
     forced: Dict[str, tuple]
 
 
-def resume_point(cfg, run_dir: Path) -> Optional[ResumePoint]:
-    """``trainer.resume`` resolved, the checkpoint loaded and checked against ``cfg`` (None
-    when the run starts fresh). A forced resume says here what it accepted."""
+def resume_point(cfg, run_dir: Path,
+                 earlier_models: Optional[List[str]] = None) -> Optional[ResumePoint]:
+    """``trainer.resume`` resolved, the checkpoint loaded and checked against ``cfg`` and the
+    earlier models a compatibility run trains against (None when the run starts fresh). A
+    forced resume says here what it accepted."""
     path = resolve_resume(cfg.trainer.resume, run_dir)
     if path is None:
         return None
     state = load(path)
-    forced = check_resume(path, state, cfg)
+    forced = check_resume(path, state, cfg, earlier_models)
     if forced:
         log.warning("trainer.resume=force: resuming despite %s", describe_differences(forced))
     return ResumePoint(path, state, forced)

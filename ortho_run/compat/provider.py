@@ -244,16 +244,13 @@ class CompatPlan(NamedTuple):
     steps: Optional[List[Step]]
     chain: List[object]
     independent: Optional[object] = None  # the independent new model's config, when needed
+    #: every earlier model the run trains against, as its role and cache key (a given
+    #: checkpoint as its path): its checkpoint records them, and a resume must find the same
+    models: List[str] = []
 
     @property
     def previous(self):
         return self.chain[-1]
-
-    def models(self) -> List[str]:
-        """Every earlier model the run trains against, as its role and cache key (a given
-        checkpoint as its path): what must stay the same for a run to be continued."""
-        return [f"{m}" if isinstance(m, Path) else f"{m.tag}:{model_key(m)}"
-                for m in [*self.chain, *([self.independent] if self.independent else [])]]
 
 
 def plan_compat(cfg, source_classes: int, needs=None) -> CompatPlan:
@@ -276,7 +273,9 @@ def plan_compat(cfg, source_classes: int, needs=None) -> CompatPlan:
     independent = None
     if needs is not None and (needs.independent_backbone or needs.independent_embedding):
         independent = independent_config(cfg)
-    return CompatPlan(steps, chain, independent)
+    models = [f"{m}" if isinstance(m, Path) else f"{m.tag}:{model_key(m)}"
+              for m in [*chain, *([independent] if independent is not None else [])]]
+    return CompatPlan(steps, chain, independent, models)
 
 
 def load_model(source, launch: Launch, device):

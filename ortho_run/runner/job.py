@@ -20,13 +20,12 @@ from ortho_run.datasets import load_dataset
 from ortho_run.datasets.base import DataSet
 from ortho_run.datasets.loaders import (build_loader, build_loaders, choose_pipeline, init_images,
                                         smallest_train_batch)
-from ortho_run.errors import CheckpointError, ConfigError
 from ortho_run.methods import METHODS, Needs
 from ortho_run.models import model_data_config
 from ortho_run.regularizers import Regularizer, build_regularizer
 from ortho_run.runner.env import device_name, pick_device, seed_everything
 from ortho_run.runner.trainer import Dist, Trainer
-from ortho_run.store import compatibility_methods, structured, upgraded
+from ortho_run.store import compatibility_methods
 from ortho_run.validate import validate
 
 log = logging.getLogger("ortho_run")
@@ -56,44 +55,13 @@ def prepare(cfg, run_dir: Path, dist: Dist, emit, launch: Callable) -> "Job":
     cfg = validate(cfg)
     p = plan(cfg, run_dir, dist)
     # a checkpoint that may not be continued is refused before an earlier model trains
-    point = ckpt.resume_point(cfg, p.run_dir)
-    if point is not None and p.compat is not None:
-        _check_earlier_models(p, point)
+    point = ckpt.resume_point(cfg, p.run_dir, p.compat.models if p.compat else None)
     job = build(p, launch=launch, emit=emit, resume=point.state if point else None)
     if point is not None:
         job.resumed, job.forced = True, point.forced
         log.info("resumed from %s at epoch %d batch %d", point.path, job.trainer.state.epoch,
                  job.trainer.state.batch)
     return job
-
-
-def _check_earlier_models(p: Plan, point: ckpt.ResumePoint) -> None:
-    """A compatibility run continues against the earlier models its checkpoint was trained
-    against. A key that may differ on resume (``trainer.max_epochs`` may grow) also enters
-    their configs, which take this run's trainer: where it would make them other models, the
-    resume is refused (``trainer.resume=force`` continues, and the summary records it)."""
-    saved = point.state.get("config")
-    if saved is None:
-        return
-    try:
-        then = plan_compat(structured(upgraded(saved)), p.ds.source_classes, p.needs).models()
-    except ConfigError:  # the checkpoint's config no longer plans: nothing to compare with
-        return
-    now = p.compat.models()
-    if then == now:
-        return
-    grown = ckpt.describe_differences(ckpt.growable_differences(saved, p.cfg)) or "its config"
-    if str(p.cfg.trainer.resume) != "force":
-        raise CheckpointError(
-            f"{point.path} was trained against other earlier models than this run would use: "
-            f"{grown} enters the configs of the models it is made compatible with (they train "
-            f"with this run's trainer settings), so it would continue against others "
-            f"({', '.join(now)}; checkpoint: {', '.join(then)}). Resume with the checkpoint's "
-            f"value, give the old model as compat.old_ckpt, or set trainer.resume=force to "
-            f"continue anyway")
-    point.forced["compat.earlier_models"] = (then, now)
-    log.warning("trainer.resume=force: continuing against other earlier models (%s; "
-                "checkpoint: %s)", ", ".join(now), ", ".join(then))
 
 
 def plan(cfg, run_dir: Path, dist: Dist = Dist()) -> Plan:
@@ -192,5 +160,6 @@ def build(p: Plan, launch: Callable, emit=lambda row: None, resume: Optional[dic
     if p.channels_last:
         net = net.to(memory_format=torch.channels_last)
     trainer = Trainer(cfg, net, train_loader, evals, device, p.run_dir, emit, p.dist, spec,
-                      regularizer=regularizer, init_images=images, resume=resume)
+                      regularizer=regularizer, init_images=images, resume=resume,
+                      earlier_models=p.compat.models if p.compat else ())
     return Job(p, trainer, net, evals, service, regularizer)

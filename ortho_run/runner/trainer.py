@@ -14,7 +14,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from omegaconf import OmegaConf
@@ -103,9 +103,12 @@ class Trainer:
     def __init__(self, cfg, net: Net, train_loader, eval_loaders: Dict[str, object],
                  device: torch.device, run_dir: Path, emit: Callable[[dict], None],
                  dist: Dist = Dist(), spec: Optional[NetSpec] = None, regularizer=None,
-                 init_images: Optional[torch.Tensor] = None, resume: Optional[dict] = None):
+                 init_images: Optional[torch.Tensor] = None, resume: Optional[dict] = None,
+                 earlier_models: Sequence[str] = ()):
         #: what rebuilds the net without the data set or an old model (the checkpoint's "shape")
         self.spec = spec
+        #: the earlier models a compatibility run trains against (``CompatPlan.models``)
+        self.earlier_models = list(earlier_models)
         # plain dataclasses: the hot loop reads these every step (OmegaConf lookups are slow)
         self.cfg, self.tcfg = cfg, OmegaConf.to_object(cfg.trainer)
         self.config = ckpt.run_config(cfg)
@@ -175,6 +178,7 @@ class Trainer:
             "config": self.config,  # compared on resume
             "fingerprint": ckpt.fingerprint(self.cfg),
             "shape": self.spec.to_dict() if self.spec is not None else {},
+            "earlier_models": self.earlier_models,  # compared on resume
             "net": self.net.state_dict(),
             "optimizers": [o.state_dict() for o in self.optimizers],
             "optimizer_kinds": [optimizer_kind(o) for o in self.optimizers],
