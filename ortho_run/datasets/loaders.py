@@ -193,9 +193,10 @@ def color_jitter(x: Tensor, factors: Tensor) -> Tensor:
     return x
 
 
-def sample_seed(epoch_seed_: int, index: int) -> int:
-    """The seed of image ``index``'s random transform in the epoch of ``epoch_seed_``."""
-    return (epoch_seed_ * 6_364_136_223_846_793_005 + index * 1_442_695_040_888_963_407
+def sample_seed(epoch_base: int, index: int) -> int:
+    """The seed of image ``index``'s random transform in the epoch whose ``epoch_seed`` is
+    ``epoch_base``."""
+    return (epoch_base * 6_364_136_223_846_793_005 + index * 1_442_695_040_888_963_407
             + 1) % (2**63 - 1)
 
 
