@@ -24,7 +24,7 @@ from hydra.experimental.callback import Callback
 
 from omegaconf import OmegaConf
 
-from ortho_run.store import (RERUN_CONFIG, config_dir, plugin_registries, register_configs,
+from ortho_run.store import (HELP_GROUPS, RERUN_CONFIG, config_dir, register_configs,
                              rerun_config)
 from ortho_run.errors import EXIT_SWEEP_FAILED, ConfigError, OrthoRunError, Preempted
 from ortho_run import keys
@@ -287,7 +287,7 @@ def _from_run(tmp: Path):
         args[at + 1] if at + 1 < len(args) else "")
     rest = args[:at] + args[at + (1 if "=" in args[at] else 2):]
     groups = [a for a in rest if not a.startswith("-") and "=" in a
-              and a.split("=")[0].lstrip("+~") in (*plugin_registries(), "experiment")]
+              and a.split("=")[0].lstrip("+~") in {g for g, _ in HELP_GROUPS}]
     try:
         if not source:
             raise ConfigError("--from needs a run dir (or a saved config file): "
