@@ -287,7 +287,7 @@ def _from_run(tmp: Path):
         args[at + 1] if at + 1 < len(args) else "")
     rest = args[:at] + args[at + (1 if "=" in args[at] else 2):]
     groups = [a for a in rest if not a.startswith("-") and "=" in a
-              and a.split("=")[0].lstrip("+~") in {g for g, _ in HELP_GROUPS}]
+              and key_of(a) in {g for g, _ in HELP_GROUPS}]
     try:
         if not source:
             raise ConfigError("--from needs a run dir (or a saved config file): "

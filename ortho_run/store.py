@@ -175,8 +175,9 @@ def upgraded(container: dict) -> dict:
         if not (isinstance(default, DictConfig) and isinstance(saved, dict)
                 and dataclasses.is_dataclass(OmegaConf.get_type(default))):
             return saved
-        return {k: merge(default._get_node(k), saved[k]) if k in saved
-                else OmegaConf.to_container(default, enum_to_str=True)[k] for k in default}
+        plain = OmegaConf.to_container(default, enum_to_str=True)
+        return {k: merge(default._get_node(k), saved[k]) if k in saved else v
+                for k, v in plain.items()}
 
     return merge(base, container)
 

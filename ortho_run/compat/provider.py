@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Callable, Dict, List, NamedTuple, Optional
+from typing import Callable, Dict, List, NamedTuple, Optional, Tuple
 
 import torch
 from omegaconf import OmegaConf
@@ -100,13 +100,6 @@ def old_config(cfg, classes, method: str, overrides=(), role: ModelRole = OLD,
             raise ConfigError(f"compat.old_overrides={list(overrides)}: "
                               f"{str(exc).splitlines()[0]}") from None
     return out
-
-
-def train_or_load(cfg, classes, method: str, launch: Launch, overrides=(), device=None,
-                  role: ModelRole = OLD, norm_feature: bool = False):
-    """A trained model for (cfg with these classes and method), from the cache or trained now."""
-    return cached_run(old_config(cfg, classes, method, overrides, role, norm_feature),
-                      launch, device)
 
 
 def independent_config(cfg):
@@ -246,7 +239,7 @@ class CompatPlan(NamedTuple):
     independent: Optional[object] = None  # the independent new model's config, when needed
     #: every earlier model the run trains against, as its role and cache key (a given
     #: checkpoint as its path): its checkpoint records them, and a resume must find the same
-    models: List[str] = []
+    models: Tuple[str, ...] = ()
 
     @property
     def previous(self):
@@ -273,8 +266,8 @@ def plan_compat(cfg, source_classes: int, needs=None) -> CompatPlan:
     independent = None
     if needs is not None and (needs.independent_backbone or needs.independent_embedding):
         independent = independent_config(cfg)
-    models = [f"{m}" if isinstance(m, Path) else f"{m.tag}:{model_key(m)}"
-              for m in [*chain, *([independent] if independent is not None else [])]]
+    models = tuple(f"{m}" if isinstance(m, Path) else f"{m.tag}:{model_key(m)}"
+                   for m in [*chain, *([independent] if independent is not None else [])])
     return CompatPlan(steps, chain, independent, models)
 
 
