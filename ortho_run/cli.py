@@ -12,7 +12,6 @@ job does not stop the others; the sweep ends with a list of failed jobs and exit
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import sys
@@ -48,10 +47,9 @@ def _job_info():
         info["overrides"] = _rerun_overrides(source, info["overrides"])
         info["rerun_of"] = str(source)
         if source == Path(hc.runtime.output_dir).absolute():  # a stopped rerun, continued
-            try:
-                info["rerun_of"] = json.loads((source / "summary.json").read_text())["rerun_of"]
-            except (OSError, ValueError, KeyError, TypeError):
-                pass
+            saved, _ = keys.read_summary(source / "summary.json")
+            if saved and saved.get("rerun_of"):
+                info["rerun_of"] = saved["rerun_of"]
     if multirun:
         info.update(sweep=Path(hc.sweep.dir).name, job_num=hc.job.num,
                     sweep_dir=str(hc.sweep.dir))
@@ -198,15 +196,12 @@ class SweepReport(Callback):
         counts: Dict[str, int] = {"finished": 0, "failed": 0, "diverged": 0}
         jobs = [p for p in sweep.iterdir() if p.is_dir()] if sweep.is_dir() else []
         for job in sorted(p for p in jobs if (p / "summary.json").exists() or (p / ".hydra").is_dir()):
-            f = job / "summary.json"
-            try:
-                s = json.loads(f.read_text())
-                status = str(s.get("status"))
-                if status != "finished":
-                    failed.append(f"{job.name}: {status}: {str(s.get('error', ''))[:300]}")
-            except (OSError, json.JSONDecodeError, AttributeError):
-                status = "failed"
-                failed.append(f"{job.name}: no readable summary.json")
+            s, why = keys.read_summary(job / "summary.json")
+            status = "failed" if s is None else str(s.get("status"))
+            if s is None:
+                failed.append(f"{job.name}: {why}")
+            elif status != "finished":
+                failed.append(f"{job.name}: {status}: {str(s.get('error', ''))[:300]}")
             counts[status] = counts.get(status, 0) + 1
         _FAILED.extend(failed)
         if failed:
@@ -312,13 +307,17 @@ def _rerun_overrides(source: Path, own: List[str]) -> List[str]:
     reruns (its summary's, else its ``.hydra/overrides.yaml``; none for a loose config file),
     each replaced by this command's override of the same key, then this command's others."""
     run_dir = source if source.is_dir() else source.parent
-    saved: List[str] = []
-    try:
-        saved = [str(o) for o in json.loads((run_dir / "summary.json").read_text())["overrides"]]
-    except (OSError, ValueError, KeyError, TypeError):
+    summary, _ = keys.read_summary(run_dir / "summary.json")
+    saved: List[str] = list(summary["overrides"]) if summary and "overrides" in summary else []
+    if not saved:
         for f in (run_dir / ".hydra" / "overrides.yaml", run_dir / "overrides.yaml"):
             if f.is_file():
-                saved = [str(o) for o in OmegaConf.load(f)]
+                try:
+                    loaded = OmegaConf.to_container(OmegaConf.load(f))
+                except Exception:  # not yaml: the rerun is named by its own overrides alone
+                    loaded = None
+                if isinstance(loaded, list) and all(isinstance(o, str) for o in loaded):
+                    saved = loaded
                 break
     mine = {key_of(o) for o in own}
     return [o for o in saved if key_of(o) not in mine] + list(own)

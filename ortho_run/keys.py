@@ -1,8 +1,17 @@
 """The summary.json keys that several modules produce or read, spelled once: the producers
 build them with these names, the readers (the end-of-run block, ``ortho-report``, the
-references) import them."""
+references) import them. What each key holds is declared here too (``parse_summary``,
+``parse_metrics_row``), and every reader takes a summary through ``read_summary``: a summary
+edited by hand, cut short or written by other code is named with its wrong keys, never
+half-read, and a non-finite metric (written as a string: JSON has none) is read back as the
+float it was."""
 
 from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Tuple
 
 TEST_ACC1 = "test/acc1"
 VAL_BEST_ACC1 = "val/best_acc1"
@@ -68,3 +77,124 @@ def steps_matrix(metric: str) -> str:
 STEPS_CLASSES = "compat/steps/classes"
 STEPS_FRACTIONS = "compat/steps/fractions"
 STEP_METRICS = ("cmc1", "map")
+
+
+# ------------------------------------------------------------------ what a summary holds
+#: how a non-finite float is written (JSON has none; ``io`` writes its ``str``): read back as
+#: that float wherever a number belongs
+NONFINITE = {"nan": math.nan, "inf": math.inf, "-inf": -math.inf}
+_NOT_A_NUMBER = object()
+
+
+def _number(v):
+    """``v`` as a number (a non-finite float's string included), else ``_NOT_A_NUMBER``."""
+    if isinstance(v, (int, float)) and not isinstance(v, bool):
+        return v
+    return NONFINITE.get(v, _NOT_A_NUMBER) if isinstance(v, str) else _NOT_A_NUMBER
+
+
+def _strings(v) -> bool:
+    return isinstance(v, list) and all(isinstance(o, str) for o in v)
+
+
+def _count(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+#: the fields of a summary that its readers take, besides the metrics: what each must hold
+#: where present, and how that is said
+FIELDS: Dict[str, Tuple[Callable[[object], bool], str]] = {
+    **{k: (lambda v: isinstance(v, str), "a string")
+       for k in ("status", "error", "method", "data", "model", "tag", "run_dir", "sweep",
+                 "sweep_dir", "rerun_of", "resume_command")},
+    REFERENCE: (lambda v: v is None or isinstance(v, str), "a reference's name or null"),
+    **{k: (_count, "an integer") for k in ("seed", "epoch", "step", "job_num", "world_size")},
+    **{k: (_strings, "a list of strings") for k in ("overrides", "sweep_overrides")},
+}
+STEP_KEYS = frozenset({steps_matrix(m) for m in STEP_METRICS} | {STEPS_CLASSES, STEPS_FRACTIONS})
+
+
+def _shown(v) -> str:
+    text = json.dumps(v, default=str)
+    return (text if len(text) <= 60 else text[:57] + "...") + f" ({type(v).__name__})"
+
+
+def _metrics(d: dict, out: dict, errors: List[str]) -> None:
+    """The metrics (``<family>/<name>``) of ``d`` but the multi-step keys, as numbers into
+    ``out``; one line into ``errors`` for each that is none."""
+    for k, v in d.items():
+        if "/" in k and k.partition("/")[0] in METRIC_FAMILIES and k not in STEP_KEYS:
+            out[k] = _number(v)
+            if out[k] is _NOT_A_NUMBER:
+                errors.append(f"{k} must be a number, not {_shown(v)}")
+
+
+def _steps(summary: dict, out: dict, errors: List[str]) -> None:
+    """The multi-step keys: T×T lower-triangular matrices (numbers on and below the diagonal,
+    null above), T class counts and T fractions, one T for all."""
+    sizes = {}
+    for m in STEP_METRICS:
+        key = steps_matrix(m)
+        if key not in summary:
+            continue
+        mat = summary[key]
+        t = len(mat) if isinstance(mat, list) else 0
+        rows = [[_number(x) if k <= i else (None if x is None else _NOT_A_NUMBER)
+                 for k, x in enumerate(row)] if isinstance(row, list) and len(row) == t
+                else None for i, row in enumerate(mat)] if t else []
+        if t and all(r is not None and _NOT_A_NUMBER not in r for r in rows):
+            out[key], sizes[key] = rows, t
+        else:
+            errors.append(f"{key} must be a T×T list of rows (numbers up to the diagonal, null "
+                          f"above it), not {_shown(mat)}")
+    for key, check, what in (
+            (STEPS_CLASSES, lambda x: _count(x) and x > 0, "class counts"),
+            (STEPS_FRACTIONS, lambda x: _number(x) is not _NOT_A_NUMBER and 0 < _number(x) <= 1,
+             "fractions in (0, 1]")):
+        if key not in summary:
+            continue
+        v = summary[key]
+        if isinstance(v, list) and v and all(check(x) for x in v):
+            sizes[key] = len(v)
+        else:
+            errors.append(f"{key} must be a list of {what}, one per step, not {_shown(v)}")
+    if len(set(sizes.values())) > 1:
+        errors.append("the multi-step keys disagree on the number of steps: " + ", ".join(
+            f"{k} has {n}" for k, n in sizes.items()))
+
+
+def parse_summary(summary) -> Tuple[Optional[dict], List[str]]:
+    """A parsed summary.json as its readers take it: (the summary, its metrics as numbers (the
+    strings of non-finite floats read back), []), or (None, why not, one line per wrong key)."""
+    if not isinstance(summary, dict):
+        return None, [f"summary.json holds {type(summary).__name__}, not a JSON object"]
+    errors = [f"{k} must be {what}, not {_shown(summary[k])}"
+              for k, (check, what) in FIELDS.items() if k in summary and not check(summary[k])]
+    out = dict(summary)
+    _metrics(summary, out, errors)
+    _steps(summary, out, errors)
+    return (None, errors) if errors else (out, [])
+
+
+def parse_metrics_row(row) -> Tuple[Optional[dict], List[str]]:
+    """A parsed line of metrics.jsonl as its readers take it: (the row, its metrics as numbers,
+    []), or (None, why not). A row is a JSON object with an ``epoch`` (a number >= 0: an
+    epoch's row holds its count, a per-step row the fraction reached)."""
+    if not isinstance(row, dict):
+        return None, [f"holds {type(row).__name__}, not a JSON object"]
+    epoch = _number(row.get("epoch"))
+    errors = ([] if epoch is not _NOT_A_NUMBER and epoch >= 0 else ["no epoch"]
+              if "epoch" not in row else [f"epoch must be a number >= 0, not {_shown(row['epoch'])}"])
+    out = dict(row)
+    _metrics(row, out, errors)
+    return (None, errors) if errors else (out, [])
+
+
+def read_summary(path: Path) -> Tuple[Optional[dict], Optional[str]]:
+    """(the summary at ``path`` as ``parse_summary`` gives it, None), or (None, why it cannot
+    be read: a missing or unparsable file, or the keys that do not hold what they must)."""
+    try:
+        summary, errors = parse_summary(json.loads(Path(path).read_text()))
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        return None, f"unreadable summary.json ({exc})"
+    return (summary, None) if summary is not None else (None, "summary.json: " + "; ".join(errors))

@@ -99,14 +99,9 @@ def collect(dirs: List[Path]):
     runs, problems = [], []
     for d in dirs:
         for f in sorted(Path(d).rglob("summary.json")):
-            try:
-                s = json.loads(f.read_text())
-            except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
-                problems.append((str(f.parent), f"unreadable summary.json ({exc})"))
-                continue
-            if not isinstance(s, dict):
-                problems.append((str(f.parent), f"summary.json is not a JSON object "
-                                                  f"({type(s).__name__})"))
+            s, why = keys.read_summary(f)
+            if s is None:
+                problems.append((str(f.parent), f"{why}: mend or remove it"))
                 continue
             if role_of(str(s.get("tag"))) is not None:  # a cached model, not a result
                 continue
@@ -291,7 +286,8 @@ def write_tables(table, metrics, problems, out: Path, steps=None, compared=None)
     if steps:
         lines += [""] + step_lines(steps)
     if problems:
-        lines += ["", "## Runs left out", ""] + [f"- `{d}`: {why}" for d, why in problems]
+        lines += ["", "## Runs left out, whole or in part", ""] + [f"- `{d}`: {why}"
+                                                                  for d, why in problems]
     (out / "report.md").write_text("\n".join(lines) + "\n")
 
 
@@ -310,7 +306,7 @@ def _title(ax, text: str, width: int = 60) -> None:
     ax.set_title("\n".join(textwrap.wrap(text, width)) or text, fontsize=9)
 
 
-def plot(table, metrics, runs, out: Path, steps=None) -> List[Path]:
+def plot(table, metrics, runs, out: Path, steps=None, curves=None) -> List[Path]:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -337,29 +333,54 @@ def plot(table, metrics, runs, out: Path, steps=None) -> List[Path]:
         fig.savefig(f, dpi=120)
         plt.close(fig)
         files.append(f)
-    files.append(plot_curves(runs, out, plt, MaxNLocator))
+    files.append(plot_curves(runs, curves or {}, out, plt, MaxNLocator))
     return files + plot_steps(steps or {}, out, plt)
 
 
-def _series(paths, key):
-    series = defaultdict(list)
-    for p in paths:
+def read_curves(runs: List[dict]):
+    """Each run's metrics.jsonl rows, by run dir, and (run dir, why) for each line that is no
+    row (a torn or edited line): the curves leave such a line out, and the report says so."""
+    curves: Dict[str, List[dict]] = {}
+    problems = []
+    for r in runs:
+        f = Path(r["_dir"]) / "metrics.jsonl"
         try:
-            for line in p.read_text().splitlines():
-                row = json.loads(line)
-                if key in row and _numeric(row[key]):
-                    series[row["epoch"]].append(row[key])
-        except (OSError, json.JSONDecodeError):
+            lines = f.read_text(errors="replace").splitlines()
+        except FileNotFoundError:  # a run without curves (a summary made by other code)
             continue
+        except OSError as exc:
+            problems.append((r["_dir"], f"unreadable metrics.jsonl ({exc}): no curves"))
+            continue
+        rows = curves.setdefault(r["_dir"], [])
+        for n, line in enumerate(lines, 1):
+            try:
+                row, errors = keys.parse_metrics_row(json.loads(line))
+            except ValueError as exc:
+                row, errors = None, [f"not JSON ({exc})"]
+            if row is None:
+                problems.append((r["_dir"], f"metrics.jsonl line {n}: {'; '.join(errors)}: "
+                                            f"the curves leave that line out"))
+            else:
+                rows.append(row)
+    return curves, problems
+
+
+def _series(runs_rows: List[List[dict]], key):
+    """epoch -> the values of ``key`` in those rows (one list per run's rows)."""
+    series = defaultdict(list)
+    for rows in runs_rows:
+        for row in rows:
+            if key in row:
+                series[row["epoch"]].append(row[key])
     return series
 
 
-def plot_curves(runs, out: Path, plt, MaxNLocator) -> Path:
+def plot_curves(runs, curves: Dict[str, List[dict]], out: Path, plt, MaxNLocator) -> Path:
     """Training curves, mean over seeds per group: the loss the methods share (``train/ce``) when
     every group logs it, else each method's own objective (labelled as such), and test/acc1."""
     by_group = defaultdict(list)
     for r in runs:
-        by_group[group_key(r)].append(Path(r["_dir"]) / "metrics.jsonl")
+        by_group[group_key(r)].append(curves.get(r["_dir"], []))
     names = sorted(by_group)
     shared, own = split_labels(names) if names else ("", [])
     common_ce = all(_series(by_group[g], "train/ce") for g in names)
@@ -417,10 +438,11 @@ def _multistep(run: dict) -> bool:
         return False
 
 
-def against_references(runs: List[dict], name: Optional[str] = None) -> List[dict]:
-    """Per group whose runs name a reference (or against ``name``), per published value of its
-    method: our mean ± std (n), the published value, Δ, the verdict and how the runs' setting
-    differs from the paper's."""
+def against_references(runs: List[dict], name: Optional[str] = None):
+    """(rows, problems). Rows: per group whose runs name a reference (or against ``name``), per
+    published value of its method: our mean ± std (n), the published value, Δ, the verdict and
+    how the runs' setting differs from the paper's. Problems: (run dir, why) for the runs that
+    name a reference this version does not have."""
     from ortho_run import references
     from omegaconf import OmegaConf
 
@@ -428,9 +450,15 @@ def against_references(runs: List[dict], name: Optional[str] = None) -> List[dic
     for r in runs:
         if name or r.get(keys.REFERENCE):
             groups[group_key(r)].append(r)
-    rows = []
+    rows, problems = [], []
     for g, rs in sorted(groups.items()):
-        ref = references.get(name or rs[0][keys.REFERENCE])
+        ref_name = name or rs[0][keys.REFERENCE]
+        if ref_name not in references.REFERENCES:  # a run of a version that had another one
+            problems += [(r["_dir"], f"names reference={ref_name}, which is no published "
+                                     f"result here ({', '.join(sorted(references.REFERENCES))}):"
+                                     f" in the table, not compared") for r in rs]
+            continue
+        ref = references.REFERENCES[ref_name]
         published = ref.rows.get(str(rs[0].get("method")), {})
         try:
             config = OmegaConf.to_container(OmegaConf.load(Path(rs[0]["_dir"]) /
@@ -445,7 +473,7 @@ def against_references(runs: List[dict], name: Optional[str] = None) -> List[dic
             rows.append({"group": g, "reference": ref.name, "metric": metric, "ours": st,
                          "published": pub, "delta": (st["mean"] - pub.value) if st else None,
                          "verdict": mark, "why": why, "differences": diffs})
-    return rows
+    return rows, problems
 
 
 def reference_lines(rows: List[dict]) -> List[str]:
@@ -478,12 +506,13 @@ def report(dirs, out=None, metrics=None, plots: bool = True, every: bool = False
     runs, problems = collect([Path(d) for d in dirs])
     out = Path(out or dirs[0])
     metrics = pick_metrics(runs, metrics, every)
-    problems = problems + unshown(runs, metrics)
+    curves, unplotted = read_curves(runs)
+    compared, uncompared = against_references(runs, against)
+    problems = problems + unshown(runs, metrics) + unplotted + uncompared
     table = aggregate(runs, metrics)
     steps = step_matrices(runs)
-    write_tables(table, metrics, problems, out, steps,
-                 reference_lines(against_references(runs, against)))
-    files = plot(table, metrics, runs, out, steps) if plots and runs else []
+    write_tables(table, metrics, problems, out, steps, reference_lines(compared))
+    files = plot(table, metrics, runs, out, steps, curves) if plots and runs else []
     return table, problems, files, out
 
 
@@ -526,6 +555,12 @@ def main(argv=None) -> None:
         return
     if not a.dirs:
         p.error("give run or sweep folders (or --references)")
+    if a.against is not None:
+        from ortho_run.references import REFERENCES
+
+        if a.against not in REFERENCES:
+            p.error(f"--against {a.against}: no such published result; references: "
+                    f"{', '.join(sorted(REFERENCES))} (--references lists them)")
     dirs = []
     for d in a.dirs:
         if d.is_file() and d.name == "summary.json":

@@ -50,7 +50,22 @@ def run_inprocess(tmp_path, overrides=(), name="run"):
     from ortho_run.runner.run import run
 
     cfg = compose(["logger.mode=disabled", "trainer.progress=off", *overrides])
-    return run(cfg, tmp_path / name)
+    summary = run(cfg, tmp_path / name)
+    conforms(tmp_path / name)
+    return summary
+
+
+def conforms(run_dir):
+    """Every run a test makes writes the summary and the metrics rows that their readers
+    take (``keys.parse_summary``, ``keys.parse_metrics_row``): the producers cannot drift
+    from the one declaration of what the files hold."""
+    from ortho_run import keys
+
+    summary, why = keys.read_summary(Path(run_dir) / "summary.json")
+    assert summary is not None, why
+    metrics = Path(run_dir) / "metrics.jsonl"
+    for n, line in enumerate(metrics.read_text().splitlines() if metrics.is_file() else [], 1):
+        assert keys.parse_metrics_row(json.loads(line))[0] is not None, (metrics, n, line)
 
 
 def cli(args, cwd, env=None, timeout=600):
@@ -60,4 +75,7 @@ def cli(args, cwd, env=None, timeout=600):
 
 
 def summaries(root):
-    return [json.loads(p.read_text()) for p in sorted(Path(root).rglob("summary.json"))]
+    found = sorted(Path(root).rglob("summary.json"))
+    for p in found:
+        conforms(p.parent)
+    return [json.loads(p.read_text()) for p in found]

@@ -8,8 +8,10 @@ message and exits with that code); the CLI cases (slow layer) check the process 
 import errno
 import json
 import logging
+import math
 import os
 import pickle
+import shutil
 import signal
 import subprocess
 import sys
@@ -18,10 +20,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from conftest import cli, compose, run_inprocess
 from ortho_run.errors import (EXIT_PREEMPTED, CheckpointError, ConfigError, DataError, DiskFull,
-                              OrthoRunError)
+                              OrthoRunError, Preempted)
 
 SMOKE = ["experiment=smoke", "trainer.max_epochs=1", "data.max_train_samples=128"]
 
@@ -356,6 +359,197 @@ def test_report_lists_a_list_summary_and_refuses_a_plain_file(tmp_path):
     with pytest.raises(SystemExit) as e:
         main([str(tmp_path / "notes.txt"), "--no-plots"])
     assert e.value.code == 2
+
+
+@pytest.fixture(scope="module")
+def two_finished_runs(tmp_path_factory):
+    """Two finished smoke runs (seeds 0 and 1); run ``s1`` also holds the multi-step keys, as
+    the multi-step evaluation writes them."""
+    from ortho_run.compat.evaluate import multistep_matrix
+
+    root = tmp_path_factory.mktemp("runs")
+    for seed in (0, 1):
+        run_inprocess(root, [*SMOKE, f"seed={seed}"], name=f"s{seed}")
+    g = torch.Generator().manual_seed(0)
+    labels = torch.arange(40) % 4
+    steps = multistep_matrix([torch.randn(40, 8, generator=g) for _ in range(3)], labels,
+                             [2, 3, 4], [0.5, 1.0, 1.0])
+    f = root / "s1" / "summary.json"
+    f.write_text(json.dumps({**json.loads(f.read_text()), **steps}))
+    return root
+
+
+SUMMARY_FAULTS = [
+    ("s0", "overrides", 5), ("s0", "overrides", "method=opl"), ("s0", "overrides", [1, 2]),
+    ("s0", "overrides", None), ("s0", "method", ["opl"]), ("s0", "status", 3),
+    ("s0", "tag", ["a"]), ("s0", "test/acc1", "high"), ("s0", "test/acc1", None),
+    ("s0", "test/acc1", True), ("s0", "reference", 5), ("s0", "seed", "0"),
+    ("s0", "data", {"name": "digits"}), ("s1", "compat/steps/cmc1", [[1.0], [2.0, 3.0]]),
+    ("s1", "compat/steps/cmc1", [0.5, 0.5, 0.5]), ("s1", "compat/steps/map", [["a"]]),
+    ("s1", "compat/steps/cmc1", []), ("s1", "compat/steps/cmc1", [[0.5, 0.1, None],
+                                                                  [0.4, 0.5, None],
+                                                                  [0.3, 0.3, 0.5]]),
+    ("s1", "compat/steps/classes", "4"), ("s1", "compat/steps/classes", [2, 4]),
+    ("s1", "compat/steps/fractions", ["a", 1, 1]), ("s1", "compat/steps/fractions", 1.0),
+    ("s1", "compat/steps/fractions", [0.0, 1.0, 1.0]),
+]
+
+
+@pytest.mark.parametrize("run,key,value", SUMMARY_FAULTS,
+                         ids=[f"{k}={json.dumps(v)}" for _, k, v in SUMMARY_FAULTS])
+def test_report_leaves_out_a_summary_whose_key_holds_the_wrong_thing_and_names_it(
+        two_finished_runs, tmp_path, run, key, value):
+    """A summary edited by hand or written by other code: the report neither fails nor half-reads
+    it (a string of overrides grouped by its letters, a string accuracy dropped from n); the
+    run is listed as left out, naming the key and what it holds, the other run is reported."""
+    from ortho_run.report import report
+
+    root = tmp_path / "runs"
+    shutil.copytree(two_finished_runs, root)
+    f = root / run / "summary.json"
+    f.write_text(json.dumps({**json.loads(f.read_text()), key: value}))
+    table, problems, _, out = report([root], plots=True)
+    assert [Path(d).name for d, _ in problems] == [run], problems
+    assert f"{key} must be" in problems[0][1] or "disagree on the number of steps" in \
+        problems[0][1], problems
+    assert sum(row["test/acc1"]["n"] for row in table.values()) == 1
+    assert key in (out / "report.md").read_text().split("## Runs left out")[1]
+
+
+def test_report_reads_a_runs_non_finite_metric_back_as_the_number_it_was(tmp_path):
+    """A run writes a NaN metric as the string "nan" (JSON has no NaN): the report counts it
+    as NaN in its group (shown, never dropped from n), as it does for any other value."""
+    from ortho_run.report import report
+
+    s = run_inprocess(tmp_path / "runs", [*SMOKE, "data=synthetic", "data.test_per_class=1"])
+    assert math.isnan(s["geometry/intra_class_cos"])  # no class has two test images
+    assert '"geometry/intra_class_cos": "nan"' in (tmp_path / "runs" / "run" /
+                                                   "summary.json").read_text()
+    table, problems, _, out = report([tmp_path / "runs"], plots=False,
+                                     metrics=["test/acc1", "geometry/intra_class_cos"])
+    (row,) = table.values()
+    assert math.isnan(row["geometry/intra_class_cos"]["mean"]) and not problems
+    assert "| nan (n=1) |" in (out / "report.md").read_text()
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf"), 0.25, 3])
+def test_what_a_run_writes_for_a_metric_reads_back_as_that_number(tmp_path, value):
+    from ortho_run import keys
+    from ortho_run.io import atomic_write_json, dumps
+
+    atomic_write_json({"status": "finished", "test/acc1": value,
+                       "compat/steps/cmc1": [[value, None], [value, value]]}, tmp_path / "s.json")
+    summary, why = keys.read_summary(tmp_path / "s.json")
+    row, errors = keys.parse_metrics_row(json.loads(dumps({"epoch": 1, "train/ce": value})))
+    for got in (summary["test/acc1"], summary["compat/steps/cmc1"][1][0], row["train/ce"]):
+        assert (math.isnan(got) and math.isnan(value)) or got == value, (got, why, errors)
+
+
+def test_report_names_the_lines_of_metrics_jsonl_that_are_no_row_and_plots_the_others(
+        two_finished_runs, tmp_path):
+    from ortho_run.report import report
+
+    root = tmp_path / "runs"
+    shutil.copytree(two_finished_runs, root)
+    f = root / "s0" / "metrics.jsonl"
+    good = f.read_text().splitlines()
+    bad = ["[1, 2]", "5", '{"epoch": "x", "test/acc1": 0.5}', '{"test/acc1": 0.5}',
+           '{"epoch": [1], "train/ce": 1}', '{"epoch": 1, "train/ce": "low"}', '{"epo']
+    f.write_text("\n".join([good[0], *bad, *good[1:]]) + "\n")
+    table, problems, files, _ = report([root], plots=True)
+    lines = sorted(int(why.split("line ")[1].split(":")[0]) for _, why in problems)
+    assert lines == list(range(2, 2 + len(bad))), problems
+    assert any(f.name == "curves.png" for f in files)
+    assert sum(row["test/acc1"]["n"] for row in table.values()) == 2
+
+
+def test_report_says_which_runs_name_a_reference_it_does_not_have(two_finished_runs, tmp_path):
+    from ortho_run.report import main, report
+
+    root = tmp_path / "runs"
+    shutil.copytree(two_finished_runs, root)
+    f = root / "s0" / "summary.json"
+    f.write_text(json.dumps({**json.loads(f.read_text()), "reference": "opl_cifar1000"}))
+    table, problems, _, _ = report([root], plots=False)
+    assert [(Path(d).name, "reference=opl_cifar1000" in why) for d, why in problems] == [
+        ("s0", True)]
+    assert sum(row["test/acc1"]["n"] for row in table.values()) == 2  # still in the table
+    with pytest.raises(SystemExit) as e:
+        main([str(root), "--no-plots", "--against", "opl_cifar1000"])
+    assert e.value.code == 2
+
+
+def test_a_sweeps_end_block_counts_a_malformed_summary_as_failed(two_finished_runs, tmp_path,
+                                                                 capsys):
+    from omegaconf import OmegaConf
+
+    from ortho_run import cli
+
+    root = tmp_path / "sweep"
+    shutil.copytree(two_finished_runs, root)
+    (root / "s0" / "summary.json").write_text('{"status": ["finished"]}')
+    before = list(cli._FAILED)
+    try:
+        cli.SweepReport().on_multirun_end(OmegaConf.create({"hydra": {"sweep": {"dir": str(root)}}}))
+        failed = cli._FAILED[len(before):]
+    finally:
+        cli._FAILED[:] = before
+    assert len(failed) == 1 and failed[0].startswith("s0: summary.json: status must be")
+    assert "2 jobs" in capsys.readouterr().out
+
+
+def test_a_rerun_is_named_from_the_source_runs_overrides_only_where_they_read_as_such(tmp_path):
+    from ortho_run.cli import _rerun_overrides
+
+    d = tmp_path / "run"
+    (d / ".hydra").mkdir(parents=True)
+    (d / ".hydra" / "overrides.yaml").write_text("- method=opl\n- seed=3\n")
+    (d / "summary.json").write_text(json.dumps({"status": "finished",
+                                                "overrides": ["method=gcr", "seed=1"]}))
+    assert _rerun_overrides(d, ["seed=2"]) == ["method=gcr", "seed=2"]
+    (d / "summary.json").write_text(json.dumps({"status": "finished", "overrides": "method=gcr"}))
+    assert _rerun_overrides(d, ["seed=2"]) == ["method=opl", "seed=2"]  # the letters: never
+    for text in ("method: opl\n", "[unclosed\n", "- 5\n"):
+        (d / ".hydra" / "overrides.yaml").write_text(text)
+        assert _rerun_overrides(d, ["seed=2"]) == ["seed=2"]
+
+
+def test_a_cached_model_is_reused_only_when_its_summary_reads_finished(tmp_path):
+    """The cache takes a model whose summary's status is ``finished``, not one whose summary
+    merely holds that word (a failed model's tag, say), nor one it cannot read."""
+    from ortho_run.compat.provider import cached_run, independent_config, model_key
+    from ortho_run.io import cache_folder
+
+    sub = independent_config(compose(["experiment=compat_smoke", "method=bct",
+                                      f"cache_dir={tmp_path}/cache"]))
+    run_dir = cache_folder(sub.cache_dir, "models") / model_key(sub)
+    run_dir.mkdir(parents=True)
+    launched = []
+
+    def launch(c, d):
+        launched.append(d)
+        raise Preempted("stopped")
+
+    for text in ('{"status": "failed", "error": "x", "tag": "finished"}',
+                 '{"status": "finished", "seed": "0"}', '{"status": "finished"'):
+        (run_dir / "summary.json").write_text(text)
+        with pytest.raises(Preempted):
+            cached_run(sub, launch)
+    assert launched == [run_dir] * 3
+
+
+def test_a_resume_leaves_out_the_lines_of_metrics_jsonl_that_are_no_row(tmp_path, caplog):
+    run_inprocess(tmp_path, SMOKE)
+    f = tmp_path / "run" / "metrics.jsonl"
+    rows = f.read_text().splitlines()
+    f.write_text("\n".join([*rows, "[1, 2]", '{"epoch": "x"}', '{"test/acc1": 1}', '{"epo']))
+    with caplog.at_level(logging.WARNING, logger="ortho_run"):
+        s = run_inprocess(tmp_path, [*SMOKE, "trainer.max_epochs=2"])
+    assert s["status"] == "finished" and s["epoch"] == 2
+    assert "left out 4 line(s)" in caplog.text
+    kept = [json.loads(x) for x in f.read_text().splitlines()]
+    assert kept[:len(rows)] == [json.loads(x) for x in rows]
+    assert [r["epoch"] for r in kept] == [1, 2]
 
 
 # ---------------------------------------------------------------- 7. W&B settings

@@ -124,9 +124,8 @@ def cached_run(sub, launch: Launch, device=None):
     root = cache_folder(sub.cache_dir, "models")
     run_dir = root / key
     with FileLock(str(run_dir) + ".lock"):
-        summary = run_dir / "summary.json"
-        done = summary.is_file() and '"finished"' in summary.read_text()
-        if not done:
+        summary, _ = keys.read_summary(run_dir / "summary.json")
+        if not (summary and summary.get("status") == "finished"):
             log.info("training the %s (cache key %s) in %s", sub.tag.replace("-", " "), key,
                      run_dir)
             launch(sub, run_dir)

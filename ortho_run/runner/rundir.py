@@ -22,6 +22,7 @@ from typing import Any, Dict, Optional, Tuple
 from omegaconf import OmegaConf
 
 from ortho_run.errors import ConfigError
+from ortho_run.keys import parse_metrics_row
 from ortho_run.io import atomic_path, atomic_write_json, atomic_write_texts, dumps
 
 log = logging.getLogger("ortho_run")
@@ -46,15 +47,21 @@ class MetricsFile:
 
     def rows_through(self, epoch: int) -> str:
         """The file's text without the rows of epochs after ``epoch`` (a resumed run's
-        checkpoint does not cover them: no duplicates) and without a torn last line."""
-        keep = []
-        for line in self.path.read_text().splitlines():
+        checkpoint does not cover them: no duplicates) and without the lines that are no row
+        (a torn last line from a hard kill; an edited one), which a warning names."""
+        keep, dropped = [], []
+        for n, line in enumerate(self.path.read_text(errors="replace").splitlines(), 1):
             try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                continue  # a torn last line from a hard kill
-            if row.get("epoch", 0) <= epoch:
+                row, errors = parse_metrics_row(json.loads(line))
+            except ValueError:
+                row, errors = None, ["not JSON"]
+            if row is None:
+                dropped.append(f"line {n}: {'; '.join(errors)}")
+            elif row["epoch"] <= epoch:
                 keep.append(line)
+        if dropped:
+            log.warning("%s: left out %d line(s) that are no metrics row (%s)", self.path,
+                        len(dropped), ", ".join(dropped[:3]) + (", ..." if len(dropped) > 3 else ""))
         return "".join(k + "\n" for k in keep)
 
     def write(self, row: Dict[str, Any]) -> None:
@@ -217,6 +224,7 @@ class RunDir:
             log.error("could not write %s: %s", f, exc)
             try:  # a few bytes in place of the old file: its "finished" must not stand
                 f.unlink(missing_ok=True)
-                f.write_text(dumps({"status": summary.get("status"), "error": summary.get("error")}))
+                f.write_text(dumps({"status": summary.get("status"), "error": str(
+                    summary.get("error") or f"the full summary could not be written ({exc})")}))
             except OSError:
                 pass
