@@ -18,7 +18,7 @@ from ortho_run.checkpoint import load as load_checkpoint
 from ortho_run.errors import CheckpointError, ConfigError
 from ortho_run.methods import METHODS, Batch, MethodContext, MethodOutput
 from ortho_run.methods.base import CompatArtifacts, CompatShape
-from ortho_run.models import build_backbone
+from ortho_run.models import Backbone, build_backbone
 from ortho_run.regularizers import build_regularizer
 
 
@@ -96,7 +96,7 @@ def check_one_image_batches(backbone: nn.Module, spec: NetSpec, model: str,
                 f"training images per rank") from None
 
 
-def check_input_shape(backbone: "Backbone", spec: NetSpec, model: str, data: str) -> None:
+def check_input_shape(backbone: Backbone, spec: NetSpec, model: str, data: str) -> None:
     """Refuse a backbone that cannot take the data's images (a net whose pooling needs larger
     ones, a stem for other channels) or that gives features of another width than it declares,
     before any work: one forward pass of one zero image in eval mode without gradients (still on

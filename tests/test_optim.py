@@ -1,7 +1,6 @@
 """Orthogonalised optimisers and orthogonality regularisers: their maths against references,
 their composition with every method, and what they do on digits."""
 
-import math
 from dataclasses import replace
 
 import pytest

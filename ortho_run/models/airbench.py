@@ -26,7 +26,6 @@ from dataclasses import dataclass, field
 from typing import ClassVar, List
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ortho_run.config import ModelConfig, at_least, at_most, in_unit_interval, positive

@@ -41,7 +41,6 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils.parametrizations import orthogonal
 
-from ortho_run.config import at_least
 from ortho_run.orthogonality import gram_deviation
 from ortho_run.regularizers.base import REGULARIZERS, Regularizer, RegularizerConfig
 
