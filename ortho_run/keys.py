@@ -40,10 +40,10 @@ def objective_value(summary: dict, objective: str):
     import logging
 
     value = summary.get(objective)
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
+    if is_number(value):
         return float(value)
     if summary.get("status") == "finished":
-        metrics = [k for k, v in summary.items() if "/" in k and isinstance(v, (int, float))]
+        metrics = [k for k, v in summary.items() if "/" in k and is_number(v)]
         near = difflib.get_close_matches(objective, metrics, n=3, cutoff=0.5) or sorted(metrics)[:3]
         logging.getLogger("ortho_run").warning(
             "objective=%s is not a metric of this run's summary: the sweeper gets no value; "
@@ -86,9 +86,14 @@ NONFINITE = {"nan": math.nan, "inf": math.inf, "-inf": -math.inf}
 _NOT_A_NUMBER = object()
 
 
+def is_number(v) -> bool:
+    """Whether ``v`` is a metric's value as read: an int or a float (NaN included), not a bool."""
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
 def _number(v):
     """``v`` as a number (a non-finite float's string included), else ``_NOT_A_NUMBER``."""
-    if isinstance(v, (int, float)) and not isinstance(v, bool):
+    if is_number(v):
         return v
     return NONFINITE.get(v, _NOT_A_NUMBER) if isinstance(v, str) else _NOT_A_NUMBER
 
@@ -129,6 +134,22 @@ def _metrics(d: dict, out: dict, errors: List[str]) -> None:
                 errors.append(f"{k} must be a number, not {_shown(v)}")
 
 
+def _lower_triangle(mat) -> Optional[List[list]]:
+    """A T×T matrix with numbers on and below the diagonal and null above it, its numbers read
+    back (``_number``); None when ``mat`` is no such matrix."""
+    if not isinstance(mat, list) or not mat:
+        return None
+    rows = []
+    for i, row in enumerate(mat):
+        if not isinstance(row, list) or len(row) != len(mat):
+            return None
+        rows.append([_number(x) if k <= i else (None if x is None else _NOT_A_NUMBER)
+                     for k, x in enumerate(row)])
+        if _NOT_A_NUMBER in rows[-1]:
+            return None
+    return rows
+
+
 def _steps(summary: dict, out: dict, errors: List[str]) -> None:
     """The multi-step keys: T×T lower-triangular matrices (numbers on and below the diagonal,
     null above), T class counts and T fractions, one T for all."""
@@ -137,20 +158,15 @@ def _steps(summary: dict, out: dict, errors: List[str]) -> None:
         key = steps_matrix(m)
         if key not in summary:
             continue
-        mat = summary[key]
-        t = len(mat) if isinstance(mat, list) else 0
-        rows = [[_number(x) if k <= i else (None if x is None else _NOT_A_NUMBER)
-                 for k, x in enumerate(row)] if isinstance(row, list) and len(row) == t
-                else None for i, row in enumerate(mat)] if t else []
-        if t and all(r is not None and _NOT_A_NUMBER not in r for r in rows):
-            out[key], sizes[key] = rows, t
+        rows = _lower_triangle(summary[key])
+        if rows is not None:
+            out[key], sizes[key] = rows, len(rows)
         else:
             errors.append(f"{key} must be a T×T list of rows (numbers up to the diagonal, null "
-                          f"above it), not {_shown(mat)}")
+                          f"above it), not {_shown(summary[key])}")
     for key, check, what in (
             (STEPS_CLASSES, lambda x: _count(x) and x > 0, "class counts"),
-            (STEPS_FRACTIONS, lambda x: _number(x) is not _NOT_A_NUMBER and 0 < _number(x) <= 1,
-             "fractions in (0, 1]")):
+            (STEPS_FRACTIONS, lambda x: is_number(x) and 0 < x <= 1, "fractions in (0, 1]")):
         if key not in summary:
             continue
         v = summary[key]

@@ -125,7 +125,7 @@ def aggregate(runs: List[dict], metrics: List[str]) -> Dict[str, Dict[str, dict]
     for g, rs in sorted(groups.items()):
         row = {}
         for m in metrics:
-            vals = [float(r[m]) for r in rs if _numeric(r.get(m))]
+            vals = [float(r[m]) for r in rs if keys.is_number(r.get(m))]
             if vals:
                 row[m] = _stats(vals)
         table[g] = row
@@ -163,7 +163,7 @@ def step_matrices(runs: List[dict]) -> Dict[str, Dict[str, dict]]:
             std = [[None] * t for _ in range(t)]
             for i in range(t):
                 for k in range(i + 1):
-                    vals = [float(x[i][k]) for x in mats if _numeric(x[i][k])]
+                    vals = [float(x[i][k]) for x in mats if keys.is_number(x[i][k])]
                     if vals:
                         st = _stats(vals)
                         mean[i][k], std[i][k] = st["mean"], st["std"]
@@ -231,15 +231,11 @@ def plot_steps(steps: Dict[str, Dict[str, dict]], out: Path, plt) -> List[Path]:
     return files
 
 
-def _numeric(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
-
-
 def pick_metrics(runs, requested: Optional[List[str]] = None, every: bool = False) -> List[str]:
     """``requested`` as given; ``every``: every numeric metric; else the readable default."""
     if requested:
         return list(requested)
-    have = {k for r in runs for k, v in r.items() if "/" in k and _numeric(v)}
+    have = {k for r in runs for k, v in r.items() if "/" in k and keys.is_number(v)}
     if every:
         return sorted(have)
     shown = [m for m in ACCURACY + COMPAT + GEOMETRY if m in have]
@@ -418,7 +414,7 @@ def unshown(runs: List[dict], metrics: List[str]) -> List[tuple]:
     or a multi-step update without its matrices."""
     out = []
     for r in runs:
-        if not any(_numeric(r.get(m)) for m in metrics):
+        if not any(keys.is_number(r.get(m)) for m in metrics):
             out.append((r["_dir"], "finished, but holds none of the table's metrics ("
                         + ", ".join(metrics[:4]) + "); pick others with --metrics or --all"))
         elif _multistep(r) and not isinstance(r.get(keys.steps_matrix("cmc1")), list):
@@ -467,7 +463,7 @@ def against_references(runs: List[dict], name: Optional[str] = None):
             config = {}
         diffs = references.differences(ref, config) if config else ["(no resolved_config.yaml)"]
         for metric, pub in published.items():
-            vals = [float(r[metric]) for r in rs if _numeric(r.get(metric))]
+            vals = [float(r[metric]) for r in rs if keys.is_number(r.get(metric))]
             mark, why = references.verdict(vals, pub)
             st = _stats([100 * v for v in vals]) if vals else None
             rows.append({"group": g, "reference": ref.name, "metric": metric, "ours": st,
@@ -506,7 +502,7 @@ def report(dirs, out=None, metrics=None, plots: bool = True, every: bool = False
     runs, problems = collect([Path(d) for d in dirs])
     out = Path(out or dirs[0])
     metrics = pick_metrics(runs, metrics, every)
-    curves, unplotted = read_curves(runs)
+    curves, unplotted = read_curves(runs) if plots else ({}, [])  # the curves' rows
     compared, uncompared = against_references(runs, against)
     problems = problems + unshown(runs, metrics) + unplotted + uncompared
     table = aggregate(runs, metrics)
