@@ -83,6 +83,22 @@ def describe_differences(diff: Dict[str, tuple]) -> str:
     return "; ".join(f"{k}={show(b)} (checkpoint: {show(a)})" for k, (a, b) in diff.items())
 
 
+def nonfinite_tensors(tensors: Dict[str, Any]) -> List[str]:
+    """The names of the floating-point tensors of ``tensors`` (a state dict) that hold a NaN or
+    an infinity, read with one host sync."""
+    named = [(k, v) for k, v in tensors.items()
+             if isinstance(v, torch.Tensor) and v.is_floating_point() and v.numel()]
+    if not named:
+        return []
+    finite = torch.stack([torch.isfinite(v).all() for _, v in named]).tolist()
+    return [k for (k, _), ok in zip(named, finite) if not ok]
+
+
+def describe_names(names: List[str], shown: int = 3) -> str:
+    more = f" and {len(names) - shown} more" if len(names) > shown else ""
+    return ", ".join(names[:shown]) + more
+
+
 def save(path: Path, state: Dict[str, Any]) -> None:
     """Atomic write, then remove the temp files of writers that were killed mid-write."""
     state = dict(state, format=FORMAT)
@@ -120,6 +136,13 @@ def load(path: Path, map_location="cpu") -> Dict[str, Any]:
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not an ortho-run checkpoint (format "
                               f"{state.get('format') if isinstance(state, dict) else type(state).__name__!r}).")
+    bad = nonfinite_tensors(state["net"]) if isinstance(state.get("net"), dict) else []
+    if bad:
+        raise CheckpointError(f"{path} holds non-finite weights ({describe_names(bad)}): the "
+                              f"run that wrote it had diverged, so nothing continued from it or "
+                              f"compared with it would mean anything. Resume from an earlier "
+                              f"checkpoint, or start over (trainer.resume=none; delete the run "
+                              f"dir if it is a cache entry of an earlier model).")
     return state
 
 

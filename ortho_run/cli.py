@@ -98,7 +98,13 @@ def headline(s: dict) -> List[str]:
         lines.append("CMC@1 / mAP  " + "  ".join(
             f"{p.replace('_', '/')} {s[keys.compat(p, 'cmc1')]:.3f} / {s[keys.compat(p, 'map')]:.3f}"
             for p in pairs))
-        verdict = lambda k: "passes" if s.get(k) == 1.0 else "fails"  # noqa: E731
+
+        def verdict(k: str) -> str:
+            v = s.get(k)
+            if isinstance(v, float) and v != v:  # a model's embeddings were not finite
+                return "undefined (non-finite embeddings)"
+            return "passes" if v == 1.0 else "fails"
+
         lines.append(f"ECC (new/old beats old/old): {verdict(keys.ecc())} on top-1, "
                      f"{verdict(keys.ecc('map'))} on mAP")
     if keys.multistep("ac") in s:

@@ -30,8 +30,12 @@ def retrieval_metrics(query: Tensor, gallery: Tensor, labels: Tensor, ks: Sequen
     AP = Σ over distinct thresholds of (recall gain) × (precision at that threshold), so the
     order of tied items cannot change it. CMC@k counts a hit when a relevant item is among the
     first k (ties broken by gallery index) and is averaged over the queries that have at least
-    one relevant item, as in that evaluation; mAP likewise.
+    one relevant item, as in that evaluation; mAP likewise. Embeddings holding a NaN or an
+    infinity give NaN for every metric.
     """
+    if not (bool(torch.isfinite(query).all()) and bool(torch.isfinite(gallery).all())):
+        # a diverged model's embeddings: their ranking means nothing, so no metric is made up
+        return {**{f"cmc{k}": float("nan") for k in ks}, "map": float("nan")}
     q, g = align_dims(query, gallery)
     labels = labels.to(q.device)
     n = len(q)
@@ -78,9 +82,15 @@ def tie_aware_ap(sorted_scores: Tensor, rel: Tensor) -> Tensor:
 def compatibility_summary(matrix: Dict[str, Dict[str, float]]) -> Dict[str, float]:
     """ECC: M(new query, old gallery) > M(old, old). ``ecc`` uses CMC top-1; ``ecc_<m>`` each
     metric (BCT, for one, is known to pass on mAP but not on top-1: BT²'s CIFAR-100 table)."""
-    out = {f"ecc_{m}": float(matrix["new_old"][m] > matrix["old_old"][m]) for m in matrix["old_old"]}
+    out = {f"ecc_{m}": _greater(matrix["new_old"][m], matrix["old_old"][m])
+           for m in matrix["old_old"]}
     out["ecc"] = out["ecc_cmc1"]
     return out
+
+
+def _greater(a: float, b: float) -> float:
+    """1.0 if a > b, 0.0 if not, NaN where either is NaN (no verdict on a diverged model)."""
+    return float("nan") if a != a or b != b else float(a > b)
 
 
 def multistep_scores(c: Tensor) -> Dict[str, float]:
@@ -88,9 +98,9 @@ def multistep_scores(c: Tensor) -> Dict[str, float]:
     protocol's code (miccunifi/iamcl2r ``compatibility_metrics.py``) computes them: AC = 1 − the
     share of pairs t > k with C[t, k] ≤ C[k, k] (a tie is not compatible; a single model has
     AC = 1), AM = the mean of the lower triangle with the diagonal. (That code reads an entry of
-    exactly 0 as missing; here every entry counts.)"""
+    exactly 0 as missing; here every entry counts; a NaN entry makes AC NaN.)"""
     t = c.shape[0]
     pairs = [(i, k) for i in range(t) for k in range(i)]
-    incompatible = sum(float(c[i, k] <= c[k, k]) for i, k in pairs)
+    incompatible = sum(1.0 - _greater(float(c[i, k]), float(c[k, k])) for i, k in pairs)
     lower = [float(c[i, k]) for i in range(t) for k in range(i + 1)]
     return {"ac": 1.0 - incompatible / max(len(pairs), 1), "am": sum(lower) / len(lower)}

@@ -90,6 +90,37 @@ def test_multistep_ac_am():
     assert s["am"] == pytest.approx((0.5 + 0.6 + 0.7 + 0.4 + 0.8 + 0.9) / 6)
 
 
+def test_nonfinite_embeddings_give_nan_metrics_and_no_verdict():
+    """A diverged model's embeddings rank nothing: every metric is NaN, not a number made up
+    from sorting NaNs, and the compatibility verdicts on it are NaN, not "incompatible"."""
+    from ortho_run.compat.evaluate import compat_matrix
+    from ortho_run.runner.evaluate import feature_geometry
+
+    g = torch.Generator().manual_seed(0)
+    emb = torch.randn(40, 8, generator=g)
+    labels = torch.arange(40) % 4
+    bad = emb.clone()
+    bad[3, 1] = float("nan")
+    inf = emb.clone()
+    inf[0, 0] = float("inf")
+    for q, gal in ((bad, emb), (emb, bad), (inf, inf)):
+        got = retrieval_metrics(q, gal, labels)
+        assert set(got) == {"cmc1", "cmc5", "map"} and all(v != v for v in got.values()), got
+    geo = feature_geometry(bad, labels)
+    assert set(geo) == set(feature_geometry(emb, labels)) and all(v != v for v in geo.values())
+    m = compat_matrix({"new": bad}, emb, labels)
+    assert m["compat/new_old/cmc1"] != m["compat/new_old/cmc1"]
+    assert m["compat/old_old/cmc1"] == m["compat/old_old/cmc1"]  # the old model's own is kept
+    assert m["compat/ecc"] != m["compat/ecc"]
+    from ortho_run.cli import headline
+
+    text = "\n".join(headline(m))
+    assert "ECC (new/old beats old/old): undefined (non-finite embeddings) on top-1" in text
+    c = torch.tensor([[0.5, 0.0], [float("nan"), 0.7]])
+    s = multistep_scores(c)
+    assert s["ac"] != s["ac"] and s["am"] != s["am"]
+
+
 def test_lambda_penalty_is_zero_inside_the_ball_and_grows_outside():
     w = torch.eye(8)
     assert lambda_penalty(w, 12.0, 5.0).item() == 0.0

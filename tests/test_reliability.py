@@ -140,6 +140,63 @@ def test_nonfinite_skip_mode_skips_the_bad_step(tmp_path, nan_at_step):
     assert rows[1]["train/skipped_steps"] == 1
 
 
+def test_an_update_to_nonfinite_weights_after_a_finite_loss_stops_before_any_checkpoint(
+        tmp_path, monkeypatch):
+    """The loss of epoch 2's last step (step 16) is finite; its update is not. The loss
+    window cannot see it: the weights are checked before the epoch's evaluation and
+    checkpoint, with ``on_nonfinite=skip`` too (no later step can undo it)."""
+    from ortho_run.errors import TrainingDiverged
+    from ortho_run.runner.trainer import Trainer
+
+    real = Trainer.step
+
+    def step(self, x, y):
+        parts = real(self, x, y)
+        if self.state.step == 16:
+            with torch.no_grad():
+                self.net.backbone.body[0].weight.fill_(float("inf"))
+        return parts
+
+    monkeypatch.setattr(Trainer, "step", step)
+    for mode in ("stop", "skip"):
+        with pytest.raises(TrainingDiverged,
+                           match=r"non-finite weights after step 16 \(epoch 2\): "
+                                 r"backbone\.body\.0\.weight"):
+            run_inprocess(tmp_path, ["experiment=smoke", "trainer.max_epochs=3",
+                                     f"trainer.on_nonfinite={mode}"], name=mode)
+        s = json.loads((tmp_path / mode / "summary.json").read_text())
+        assert s["status"] == "diverged"
+        ck = torch.load(tmp_path / mode / "checkpoints" / "last.pt", weights_only=False)
+        assert ck["epoch"] == 1
+        assert all(torch.isfinite(v).all() for v in ck["net"].values() if v.is_floating_point())
+
+
+def test_a_diverged_run_with_the_checks_off_reports_nan_not_a_crash_or_a_made_up_number(
+        tmp_path):
+    """lr 1e12 takes the weights to non-finite values with ``nonfinite_check_every=0``: the
+    run finishes as asked, and the geometry and retrieval of its embeddings are NaN."""
+    s = run_inprocess(tmp_path, ["experiment=smoke", "trainer.max_epochs=1", "optim=adamw",
+                                 "optim.lr=1e12", "trainer.nonfinite_check_every=0",
+                                 "trainer.retrieval=true"])
+    assert s["status"] == "finished"
+    for k in ("geometry/effective_rank", "geometry/intra_class_cos", "retrieval/cmc1",
+              "retrieval/map"):
+        assert s[k] != s[k], (k, s[k])
+
+
+def test_a_checkpoint_with_nonfinite_weights_is_refused_and_left_as_it_was(tmp_path):
+    run_inprocess(tmp_path, ["experiment=smoke", "trainer.max_epochs=1"], name="a")
+    last = tmp_path / "a" / "checkpoints" / "last.pt"
+    st = torch.load(last, weights_only=False)
+    name = next(k for k, v in st["net"].items() if v.is_floating_point())
+    st["net"][name] = torch.full_like(st["net"][name], float("nan"))
+    torch.save(st, last)
+    before = last.read_bytes()
+    with pytest.raises(CheckpointError, match=rf"non-finite weights \({name}\).*diverged"):
+        run_inprocess(tmp_path, ["experiment=smoke", "trainer.max_epochs=2"], name="a")
+    assert last.read_bytes() == before
+
+
 def test_checkpoint_from_another_method_or_a_broken_file_is_refused(tmp_path):
     run_inprocess(tmp_path, ["experiment=smoke", "trainer.max_epochs=1"], name="a")
     with pytest.raises(CheckpointError, match=r"another config.*Differences: method.name=\"opl\" \(checkpoint: \"ce\"\)\. "):

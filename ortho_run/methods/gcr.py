@@ -56,7 +56,7 @@ class GCRConfig(MethodConfig):
     head_lr_scale: float = 1.0
     momentum: float = 0.9
     retraction: Retraction = Retraction.geodesic
-    reorth_every: int = 5
+    reorth_every: int = 5  # steps between re-orthonormalisations (0: never)
     checks: ClassVar[list] = (positive("scale", "head_lr_scale") + at_least(1, "k")
                               + at_most(4096, "k")
                               + at_least(0, "reorth_every")

@@ -85,8 +85,12 @@ def feature_geometry(emb: Tensor, labels: Tensor) -> Dict[str, float]:
     """Mean intra-class cosine, mean |cos| between class means, effective rank.
 
     Effective rank (Roy & Vetterli 2007): exp of the entropy of the normalised singular values
-    of the centred embeddings.
+    of the centred embeddings. Embeddings holding a NaN or an infinity (a diverged model) give
+    NaN for each.
     """
+    if not bool(torch.isfinite(emb).all()):
+        return dict.fromkeys(("intra_class_cos", "class_mean_abs_cos", "effective_rank"),
+                             float("nan"))
     v = F.normalize(emb.double(), dim=1)
     classes = torch.unique(labels)
     onehot = (labels[:, None] == classes[None, :]).double()  # N×C

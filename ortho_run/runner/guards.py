@@ -1,7 +1,10 @@
 """The trainer's guards: the non-finite loss window and the stop request (preemption).
 
 Both avoid a host sync per step: losses are written into a small device tensor and read once
-every ``every`` steps; a signal only sets a flag that the loop reads between batches.
+every ``every`` steps; a signal only sets a flag that the loop reads between batches. The
+weights are checked where a checkpoint may follow (an epoch's end, a stop): a finite loss can
+still take an update to a non-finite weight, and no checkpoint, evaluation or summary is made
+of such a net.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ from typing import Dict, List, Optional
 
 import torch
 
+from ortho_run.checkpoint import describe_names, nonfinite_tensors
 from ortho_run.errors import TrainingDiverged
 
 
@@ -30,6 +34,20 @@ class NonFiniteGuard:
     def due(self, step: int) -> bool:
         return self.enabled and step % self.every == 0
 
+    def check_weights(self, net: torch.nn.Module, step: int, epoch: int) -> None:
+        """Raise TrainingDiverged if a weight or buffer of ``net`` is not finite (one sync)."""
+        bad = nonfinite_tensors(net.state_dict())
+        if not bad:
+            return
+        raise TrainingDiverged(
+            f"non-finite weights after step {step} (epoch {epoch + 1}): {describe_names(bad)}; "
+            f"the losses checked were finite, an update or the running statistics were not"
+            + self._kept() + ". Lower optim.lr or the weight decay, or set trainer.grad_clip.")
+
+    def _kept(self) -> str:
+        return (f". The last good checkpoint ({self.checkpoint}) is kept" if self.checkpoint.is_file()
+                else ". No checkpoint was written before it")
+
     def check(self, step: int, epoch: int, names: List[str], acc: Optional[torch.Tensor],
               partial: bool = False) -> None:
         """Raise TrainingDiverged if a recorded loss is not finite. ``partial``: only the
@@ -48,8 +66,7 @@ class NonFiniteGuard:
             f"non-finite loss at step {bad_step} (epoch {epoch + 1}); non-finite parts: "
             f"{', '.join(bad) or 'loss'}; epoch means so far: "
             + ", ".join(f"{k}={v:.4g}" for k, v in parts.items())
-            + (f". The last good checkpoint ({self.checkpoint}) is kept" if self.checkpoint.is_file()
-               else ". No checkpoint was written before it")
+            + self._kept()
             + ". Lower optim.lr, set trainer.grad_clip, or trainer.on_nonfinite=skip to skip such "
               "steps.")
 

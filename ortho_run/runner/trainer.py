@@ -308,13 +308,13 @@ class Trainer:
             if bar is not None:
                 bar.update()
             if self.stop.requested:
+                self._check_finite(epoch, names or [], acc)
                 if acc is not None:
                     vals = acc.tolist()
                     st.sums = {"_n": vals[0], **dict(zip(names, vals[1:]))}
                 self._preempt()
         names = names or []
-        if self.guard.enabled:
-            self.guard.check(st.step, epoch, names, acc, partial=True)
+        self._check_finite(epoch, names, acc)
         tot = acc.clone() if acc is not None else torch.zeros(1, device=dev, dtype=torch.float64)
         self.dist.all_reduce(tot)
         tot = tot.tolist()
@@ -333,6 +333,13 @@ class Trainer:
             bar.loss(row["train/loss"])
         st.epoch, st.batch, st.sums = epoch + 1, 0, {}
         return row
+
+    def _check_finite(self, epoch: int, names: List[str], acc: Optional[torch.Tensor]) -> None:
+        """Before a checkpoint may be written: the losses since the last check, then the
+        weights (a finite loss's update can still overflow them)."""
+        if self.guard.enabled:
+            self.guard.check(self.state.step, epoch, names, acc, partial=True)
+            self.guard.check_weights(self.net, self.state.step, epoch)
 
     # --- evaluation -------------------------------------------------------------------
     def evaluate(self, collect: bool = False) -> Tuple[dict, Collected]:
