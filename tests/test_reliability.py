@@ -171,6 +171,30 @@ def test_an_update_to_nonfinite_weights_after_a_finite_loss_stops_before_any_che
         assert all(torch.isfinite(v).all() for v in ck["net"].values() if v.is_floating_point())
 
 
+def test_finite_weights_whose_outputs_overflow_stop_the_run_at_the_evaluation(tmp_path,
+                                                                              monkeypatch):
+    """Step 16 (the last) leaves the head finite but so large that the logits overflow: the
+    evaluation's loss is NaN, and the run stops there, before its checkpoint."""
+    from ortho_run.errors import TrainingDiverged
+    from ortho_run.runner.trainer import Trainer
+
+    real = Trainer.step
+
+    def step(self, x, y):
+        parts = real(self, x, y)
+        if self.state.step == 16:
+            with torch.no_grad():
+                self.net.method.fc.weight.fill_(3e38)
+        return parts
+
+    monkeypatch.setattr(Trainer, "step", step)
+    with pytest.raises(TrainingDiverged, match=r"non-finite evaluation loss after step 16 "
+                                                r"\(epoch 2\): test/loss=nan"):
+        run_inprocess(tmp_path, ["experiment=smoke", "trainer.max_epochs=2"])
+    ck = torch.load(tmp_path / "run" / "checkpoints" / "last.pt", weights_only=False)
+    assert ck["epoch"] == 1
+
+
 def test_a_diverged_run_with_the_checks_off_reports_nan_not_a_crash_or_a_made_up_number(
         tmp_path):
     """lr 1e12 takes the weights to non-finite values with ``nonfinite_check_every=0``: the
@@ -179,8 +203,8 @@ def test_a_diverged_run_with_the_checks_off_reports_nan_not_a_crash_or_a_made_up
                                  "optim.lr=1e12", "trainer.nonfinite_check_every=0",
                                  "trainer.retrieval=true"])
     assert s["status"] == "finished"
-    for k in ("geometry/effective_rank", "geometry/intra_class_cos", "retrieval/cmc1",
-              "retrieval/map"):
+    for k in ("test/acc1", "test/acc5", "geometry/effective_rank", "geometry/intra_class_cos",
+              "retrieval/cmc1", "retrieval/map"):
         assert s[k] != s[k], (k, s[k])
 
 

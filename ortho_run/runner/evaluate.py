@@ -34,14 +34,16 @@ def evaluate(net, loader, autocast, collect: bool = False, reduce=None,
     """Top-1/top-5 accuracy and CE loss; with ``collect`` also every named embedding space of
     the method (``new`` first) and the labels.
 
-    Sums stay on the device and are read once at the end (one host sync per evaluation).
+    Sums stay on the device and are read once at the end (one host sync per evaluation). A
+    split where any image's logits are not finite (a diverged net) has NaN accuracies.
     ``reduce`` (data-parallel) sums the counters across ranks. ``tta_flip`` averages the
     logits of each image and its horizontal mirror, ``tta_translate`` adds airbench's
     one-pixel translations (``tta_logits``); embeddings stay those of the image.
     """
     net.eval()
     dev = next(net.parameters()).device
-    tot = torch.zeros(4, device=dev, dtype=torch.float64)  # loss, top1, top5, n
+    # loss, top1, top5, n, images whose logits hold a NaN or an infinity
+    tot = torch.zeros(5, device=dev, dtype=torch.float64)
     embs: Dict[str, list] = {}
     labels = []
     has_logits = True
@@ -60,6 +62,7 @@ def evaluate(net, loader, autocast, collect: bool = False, reduce=None,
             tot[0] += F.cross_entropy(logits, y, reduction="sum")
             tot[1] += correct[:, :1].sum()
             tot[2] += correct.any(dim=1).sum()
+            tot[4] += (~torch.isfinite(logits)).any(dim=1).sum()
         else:
             has_logits = False
         tot[3] += len(y)
@@ -74,6 +77,8 @@ def evaluate(net, loader, autocast, collect: bool = False, reduce=None,
     res: Dict[str, object] = {"n": int(tot[3])}
     if has_logits:
         res.update(loss=tot[0] / n, acc1=tot[1] / n, acc5=tot[2] / n)
+        if tot[4]:  # no prediction is read from a non-finite logit: the accuracy is unmeasured
+            res.update(acc1=float("nan"), acc5=float("nan"))
     if collect:
         res["embeddings"] = {k: torch.cat(v) for k, v in embs.items()}
         res["labels"] = torch.cat(labels)

@@ -9,6 +9,7 @@ of such a net.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Dict, List, Optional
 
@@ -43,6 +44,19 @@ class NonFiniteGuard:
             f"non-finite weights after step {step} (epoch {epoch + 1}): {describe_names(bad)}; "
             f"the losses checked were finite, an update or the running statistics were not"
             + self._kept() + ". Lower optim.lr or the weight decay, or set trainer.grad_clip.")
+
+    def check_outputs(self, row: Dict[str, float], step: int, epoch: int) -> None:
+        """Raise TrainingDiverged if an evaluation loss of ``row`` is not finite: the net's
+        outputs overflow although its weights are finite."""
+        bad = {k: v for k, v in row.items()
+               if k.endswith("/loss") and not k.startswith("train/") and not math.isfinite(v)}
+        if not bad:
+            return
+        raise TrainingDiverged(
+            f"non-finite evaluation loss after step {step} (epoch {epoch + 1}): "
+            + ", ".join(f"{k}={v}" for k, v in bad.items())
+            + "; the weights are finite, the net's outputs overflow" + self._kept()
+            + ". Lower optim.lr or the weight decay, or set trainer.grad_clip.")
 
     def _kept(self) -> str:
         return (f". The last good checkpoint ({self.checkpoint}) is kept" if self.checkpoint.is_file()

@@ -424,6 +424,8 @@ class Trainer:
             if last or (t.eval_every > 0 and self.state.epoch % t.eval_every == 0):
                 with self.timer.region(self.state) if last else contextlib.nullcontext():
                     res, got = self.evaluate(collect=last and collect_final)
+                if self.guard.enabled:  # before the epoch's checkpoint: its net is a good one
+                    self.guard.check_outputs(res, self.state.step, self.state.epoch - 1)
                 row.update(res)
                 collected.update(got)
                 self._maybe_best(row)
