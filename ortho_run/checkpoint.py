@@ -13,13 +13,14 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 from omegaconf import OmegaConf
 
 from ortho_run.errors import CheckpointError
 from ortho_run.io import atomic_torch_save, remove_stale_temps
+from ortho_run.keys import is_count, is_number, is_strings, shown
 
 FORMAT = "ortho-run/1"
 log = logging.getLogger("ortho_run")
@@ -83,6 +84,86 @@ def describe_differences(diff: Dict[str, tuple]) -> str:
     return "; ".join(f"{k}={show(b)} (checkpoint: {show(a)})" for k, (a, b) in diff.items())
 
 
+def _counter(v) -> bool:
+    return is_count(v) and v >= 0
+
+
+def _tensors(v) -> bool:
+    return isinstance(v, dict) and all(isinstance(k, str) and isinstance(t, torch.Tensor)
+                                       for k, t in v.items())
+
+
+def _optimizer_states(v) -> bool:
+    return isinstance(v, list) and all(
+        isinstance(o, dict) and isinstance(o.get("state"), dict)
+        and isinstance(o.get("param_groups"), list)
+        and all(isinstance(g, dict) for g in o["param_groups"]) for o in v)
+
+
+def _sums(v) -> bool:
+    return (isinstance(v, dict) and all(isinstance(k, str) and is_number(x) for k, x in v.items())
+            and (not v or "_n" in v))
+
+
+def _rng(v) -> bool:
+    def generator(t) -> bool:
+        return isinstance(t, torch.Tensor) and t.dtype == torch.uint8
+    return (isinstance(v, dict) and isinstance(v.get("python"), tuple)
+            and isinstance(v.get("numpy"), tuple) and generator(v.get("torch"))
+            and (isinstance(v.get("cuda", []), (list, tuple))
+                 and all(generator(t) for t in v.get("cuda", []))))
+
+
+def _dim(v) -> bool:
+    return is_count(v) and v >= 1
+
+
+def _net_spec(v) -> bool:
+    """The net spec (``assemble.NetSpec.to_dict``): empty, or the images' channels and size,
+    the classes, the backbone's output dim and a compatibility method's old-model shape."""
+    if not isinstance(v, dict):
+        return False
+    if not v:
+        return True
+    compat = v.get("compat")
+    return (all(_dim(v.get(k)) for k in ("channels", "image_size", "num_classes"))
+            and (v.get("embed_dim") is None or _dim(v["embed_dim"]))
+            and (compat is None or (isinstance(compat, dict)
+                                    and _dim(compat.get("old_dim"))
+                                    and _dim(compat.get("num_old_classes"))
+                                    and compat.get("old_head_bias") in (None, True, False))))
+
+
+#: what a checkpoint (``Trainer.state_dict``) holds, for its one reader (``load``): per key,
+#: whether every checkpoint has it (the others are absent in those of earlier versions), what
+#: it must hold and how that is said
+FIELDS: Dict[str, Tuple[bool, Callable[[Any], bool], str]] = {
+    "net": (True, _tensors, "a state dict (names to tensors)"),
+    "optimizers": (True, _optimizer_states, "a list of optimiser state dicts"),
+    "schedulers": (True, lambda v: isinstance(v, list), "a list"),
+    **{k: (True, _counter, "an integer >= 0") for k in ("epoch", "batch", "step")},
+    "sums": (True, _sums, "the partial epoch's sums (names to numbers, with _n when not empty)"),
+    "best": (True, lambda v: v is None or is_number(v), "a number or null"),
+    "history": (True, lambda v: isinstance(v, list) and all(isinstance(r, dict) for r in v),
+                "a list of metrics rows"),
+    "rng": (True, _rng, "the random states (python, numpy, torch and optionally cuda)"),
+    "train_s": (False, lambda v: is_number(v) and v >= 0, "a number of seconds >= 0"),
+    "optimizer_kinds": (False, is_strings, "a list of strings"),
+    "earlier_models": (False, lambda v: v is None or is_strings(v), "a list of strings or null"),
+    "config": (False, lambda v: isinstance(v, dict), "the run's config (a mapping)"),
+    "fingerprint": (True, lambda v: isinstance(v, dict), "a mapping"),
+    "shape": (False, _net_spec, "the net spec (channels, image_size, num_classes: integers "
+                                ">= 1; embed_dim; compat)"),
+}
+
+
+def checkpoint_errors(state: Dict[str, Any]) -> List[str]:
+    """One line per key of ``state`` that is missing or does not hold what it must."""
+    return [f"{k} is missing" if k not in state else f"{k} must be {what}, not {shown(state[k])}"
+            for k, (required, check, what) in FIELDS.items()
+            if (k in state and not check(state[k])) or (required and k not in state)]
+
+
 def nonfinite_tensors(tensors: Dict[str, Any]) -> List[str]:
     """The names of the floating-point tensors of ``tensors`` (a state dict) that hold a NaN or
     an infinity, read with one host sync."""
@@ -136,7 +217,14 @@ def load(path: Path, map_location="cpu") -> Dict[str, Any]:
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not an ortho-run checkpoint (format "
                               f"{state.get('format') if isinstance(state, dict) else type(state).__name__!r}).")
-    bad = nonfinite_tensors(state["net"]) if isinstance(state.get("net"), dict) else []
+    errors = checkpoint_errors(state)
+    if errors:
+        raise CheckpointError(f"{path} is not a checkpoint this version can continue from or "
+                              f"rebuild a net of: {'; '.join(errors)}. It was written by other "
+                              f"code or changed since; resume from another checkpoint, or start "
+                              f"over (trainer.resume=none; delete the run dir if it is a cache "
+                              f"entry of an earlier model).")
+    bad = nonfinite_tensors(state["net"])
     if bad:
         raise CheckpointError(f"{path} holds non-finite weights ({describe_names(bad)}): the "
                               f"run that wrote it had diverged, so nothing continued from it or "

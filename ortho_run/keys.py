@@ -98,11 +98,11 @@ def _number(v):
     return NONFINITE.get(v, _NOT_A_NUMBER) if isinstance(v, str) else _NOT_A_NUMBER
 
 
-def _strings(v) -> bool:
+def is_strings(v) -> bool:
     return isinstance(v, list) and all(isinstance(o, str) for o in v)
 
 
-def _count(v) -> bool:
+def is_count(v) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
@@ -113,13 +113,14 @@ FIELDS: Dict[str, Tuple[Callable[[object], bool], str]] = {
        for k in ("status", "error", "method", "data", "model", "tag", "run_dir", "sweep",
                  "sweep_dir", "rerun_of", "resume_command")},
     REFERENCE: (lambda v: v is None or isinstance(v, str), "a reference's name or null"),
-    **{k: (_count, "an integer") for k in ("seed", "epoch", "step", "job_num", "world_size")},
-    **{k: (_strings, "a list of strings") for k in ("overrides", "sweep_overrides")},
+    **{k: (is_count, "an integer") for k in ("seed", "epoch", "step", "job_num", "world_size")},
+    **{k: (is_strings, "a list of strings") for k in ("overrides", "sweep_overrides")},
 }
 STEP_KEYS = frozenset({steps_matrix(m) for m in STEP_METRICS} | {STEPS_CLASSES, STEPS_FRACTIONS})
 
 
-def _shown(v) -> str:
+def shown(v) -> str:
+    """``v`` as an error message quotes it: its JSON, cut at 60 characters, and its type."""
     text = json.dumps(v, default=str)
     return (text if len(text) <= 60 else text[:57] + "...") + f" ({type(v).__name__})"
 
@@ -131,7 +132,7 @@ def _metrics(d: dict, out: dict, errors: List[str]) -> None:
         if "/" in k and k.partition("/")[0] in METRIC_FAMILIES and k not in STEP_KEYS:
             out[k] = _number(v)
             if out[k] is _NOT_A_NUMBER:
-                errors.append(f"{k} must be a number, not {_shown(v)}")
+                errors.append(f"{k} must be a number, not {shown(v)}")
 
 
 def _lower_triangle(mat) -> Optional[List[list]]:
@@ -163,9 +164,9 @@ def _steps(summary: dict, out: dict, errors: List[str]) -> None:
             out[key], sizes[key] = rows, len(rows)
         else:
             errors.append(f"{key} must be a T×T list of rows (numbers up to the diagonal, null "
-                          f"above it), not {_shown(summary[key])}")
+                          f"above it), not {shown(summary[key])}")
     for key, check, what in (
-            (STEPS_CLASSES, lambda x: _count(x) and x > 0, "class counts"),
+            (STEPS_CLASSES, lambda x: is_count(x) and x > 0, "class counts"),
             (STEPS_FRACTIONS, lambda x: is_number(x) and 0 < x <= 1, "fractions in (0, 1]")):
         if key not in summary:
             continue
@@ -173,7 +174,7 @@ def _steps(summary: dict, out: dict, errors: List[str]) -> None:
         if isinstance(v, list) and v and all(check(x) for x in v):
             sizes[key] = len(v)
         else:
-            errors.append(f"{key} must be a list of {what}, one per step, not {_shown(v)}")
+            errors.append(f"{key} must be a list of {what}, one per step, not {shown(v)}")
     if len(set(sizes.values())) > 1:
         errors.append("the multi-step keys disagree on the number of steps: " + ", ".join(
             f"{k} has {n}" for k, n in sizes.items()))
@@ -184,7 +185,7 @@ def parse_summary(summary) -> Tuple[Optional[dict], List[str]]:
     strings of non-finite floats read back), []), or (None, why not, one line per wrong key)."""
     if not isinstance(summary, dict):
         return None, [f"summary.json holds {type(summary).__name__}, not a JSON object"]
-    errors = [f"{k} must be {what}, not {_shown(summary[k])}"
+    errors = [f"{k} must be {what}, not {shown(summary[k])}"
               for k, (check, what) in FIELDS.items() if k in summary and not check(summary[k])]
     out = dict(summary)
     _metrics(summary, out, errors)
@@ -200,7 +201,7 @@ def parse_metrics_row(row) -> Tuple[Optional[dict], List[str]]:
         return None, [f"holds {type(row).__name__}, not a JSON object"]
     epoch = _number(row.get("epoch"))
     errors = ([] if epoch is not _NOT_A_NUMBER and epoch >= 0 else ["no epoch"]
-              if "epoch" not in row else [f"epoch must be a number >= 0, not {_shown(row['epoch'])}"])
+              if "epoch" not in row else [f"epoch must be a number >= 0, not {shown(row['epoch'])}"])
     out = dict(row)
     _metrics(row, out, errors)
     return (None, errors) if errors else (out, [])

@@ -56,13 +56,19 @@ def run_inprocess(tmp_path, overrides=(), name="run"):
 
 
 def conforms(run_dir):
-    """Every run a test makes writes the summary and the metrics rows that their readers
-    take (``keys.parse_summary``, ``keys.parse_metrics_row``): the producers cannot drift
-    from the one declaration of what the files hold."""
+    """Every run a test makes writes the summary, the metrics rows and the checkpoints that
+    their readers take (``keys.parse_summary``, ``keys.parse_metrics_row``,
+    ``checkpoint.FIELDS``): the producers cannot drift from the one declaration of what the
+    files hold."""
+    import torch
+
     from ortho_run import keys
+    from ortho_run.checkpoint import checkpoint_errors
 
     summary, why = keys.read_summary(Path(run_dir) / "summary.json")
     assert summary is not None, why
+    for ck in sorted((Path(run_dir) / "checkpoints").glob("*.pt")):  # as ``checkpoint.load``
+        assert not checkpoint_errors(torch.load(ck, weights_only=False)), ck
     metrics = Path(run_dir) / "metrics.jsonl"
     for n, line in enumerate(metrics.read_text().splitlines() if metrics.is_file() else [], 1):
         assert keys.parse_metrics_row(json.loads(line))[0] is not None, (metrics, n, line)

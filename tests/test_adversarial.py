@@ -118,6 +118,70 @@ def test_a_broken_checkpoint_is_refused_and_the_dir_kept(tmp_path, finished, dam
     assert tree(run_dir) == before
 
 
+def _momentum_of_another_shape(st):
+    for state in st["optimizers"][0]["state"].values():
+        state["momentum_buffer"] = torch.zeros(2)
+
+
+CHECKPOINT_FAULTS = [  # (what is changed, how, what the refusal says)
+    ("net", lambda st: st.update(net=None), "net must be a state dict"),
+    ("net entry", lambda st: st["net"].update(x="zz"), "net must be a state dict"),
+    ("epoch", lambda st: st.pop("epoch"), "epoch is missing"),
+    ("epoch str", lambda st: st.update(epoch="1"), "epoch must be an integer >= 0"),
+    ("epoch float", lambda st: st.update(epoch=1.5), "epoch must be an integer >= 0"),
+    ("step", lambda st: st.update(step=-5), "step must be an integer >= 0"),
+    ("batch", lambda st: st.update(batch=None), "batch must be an integer >= 0"),
+    ("sums", lambda st: st.update(sums={"ce": 1.0}), "sums must be the partial epoch's sums"),
+    ("best", lambda st: st.update(best="zz"), "best must be a number or null"),
+    ("history", lambda st: st.update(history=[1]), "history must be a list of metrics rows"),
+    ("rng", lambda st: st.update(rng={}), "rng must be the random states"),
+    ("rng torch", lambda st: st["rng"].update(torch="zz"), "rng must be the random states"),
+    ("optimizers", lambda st: st.update(optimizers=None), "optimizers must be a list of"),
+    ("train_s", lambda st: st.update(train_s="zz"), "train_s must be a number of seconds"),
+    ("config", lambda st: st.update(config="zz"), "config must be the run's config"),
+    ("shape", lambda st: st.update(shape={"channels": 1}), "shape must be the net spec"),
+    ("earlier models", lambda st: st.update(earlier_models=3), "earlier_models must be a list"),
+    ("batch past the epoch", lambda st: st.update(batch=99),
+     "written at batch 99 of epoch 2, but this run's epoch has 2 batches"),
+    ("optimiser state", _momentum_of_another_shape,
+     "momentum_buffer for a weight of shape .* has shape \\(2,\\)"),
+]
+
+
+@pytest.mark.parametrize("fault,change,says", CHECKPOINT_FAULTS,
+                         ids=[f[0] for f in CHECKPOINT_FAULTS])
+def test_a_checkpoint_holding_the_wrong_thing_is_refused_naming_it_and_the_dir_kept(
+        tmp_path, finished, fault, change, says):
+    """Resumed, and (what rebuilds a net) given as an old model: a clear refusal, never a
+    TypeError or a broadcast error at the first step, and nothing of the run dir changed."""
+    run_dir, _ = finished
+    f = run_dir / "checkpoints" / "last.pt"
+    st = torch.load(f, weights_only=False)
+    change(st)
+    torch.save(st, f)
+    before = tree(run_dir)
+    refused(tmp_path, [*SMOKE, "trainer.max_epochs=2"], exc=CheckpointError, match=says)
+    assert tree(run_dir) == before
+    if "must be" in says or "missing" in says:  # what every reader of a checkpoint refuses
+        refused(tmp_path, [*SMOKE, "method=bct", "data.classes=all",
+                           f"compat.old_ckpt={run_dir}"], name="new", exc=CheckpointError,
+                match=says)
+        assert tree(run_dir) == before
+
+
+def test_a_checkpoint_without_the_keys_later_versions_added_still_resumes(tmp_path, finished):
+    from ortho_run.checkpoint import FIELDS
+
+    run_dir, _ = finished
+    f = run_dir / "checkpoints" / "last.pt"
+    st = torch.load(f, weights_only=False)
+    later = [k for k, (required, _, _) in FIELDS.items() if not required]
+    assert set(later) == {"train_s", "optimizer_kinds", "earlier_models", "config", "shape"}
+    torch.save({k: v for k, v in st.items() if k not in later}, f)
+    s = run_inprocess(tmp_path, [*SMOKE, "trainer.max_epochs=2"])
+    assert s["status"] == "finished" and s["epoch"] == 2
+
+
 @pytest.mark.parametrize("bad", ["data.batch_size=0", "method=ebv", "optim.lr=-1",
                                  "data.classes=[3]"])
 def test_a_refused_run_in_a_finished_dir_changes_nothing(tmp_path, finished, bad):

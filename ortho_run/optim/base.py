@@ -149,6 +149,17 @@ def restore_optimizer(opt: torch.optim.Optimizer, saved: dict) -> None:
                          f"groups, this run's {len(opt.param_groups)}")
     mine = [dict(g, params=s["params"]) for g, s in zip(opt.param_groups, groups)]
     opt.load_state_dict(dict(saved, param_groups=mine))
+    # per-weight state (momentum, moments) has its weight's shape, but for the keys an
+    # optimiser shapes and checks itself on load (``own_shaped_state``): another weight's state
+    # is refused here, not met as a broadcast error at the next step
+    own = set(getattr(opt, "own_shaped_state", ()))
+    for group in opt.param_groups:
+        for p in group["params"]:
+            for k, t in opt.state.get(p, {}).items():
+                if (k not in own and isinstance(t, torch.Tensor) and t.dim() > 0
+                        and t.shape != p.shape):
+                    raise ValueError(f"the checkpoint's {optimizer_kind(opt)} {k} for a weight "
+                                     f"of shape {tuple(p.shape)} has shape {tuple(t.shape)}")
 
 
 def with_fused_fallback(make: Callable[[dict], torch.optim.Optimizer], cfg, device):

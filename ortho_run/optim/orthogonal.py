@@ -420,6 +420,11 @@ class OrthogonalizedMomentum(torch.optim.Optimizer):
         self._static = False  # CUDA graphs: the state's addresses are fixed
         self.register_load_state_dict_post_hook(OrthogonalizedMomentum._shape_buffers)
 
+    @property
+    def own_shaped_state(self) -> Tuple[str, ...]:
+        """The state keys whose shapes are not the weight's, checked on load (``_shape_buffers``)."""
+        return tuple(self.rule.state)
+
     def _row_state_shape(self, p: Tensor) -> Tuple[int, ...]:
         """The shape of a rule's row statistics for ``p``: rows × 1, or (a kernel read as its
         own shape) out × in × k × 1, as the official NorMuon keeps them."""

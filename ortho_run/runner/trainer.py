@@ -207,6 +207,11 @@ class Trainer:
                 f"checkpoint does not fit this model/method/optimiser: "
                 f"{str(exc).splitlines()[0] if str(exc) else repr(exc)}. Resume it with the "
                 f"config it was saved with, or start over with trainer.resume=none") from None
+        if st["batch"] > len(self.train_loader):
+            raise CheckpointError(
+                f"the checkpoint was written at batch {st['batch']} of epoch {st['epoch'] + 1}, "
+                f"but this run's epoch has {len(self.train_loader)} batches: resume it with the "
+                f"data config it was saved with, or start over with trainer.resume=none")
         self.state = TrainState(epoch=st["epoch"], batch=st["batch"], step=st["step"],
                                 sums=dict(st["sums"]), best=st["best"],
                                 history=list(st["history"]), train_s=st.get("train_s", 0.0))
