@@ -175,9 +175,10 @@ def nonfinite_tensors(tensors: Dict[str, Any]) -> List[str]:
     return [k for (k, _), ok in zip(named, finite) if not ok]
 
 
-def describe_names(names: List[str], shown: int = 3) -> str:
-    more = f" and {len(names) - shown} more" if len(names) > shown else ""
-    return ", ".join(names[:shown]) + more
+def describe_names(names: List[str], first: int = 3) -> str:
+    """The ``first`` names, then how many more there are."""
+    more = f" and {len(names) - first} more" if len(names) > first else ""
+    return ", ".join(names[:first]) + more
 
 
 def save(path: Path, state: Dict[str, Any]) -> None:
@@ -217,20 +218,20 @@ def load(path: Path, map_location="cpu") -> Dict[str, Any]:
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not an ortho-run checkpoint (format "
                               f"{state.get('format') if isinstance(state, dict) else type(state).__name__!r}).")
+    start_over = ("start over (trainer.resume=none; delete the run dir if it is a cache entry "
+                  "of an earlier model)")
     errors = checkpoint_errors(state)
     if errors:
         raise CheckpointError(f"{path} is not a checkpoint this version can continue from or "
                               f"rebuild a net of: {'; '.join(errors)}. It was written by other "
-                              f"code or changed since; resume from another checkpoint, or start "
-                              f"over (trainer.resume=none; delete the run dir if it is a cache "
-                              f"entry of an earlier model).")
+                              f"code or changed since; resume from another checkpoint, or "
+                              f"{start_over}.")
     bad = nonfinite_tensors(state["net"])
     if bad:
         raise CheckpointError(f"{path} holds non-finite weights ({describe_names(bad)}): the "
                               f"run that wrote it had diverged, so nothing continued from it or "
                               f"compared with it would mean anything. Resume from an earlier "
-                              f"checkpoint, or start over (trainer.resume=none; delete the run "
-                              f"dir if it is a cache entry of an earlier model).")
+                              f"checkpoint, or {start_over}.")
     return state
 
 

@@ -45,11 +45,10 @@ class NonFiniteGuard:
             f"the losses checked were finite, an update or the running statistics were not"
             + self._kept() + ". Lower optim.lr or the weight decay, or set trainer.grad_clip.")
 
-    def check_outputs(self, row: Dict[str, float], step: int, epoch: int) -> None:
-        """Raise TrainingDiverged if an evaluation loss of ``row`` is not finite: the net's
-        outputs overflow although its weights are finite."""
-        bad = {k: v for k, v in row.items()
-               if k.endswith("/loss") and not k.startswith("train/") and not math.isfinite(v)}
+    def check_outputs(self, res: Dict[str, float], step: int, epoch: int) -> None:
+        """Raise TrainingDiverged if a loss of evaluation result ``res`` (``<split>/loss``) is
+        not finite: the net's outputs overflow although its weights are finite."""
+        bad = {k: v for k, v in res.items() if k.endswith("/loss") and not math.isfinite(v)}
         if not bad:
             return
         raise TrainingDiverged(
