@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import argparse
 import csv
+import errno
 import json
 import math
+import os
 import statistics
 import textwrap
 from collections import defaultdict
@@ -96,9 +98,17 @@ def describe(metric: str) -> str:
 
 
 def collect(dirs: List[Path]):
+    """The finished runs under ``dirs``, each once (folders that overlap, or one given twice,
+    read a summary once; a copy of a run dir, which records the run dir it was made in, is
+    listed, not counted again), and the runs left out with their reasons."""
     runs, problems = [], []
+    read: set = set()
+    recorded: Dict[str, str] = {}  # run_dir a summary records -> the folder it was read in
     for d in dirs:
         for f in sorted(Path(d).rglob("summary.json")):
+            if f.resolve() in read:
+                continue
+            read.add(f.resolve())
             s, why = keys.read_summary(f)
             if s is None:
                 problems.append((str(f.parent), f"{why}: mend or remove it"))
@@ -108,6 +118,11 @@ def collect(dirs: List[Path]):
             if s.get("status") != "finished":
                 problems.append((str(f.parent), f"status {s.get('status')}: "
                                                   f"{str(s.get('error', ''))[:200]}"))
+                continue
+            first = recorded.setdefault(str(s.get("run_dir", f.parent)), str(f.parent))
+            if first != str(f.parent):
+                problems.append((str(f.parent), f"a copy of the run in {first} (both record "
+                                                  f"run_dir {s.get('run_dir')}): counted once"))
                 continue
             s["_dir"] = str(f.parent)
             runs.append(s)
@@ -564,7 +579,20 @@ def main(argv=None) -> None:
         if not d.is_dir():
             p.error(f"{d} is not a folder: give run dirs or sweep dirs (they hold summary.json)")
         dirs.append(d)
-    table, problems, files, out = report(dirs, a.out, a.metrics, not a.no_plots, a.every,
+    if not any(next(d.rglob(name), None) for d in dirs for name in ("summary.json", ".hydra")):
+        p.error(f"no run under {', '.join(map(str, dirs))} (no summary.json, no .hydra/ below "
+                f"it): give the run dirs or sweep dirs that ortho-run wrote")
+    out = a.out or dirs[0]
+    if out.exists() and not out.is_dir():
+        p.error(f"--out {out} is a file: give a folder for report.md, report.csv and the plots")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        if not os.access(out, os.W_OK | os.X_OK):
+            raise PermissionError(errno.EACCES, "permission denied")
+    except OSError as exc:
+        p.error(f"--out {out}: cannot write the report there ({exc.strerror or exc}): give a "
+                f"folder you can write to")
+    table, problems, files, out = report(dirs, out, a.metrics, not a.no_plots, a.every,
                                          a.against)
     n = sum(max((v["n"] for v in row.values()), default=0) for row in table.values())
     print(f"{n} finished runs in {len(table)} groups; {len(problems)} left out")

@@ -148,6 +148,46 @@ def test_report_plot_labels_show_what_differs(tmp_path):
     assert {f.name for f in files} >= {"test_acc1.png", "curves.png"}
 
 
+def test_report_counts_each_run_once_across_overlapping_folders_and_copies(tmp_path):
+    import shutil
+
+    from ortho_run.report import report
+
+    sweep = tmp_path / "sweep"
+    for seed, acc in ((0, 0.9), (1, 0.8)):
+        _summary(sweep / str(seed), "ce", seed, acc, {"run_dir": str(sweep / str(seed))})
+    # the sweep and one of its jobs, and the sweep given twice: two runs, not three or four
+    for dirs in ([sweep, sweep / "0"], [sweep, sweep]):
+        table, problems, _, _ = report(dirs, tmp_path / "out", plots=False)
+        (row,) = table.values()
+        assert row["test/acc1"]["n"] == 2 and row["test/acc1"]["mean"] == pytest.approx(0.85)
+        assert problems == []
+    # a copied run dir records the folder it ran in: listed, not counted a second time
+    shutil.copytree(sweep / "1", sweep / "1-copy")
+    table, problems, _, _ = report([sweep], tmp_path / "out", plots=False)
+    assert next(iter(table.values()))["test/acc1"]["n"] == 2
+    assert problems == [(str(sweep / "1-copy"), f"a copy of the run in {sweep / '1'} (both "
+                                                 f"record run_dir {sweep / '1'}): counted once")]
+    assert "1-copy`: a copy of the run in" in (tmp_path / "out" / "report.md").read_text()
+
+
+def test_report_refuses_an_output_it_cannot_write_and_folders_without_runs(tmp_path, capsys):
+    from ortho_run.report import main
+
+    _summary(tmp_path / "runs" / "a0", "ce", 0, 0.9)
+    (tmp_path / "file").write_text("kept")
+    (tmp_path / "empty").mkdir()
+    cases = [([str(tmp_path / "runs"), "--out", str(tmp_path / "file")], "is a file"),
+             ([str(tmp_path / "runs"), "--out", str(tmp_path / "file" / "sub")],
+              "cannot write the report there"),
+             ([str(tmp_path / "empty")], "no run under")]
+    for argv, said in cases:
+        with pytest.raises(SystemExit) as e:
+            main(argv + ["--no-plots"])
+        assert e.value.code == 2 and said in capsys.readouterr().err
+    assert (tmp_path / "file").read_text() == "kept" and not any((tmp_path / "empty").iterdir())
+
+
 def test_report_help_documents_metrics_and_all(capsys):
     from ortho_run.report import main
 
