@@ -1,6 +1,7 @@
 """Data sources, splits and both loader pipelines."""
 
 import pickle
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -9,7 +10,8 @@ import torch
 from conftest import SHARED_NPZ, compose
 from ortho_run.datasets import load_dataset
 from ortho_run.datasets.base import Split
-from ortho_run.datasets.cifar import decode_jpeg_npz, write_cifar
+from ortho_run.datasets.cifar import write_cifar
+from ortho_run.datasets.jpeg_archive import decode_jpeg_npz
 from ortho_run.datasets.loaders import DeviceLoader, TorchLoader, smallest_train_batch
 from ortho_run.errors import DataError
 
@@ -87,6 +89,144 @@ def test_cifar_download_offline_is_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.setattr(u, "download_and_extract_archive", offline)
     with pytest.raises(DataError, match="download failed.*Network is unreachable"):
         load_dataset(data_cfg("data=cifar10", f"data.root={tmp_path}", "data.download=true"))
+
+
+def _jpeg_archive(path, n_train=30, n_test=20, quality=95, **change):
+    """An archive in the JPEG format (each image its own JPEG file's bytes), with ``change``
+    replacing arrays; returns the images as written."""
+    import io
+
+    from PIL import Image
+
+    g = np.random.default_rng(1)
+    out, images = {}, {}
+    for split, n in (("train", n_train), ("test", n_test)):
+        x = g.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8)
+        blobs = []
+        for img in x:
+            b = io.BytesIO()
+            Image.fromarray(img).save(b, "JPEG", quality=quality)
+            blobs.append(np.frombuffer(b.getvalue(), np.uint8))
+        out[f"{split}_jpeg"] = np.concatenate(blobs)
+        out[f"{split}_offsets"] = np.cumsum([0] + [len(b) for b in blobs]).astype(np.int64)
+        out[f"{split}_labels"] = np.arange(n, dtype=np.int64) * 10 // n  # sorted by class
+        images[split] = blobs
+    out["classes"] = np.array([f"class{i}" for i in range(10)])
+    for k, v in change.items():
+        if v is None:
+            out.pop(k)
+        else:
+            out[k] = v(out) if callable(v) else v
+    np.savez(path, **out)
+    return out, images
+
+
+def _pillow_decoded(blob):
+    import io
+
+    from PIL import Image
+
+    return np.asarray(Image.open(io.BytesIO(blob.tobytes())).convert("RGB")).transpose(2, 0, 1)
+
+
+def test_from_jpeg_writes_the_layout_data_cifar10_reads_image_for_image(tmp_path, capsys):
+    from ortho_run.datasets.jpeg_archive import main
+
+    arrays, blobs = _jpeg_archive(tmp_path / "a.npz")
+    main(["from-jpeg", str(tmp_path / "a.npz"), str(tmp_path / "root")])
+    assert "wrote 30 train / 20 test images" in capsys.readouterr().out
+    ds = load_dataset(data_cfg("data=cifar10", f"data.root={tmp_path / 'root'}"))
+    assert ds.class_names == [f"class{i}" for i in range(10)]
+    for split, x in (("train", ds.train), ("test", ds.test)):
+        want = np.stack([_pillow_decoded(b) for b in blobs[split]])
+        assert np.array_equal(x.x.numpy(), want)
+        assert x.y.tolist() == arrays[f"{split}_labels"].tolist()
+    # --limit spreads over the rows, sorted by class as in the real archive: 0, 3, 6, ..., 29
+    main(["from-jpeg", str(tmp_path / "a.npz"), str(tmp_path / "few"), "--limit", "11"])
+    ds = load_dataset(data_cfg("data=cifar10", f"data.root={tmp_path / 'few'}"))
+    assert np.array_equal(ds.train.x[1].numpy(), _pillow_decoded(blobs["train"][3]))
+    assert len(ds.train) == 11 and len(torch.unique(ds.train.y)) == 10
+
+
+_BAD_ARCHIVES = {
+    "a key missing": (dict(train_offsets=None), "train_offsets missing"),
+    "labels past the class names": (dict(test_labels=lambda a: a["test_labels"] + 3),
+                                    "test_labels holds ids outside 0..9"),
+    "float labels": (dict(train_labels=lambda a: a["train_labels"] + 0.5),
+                     "train_labels must be a non-empty list of integer class ids"),
+    "no images": (dict(test_labels=np.zeros(0, np.int64), test_offsets=np.zeros(1, np.int64),
+                       test_jpeg=np.zeros(0, np.uint8)), "test_labels must be a non-empty"),
+    "one offset short": (dict(train_offsets=lambda a: a["train_offsets"][:-1]),
+                         "train_offsets holds 30 offsets for 30 labels"),
+    "offsets past the bytes": (dict(train_offsets=lambda a: a["train_offsets"] + 7),
+                               "train_offsets runs from 7 to"),
+    "an empty image": (dict(train_offsets=lambda a: np.r_[0, 0, a["train_offsets"][2:]]),
+                       "train_offsets does not increase at image 0"),
+    "bytes not uint8": (dict(test_jpeg=lambda a: a["test_jpeg"].astype(np.int16)),
+                        "test_jpeg must be 1-D uint8 bytes"),
+    "five class names": (dict(classes=np.array(list("abcde"))), "classes names 5 classes"),
+    "a name twice": (dict(classes=np.array(["x"] * 10)), "classes holds a name twice"),
+    "a damaged image": (dict(train_jpeg=lambda a: np.r_[a["train_jpeg"][:600],
+                                                        np.zeros(a["train_offsets"][1] - 600,
+                                                                 np.uint8),
+                                                        a["train_jpeg"][a["train_offsets"][1]:]
+                                                        ].astype(np.uint8)),
+                        "train image 0 (bytes 0.."),
+}
+
+
+@pytest.mark.parametrize("case", sorted(_BAD_ARCHIVES))
+def test_from_jpeg_refuses_a_bad_archive_naming_the_part_and_writes_nothing(tmp_path, capsys,
+                                                                             case):
+    from ortho_run.datasets.jpeg_archive import main
+
+    change, said = _BAD_ARCHIVES[case]
+    _jpeg_archive(tmp_path / "a.npz", **change)
+    _fake_cifar(tmp_path / "root", "cifar10")  # what ROOT held before: left as it was
+    before = {p: p.read_bytes() for p in (tmp_path / "root").rglob("*") if p.is_file()}
+    with pytest.raises(SystemExit) as e:
+        main(["from-jpeg", str(tmp_path / "a.npz"), str(tmp_path / "root"), "--overwrite"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and said in err and "Traceback" not in err, err
+    assert {p: p.read_bytes() for p in (tmp_path / "root").rglob("*") if p.is_file()} == before
+
+
+def test_from_jpeg_keeps_an_existing_layout_and_replaces_it_only_when_told(tmp_path, capsys,
+                                                                           monkeypatch):
+    from ortho_run.datasets import jpeg_archive
+    from ortho_run.datasets.jpeg_archive import main
+
+    _jpeg_archive(tmp_path / "a.npz")
+    for bad, said in ((tmp_path / "none.npz", "no such file"),
+                      (tmp_path / "a.txt", "not a .npz archive")):
+        if bad.suffix == ".txt":
+            bad.write_text("not an archive")
+        with pytest.raises(SystemExit):
+            main(["from-jpeg", str(bad), str(tmp_path / "root")])
+        assert said in capsys.readouterr().err and not (tmp_path / "root").exists()
+    xtr = _fake_cifar(tmp_path / "root", "cifar10")[0]
+    folder = tmp_path / "root" / "cifar-10-batches-py"
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+    with pytest.raises(SystemExit) as e:
+        main(["from-jpeg", str(tmp_path / "a.npz"), str(tmp_path / "root")])
+    assert e.value.code == 2 and "--overwrite" in capsys.readouterr().err
+    # a write that fails half way (a full disk, say) leaves the old layout and no temp folder
+    def full(root, *a, **k):
+        (Path(root) / "cifar-10-batches-py").mkdir(parents=True)
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(jpeg_archive, "write_cifar", full)
+    with pytest.raises(SystemExit):
+        main(["from-jpeg", str(tmp_path / "a.npz"), str(tmp_path / "root"), "--overwrite"])
+    assert "No space left on device" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
+    assert sorted(p.name for p in (tmp_path / "root").iterdir()) == ["cifar-10-batches-py"]
+    monkeypatch.undo()
+    assert np.array_equal(load_dataset(data_cfg("data=cifar10", f"data.root={tmp_path / 'root'}")
+                                       ).train.x.numpy(), xtr)
+    main(["from-jpeg", str(tmp_path / "a.npz"), str(tmp_path / "root"), "--overwrite"])
+    assert len(load_dataset(data_cfg("data=cifar10", f"data.root={tmp_path / 'root'}")).train) == 30
+    assert sorted(p.name for p in (tmp_path / "root").iterdir()) == ["cifar-10-batches-py"]
 
 
 @pytest.mark.skipif(not SHARED_NPZ.is_file(), reason="shared CIFAR-10 JPEG archive absent")

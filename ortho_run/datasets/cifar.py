@@ -7,13 +7,12 @@ The pickles are read once into uint8 N×3×32×32 tensors (no per-sample PIL). W
 ``data.download=true`` the archive is fetched and its MD5 checked; offline, or with download off,
 a missing file is a clear error saying where to put the files.
 
-``python -m ortho_run.datasets from-jpeg NPZ ROOT`` writes the CIFAR-10 layout from the
-JPEG archive format (train_jpeg/train_offsets/..., see README) by decoding every image once.
+``write_cifar`` writes the layout (the tests' fixtures, and ``python -m ortho_run.datasets
+from-jpeg``: ``jpeg_archive.py``).
 """
 
 from __future__ import annotations
 
-import argparse
 import os
 import pickle
 from pathlib import Path
@@ -163,53 +162,3 @@ def write_cifar(root: str, name: str, x_train: np.ndarray, y_train: np.ndarray,
     with open(folder / spec["meta"], "wb") as f:
         pickle.dump({spec["names_key"]: list(class_names)}, f, protocol=2)
     return folder
-
-
-def _decode(args):
-    import io
-
-    from PIL import Image
-
-    blob, offsets, lo, hi = args
-    out = np.empty((hi - lo, 3, 32, 32), dtype=np.uint8)
-    for i in range(lo, hi):
-        img = Image.open(io.BytesIO(blob[offsets[i]:offsets[i + 1]].tobytes())).convert("RGB")
-        out[i - lo] = np.asarray(img, dtype=np.uint8).transpose(2, 0, 1)
-    return out
-
-
-def decode_jpeg_npz(npz_path: str, split: str, limit: int | None = None, workers: int = 0):
-    """Decode ``<split>_jpeg`` + ``<split>_offsets`` of the archive to uint8 N×3×32×32."""
-    from concurrent.futures import ProcessPoolExecutor
-
-    z = np.load(npz_path)
-    blob, offsets, labels = z[f"{split}_jpeg"], z[f"{split}_offsets"], z[f"{split}_labels"]
-    n = len(labels) if limit is None else min(limit, len(labels))
-    idx = np.arange(n)
-    if limit is not None:  # rows are sorted by class: take an even spread
-        idx = np.linspace(0, len(labels) - 1, n).round().astype(np.int64)
-    workers = workers or min(16, os.cpu_count() or 1)
-    if limit is None:
-        bounds = np.linspace(0, n, workers * 4 + 1).astype(int)
-        jobs = [(blob, offsets, int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
-        with ProcessPoolExecutor(workers) as ex:
-            x = np.concatenate(list(ex.map(_decode, jobs)))
-        return x, labels[:n].astype(np.int64), [str(c) for c in z["classes"]]
-    x = np.concatenate([_decode((blob, offsets, int(i), int(i) + 1)) for i in idx])
-    return x, labels[idx].astype(np.int64), [str(c) for c in z["classes"]]
-
-
-def main(argv=None):
-    p = argparse.ArgumentParser(prog="python -m ortho_run.datasets")
-    sub = p.add_subparsers(dest="cmd", required=True)
-    q = sub.add_parser("from-jpeg", help="write the CIFAR-10 pickle layout from a JPEG .npz")
-    q.add_argument("npz")
-    q.add_argument("root")
-    q.add_argument("--limit", type=int, default=None, help="images per split (even spread)")
-    q.add_argument("--workers", type=int, default=0)
-    a = p.parse_args(argv)
-    xtr, ytr, names = decode_jpeg_npz(a.npz, "train", a.limit, a.workers)
-    xte, yte, _ = decode_jpeg_npz(a.npz, "test", a.limit, a.workers)
-    folder = write_cifar(a.root, "cifar10", xtr, ytr, xte, yte, names)
-    print(f"wrote {len(ytr)} train / {len(yte)} test images to {folder}")
-
