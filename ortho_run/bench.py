@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
 import sys
 import tempfile
@@ -45,7 +44,7 @@ def _compose(args, method: str, pipeline: str, extra=()):
     if method == "ebv":
         ov.append("method.gen_steps=20000")
     ov += args.override + list(extra)
-    return compose_config(ov)
+    return checked_config(ov)
 
 
 def _sync(device):
@@ -202,7 +201,7 @@ def step_calls(model: str = "resnet18_cifar", embed_dim: Optional[int] = 128,
 
     out: Dict[str, dict] = {"model": model, "optims": {}, "regularizers": {}}
     for name in optims:
-        cfg = compose_config(base + [f"optim={name}"])
+        cfg = checked_config(base + [f"optim={name}"])
         if "ns_dtype" in cfg.optim:
             cfg.optim.ns_dtype = "fp32"
         net = build_net(cfg, spec, cpu)
@@ -215,7 +214,7 @@ def step_calls(model: str = "resnet18_cifar", embed_dim: Optional[int] = 128,
         out["optims"][name] = {"calls": calls(opt.step), "params": len(params),
                                "shapes": len({tuple(p.shape) for p in params})}
     for name in regularizers:
-        cfg = compose_config(base + [f"regularizer={name}"])
+        cfg = checked_config(base + [f"regularizer={name}"])
         net = build_net(cfg, spec, cpu)
         reg = build_regularizer(cfg.regularizer, net.backbone)
         if reg.adds_loss:
@@ -237,6 +236,14 @@ def compose_config(overrides: Sequence[str]):
     register_configs()
     with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
         return compose(config_name="config", overrides=list(overrides))
+
+
+def checked_config(overrides: Sequence[str]):
+    """The composed config, through the run's own pre-flight: a bad value is refused as a run
+    refuses it, before anything is timed."""
+    from ortho_run.validate import validate
+
+    return validate(compose_config(overrides))
 
 
 def print_step_calls(res: dict) -> None:
@@ -320,11 +327,51 @@ def main(argv=None):
     p.add_argument("--calls-model", default="resnet18_cifar")
     p.add_argument("override", nargs="*", help="extra Hydra overrides")
     args = p.parse_args(argv)
+    if args.json:
+        out = Path(args.json)
+        try:
+            if out.is_dir():
+                raise IsADirectoryError(21, "a folder")
+            if out.parent.exists() and not out.parent.is_dir():
+                raise NotADirectoryError(20, f"{out.parent} is a file")
+            out.parent.mkdir(parents=True, exist_ok=True)
+            if not os.access(out.parent, os.W_OK | os.X_OK):
+                raise PermissionError(13, "permission denied")
+        except OSError as exc:
+            p.error(f"--json {out}: cannot write the results there ({exc.strerror or exc}): "
+                    f"give a file path in a folder you can write to")
+    from hydra.errors import HydraException
+
+    from ortho_run.errors import OrthoRunError
+
+    try:
+        res = _run(p, args)
+    except (OrthoRunError, HydraException) as exc:  # the config, data or device asked for
+        print(f"error: {refusal(exc)}", file=sys.stderr)
+        sys.exit(2)
+    if args.json:
+        from ortho_run.io import atomic_write_json
+
+        atomic_write_json(res, args.json)
+    return res
+
+
+def refusal(exc: BaseException) -> str:
+    """One paragraph for a config the bench cannot build: the error, and what it names (the
+    full key of a wrong value; the options of a group that has no such option)."""
+    text = str(exc).split("\nConfig search path")[0].strip()
+    cause = exc.__cause__
+    if cause is not None:
+        lines = str(cause).splitlines()
+        text += f": {lines[0]}" + "".join(f" ({ln.strip()})" for ln in lines[1:]
+                                          if ln.strip().startswith("full_key"))
+    return " ".join(text.split())
+
+
+def _run(p: argparse.ArgumentParser, args) -> dict:
     if args.calls:
         res = step_calls(args.calls_model, overrides=args.override)
         print_step_calls(res)
-        if args.json:
-            Path(args.json).write_text(json.dumps(res, indent=2))
         return res
     if args.tiny:
         args.model, args.data, args.batch = args.model or "small_cnn", "digits", 64
@@ -392,8 +439,6 @@ def main(argv=None):
             else:
                 print(f"    {kind[:-1]} {name:12s} {r['step_ms']:8.2f} ms/step   vs {base} = "
                       f"{r['step_time_vs_' + base]:.3f}")
-    if args.json:
-        Path(args.json).write_text(json.dumps(res, indent=2))
     return res
 
 

@@ -13,13 +13,29 @@ import pytest
     (["--optims", "sgd,muonn"], "--optims: muonn is not an option"),
     (["--methods", "ce,nope"], "--methods: nope is not an option"),
     (["--regularizers", "srp"], "--regularizers: srp is not an option"),
+    # a config the runs would refuse is refused as a run refuses it, naming the key
+    (["trainer.precision=fp8"], "expected one of [auto, bf16, fp32] (full_key: trainer.precision)"),
+    (["optim.lr=-1"], "optim.lr=-1.0 is out of range: it must be > 0"),
+    (["--calls", "optim.lr=-1"], "optim.lr=-1.0 is out of range: it must be > 0"),
+    (["model=nosuch"], "Could not find 'model/nosuch'"),
+    (["data.nme=3"], "Key 'nme' not in 'DigitsConfig' (full_key: data.nme)"),
+    (["--json", "{tmp}"], "--json {tmp}: cannot write the results there (a folder)"),
+    (["--json", "{tmp}/file/out.json"], "({tmp}/file is a file)"),
 ])
-def test_bench_refuses_bad_arguments_before_any_work(args, said, capsys):
+def test_bench_refuses_bad_arguments_before_any_work(args, said, capsys, tmp_path, monkeypatch):
+    import ortho_run.runner.run as runner
     from ortho_run.bench import main
 
+    def no_work(*a, **k):
+        raise AssertionError("a job was built before the arguments were checked")
+
+    monkeypatch.setattr(runner, "build_job", no_work)
+    monkeypatch.setattr("ortho_run.assemble.build_net", no_work)
+    (tmp_path / "file").write_text("")
     with pytest.raises(SystemExit) as e:
-        main(["--tiny", *args])
-    assert e.value.code == 2 and said in capsys.readouterr().err
+        main(["--tiny", *(a.format(tmp=tmp_path) for a in args)])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and said.format(tmp=tmp_path) in err and "Traceback" not in err, err
 
 
 @pytest.mark.slow
