@@ -10,13 +10,17 @@ import the plugins back.
 from __future__ import annotations
 
 import dataclasses
+import logging
 from pathlib import Path
-from typing import Dict
+from typing import Dict, List
 
 from omegaconf import DictConfig, OmegaConf
 
 from ortho_run.config import GROUP_SCHEMAS, RunConfig
 from ortho_run.errors import ConfigError
+
+log = logging.getLogger("ortho_run")
+
 
 def plugin_registries() -> Dict[str, object]:
     """config group -> the registry of its plugins."""
@@ -290,4 +294,21 @@ def rerun_config(source: Path) -> dict:
     defaults = [d for d in ours["defaults"] if isinstance(d, dict)
                 and any(str(k).startswith("override hydra/") for k in d)]
     saved.pop("hydra", None)
-    return {"defaults": [*defaults, "_self_"], **upgraded(saved), "hydra": hydra}
+    kept = upgraded(saved)
+    gone = left_out(saved, kept)
+    if gone:
+        log.warning("--from %s: this version has no key %s: left out, so the rerun cannot honour "
+                    "%s (a key an older version had, or a typo in an edited config)", path,
+                    ", ".join(gone), "it" if len(gone) == 1 else "them")
+    return {"defaults": [*defaults, "_self_"], **kept, "hydra": hydra}
+
+
+def left_out(saved: dict, kept: dict, prefix: str = "") -> List[str]:
+    """The keys of ``saved`` that ``upgraded`` (giving ``kept``) left out, dotted."""
+    out: List[str] = []
+    for k, v in saved.items():
+        if k not in kept:
+            out.append(f"{prefix}{k}")
+        elif isinstance(v, dict) and isinstance(kept[k], dict):
+            out += left_out(v, kept[k], f"{prefix}{k}.")
+    return out

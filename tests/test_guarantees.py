@@ -449,7 +449,8 @@ def test_a_saved_config_retrains_the_run_it_was_saved_from_to_the_bit(tmp_path):
     assert (tmp_path / "again" / "resolved_config.yaml").read_text() == saved
 
 
-def test_the_rerun_config_reads_a_saved_run_as_todays_schemas_and_refuses_what_is_none(tmp_path):
+def test_the_rerun_config_reads_a_saved_run_as_todays_schemas_and_refuses_what_is_none(tmp_path,
+                                                                                      caplog):
     from omegaconf import OmegaConf
 
     from ortho_run.store import rerun_config
@@ -459,8 +460,17 @@ def test_the_rerun_config_reads_a_saved_run_as_todays_schemas_and_refuses_what_i
     saved = OmegaConf.to_container(OmegaConf.load(tmp_path / "run" / "resolved_config.yaml"))
     del saved["optim"]["conv_shape"]  # as a run of a version before the key existed saved it
     (tmp_path / "old.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(saved)))
-    primary = rerun_config(tmp_path / "old.yaml")
+    with caplog.at_level("WARNING", logger="ortho_run"):
+        primary = rerun_config(tmp_path / "old.yaml")
     assert primary["optim"]["conv_shape"] == "matrix"  # the behaviour from before the key
+    assert "left out" not in caplog.text
+    # keys this version lacks (removed since, or a typo of an edited file) are left out, named
+    saved["optim"]["ns_stepz"], saved["gone"] = 3, 1
+    (tmp_path / "edited.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(saved)))
+    with caplog.at_level("WARNING", logger="ortho_run"):
+        edited = rerun_config(tmp_path / "edited.yaml")
+    assert "ns_stepz" not in edited["optim"] and "gone" not in edited
+    assert "this version has no key optim.ns_stepz, gone: left out" in caplog.text
     assert primary["hydra"]["output_subdir"] is None  # a refused rerun writes nothing either
     assert any("override hydra/help" in str(d) for d in primary["defaults"])
     job = {k: v for k, v in primary.items() if k not in ("defaults", "hydra")}
