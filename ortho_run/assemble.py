@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Callable, Dict, Optional, Tuple
 
 import torch
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from ortho_run.checkpoint import load as load_checkpoint
@@ -182,7 +182,16 @@ def load_run(source: Path, device):
                                                         else " (it does not exist)"))
     from ortho_run.store import structured
 
-    cfg = structured(OmegaConf.load(conf), source=str(conf))
+    try:
+        saved = OmegaConf.load(conf)
+    except Exception as exc:  # yaml's errors, a file that is no text
+        raise CheckpointError(f"{conf} is not a readable yaml file ({type(exc).__name__}: "
+                              f"{str(exc).splitlines()[0] if str(exc) else ''}): the run's config "
+                              f"is damaged, so its net cannot be rebuilt") from None
+    if not isinstance(saved, DictConfig):
+        raise CheckpointError(f"{conf} holds a list, not a run config: the run's config is "
+                              f"damaged, so its net cannot be rebuilt")
+    cfg = structured(saved, source=str(conf))
     state = load_checkpoint(f, map_location=device)
     if state.get("shape"):
         spec = NetSpec.from_dict(state["shape"])

@@ -332,3 +332,32 @@ def test_a_resume_that_would_change_the_earlier_models_is_refused_and_force_reco
         run_inprocess(tmp_path, [*fixed, "trainer.max_epochs=1"], name="fixed")
         s = run_inprocess(tmp_path, [*fixed, "trainer.max_epochs=2"], name="fixed")
         assert s["status"] == "finished" and s["epoch"] == 2 and "resume_forced" not in s
+
+
+def test_a_damaged_cache_entry_is_set_aside_and_trained_again(tmp_path, caplog):
+    """A cached earlier model is derived data: one that cannot be read (a truncated checkpoint,
+    a damaged config, a missing checkpoint) is moved aside with a warning and trained again, to
+    the same model, instead of stopping the run that needs it."""
+    import shutil
+
+    common = ["experiment=compat_smoke", "method=bct", "trainer.max_epochs=1",
+              f"cache_dir={tmp_path}/cache"]
+    first = run_inprocess(tmp_path, common, name="first")
+    (entry,) = [d for d in (tmp_path / "cache" / "models").iterdir() if d.is_dir()]
+    ck = entry / "checkpoints" / "last.pt"
+    weights = torch.load(ck, weights_only=False)["net"]
+    damages = {"a truncated checkpoint": lambda: ck.write_bytes(ck.read_bytes()[:1000]),
+               "a damaged config": lambda: (entry / "resolved_config.yaml").write_text("x: [\n"),
+               "no checkpoint": lambda: shutil.rmtree(entry / "checkpoints")}
+    for i, (what, damage) in enumerate(damages.items()):
+        damage()
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="ortho_run"):
+            s = run_inprocess(tmp_path, common, name=f"again{i}")
+        assert f"the cached old model in {entry} cannot be used" in caplog.text, what
+        assert (tmp_path / "cache" / "models" / f"{entry.name}.damaged").is_dir(), what
+        assert s["status"] == "finished", what
+        for k in ("test/acc1", "compat/old_old/cmc1", "compat/new_old/cmc1"):
+            assert s[k] == first[k], (what, k)
+        again = torch.load(ck, weights_only=False)["net"]
+        assert all(torch.equal(v, again[k]) for k, v in weights.items()), what

@@ -11,6 +11,8 @@ imports the runner.
 from __future__ import annotations
 
 import logging
+import os
+import shutil
 from pathlib import Path
 from typing import Callable, Dict, List, NamedTuple, Optional, Tuple
 
@@ -22,7 +24,7 @@ from ortho_run.checkpoint import config_hash
 from ortho_run.compat.artifacts import FrozenNet, class_means, embed_all
 from ortho_run.compat.evaluate import compat_matrix, multistep_matrix
 from ortho_run.datasets.base import resolve_classes
-from ortho_run.errors import ConfigError
+from ortho_run.errors import CheckpointError, ConfigError
 from ortho_run.io import cache_folder
 from ortho_run import keys
 from ortho_run.methods.base import CompatArtifacts
@@ -123,15 +125,25 @@ def cached_run(sub, launch: Launch, device=None):
     key = model_key(sub)
     root = cache_folder(sub.cache_dir, "models")
     run_dir = root / key
+    what = sub.tag.replace("-", " ")
     with FileLock(str(run_dir) + ".lock"):
         summary, _ = keys.read_summary(run_dir / "summary.json")
-        if not (summary and summary.get("status") == "finished"):
-            log.info("training the %s (cache key %s) in %s", sub.tag.replace("-", " "), key,
-                     run_dir)
-            launch(sub, run_dir)
-        else:
-            log.info("reusing the cached %s %s", sub.tag.replace("-", " "), run_dir)
-    net, _, n_classes = load_run(run_dir, device)
+        if summary and summary.get("status") == "finished":
+            try:
+                net, _, n_classes = load_run(run_dir, device)
+                log.info("reusing the cached %s %s", what, run_dir)
+                return net, sub, n_classes, run_dir
+            except (CheckpointError, ConfigError) as exc:
+                # a cache entry is derived data: one that cannot be read (a damaged file, one
+                # written by another version) is set aside, not a reason to stop the run
+                aside = run_dir.with_name(f"{key}.damaged")
+                shutil.rmtree(aside, ignore_errors=True)
+                os.replace(run_dir, aside)
+                log.warning("the cached %s in %s cannot be used (%s): moved to %s, training it "
+                            "again", what, run_dir, exc, aside)
+        log.info("training the %s (cache key %s) in %s", what, key, run_dir)
+        launch(sub, run_dir)
+        net, _, n_classes = load_run(run_dir, device)
     return net, sub, n_classes, run_dir
 
 
