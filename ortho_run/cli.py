@@ -238,8 +238,14 @@ def _worker_rank_overrides() -> None:
     import os
     import tempfile
 
-    rank = int(os.environ.get("RANK", "0"))
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and rank > 0:
+    from ortho_run.runner.env import launch_env
+
+    try:
+        world, rank, _ = launch_env()
+    except ConfigError as exc:
+        print(f"ortho-run: error: {exc}", file=sys.stderr)
+        sys.exit(2)
+    if world > 1 and rank > 0:
         tmp = Path(tempfile.gettempdir()) / f"ortho-run-rank{rank}-{os.getpid()}"
         sys.argv += [f"hydra.run.dir={tmp}", "hydra.output_subdir=null"]
 

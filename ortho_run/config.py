@@ -319,6 +319,8 @@ def output_root_error(value) -> Optional[str]:
 # chosen plugin's schema does not have is skipped.
 RANGES = [
     ("seed", lambda v: 0 <= v < 2**62, "in [0, 2^62)"),
+    ("cache_dir", lambda v: bool(str(v).strip()),
+     "a folder, not empty (ORTHO_RUN_CACHE, when set, gives it)"),
     ("data.batch_size", lambda v: v >= 1, ">= 1"),
     ("data.eval_batch_size", lambda v: v >= 1, ">= 1"),
     *at_most(2 ** 20, "data.batch_size", "data.eval_batch_size", why="images in one batch"),

@@ -96,6 +96,36 @@ def test_out_of_range_values_are_refused_before_any_write(tmp_path):
     assert not (tmp_path / "r").exists()
 
 
+def test_an_empty_cache_dir_is_refused_instead_of_caching_in_the_working_folder(tmp_path):
+    from ortho_run.errors import ConfigError
+    from ortho_run.runner.run import run
+
+    for value in ("", "'  '"):
+        with pytest.raises(ConfigError, match="cache_dir=.* must be a folder, not empty"):
+            run(compose([f"cache_dir={value}", "experiment=compat_smoke", "method=bct"]),
+                tmp_path / "r")
+    assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize("env,said", [
+    ({"WORLD_SIZE": "abc"}, "WORLD_SIZE='abc' must be an integer >= 1"),
+    ({"WORLD_SIZE": "0"}, "WORLD_SIZE='0' must be an integer >= 1"),
+    ({"WORLD_SIZE": "2", "RANK": "x"}, "RANK='x' must be an integer >= 0"),
+    ({"WORLD_SIZE": "2", "RANK": "2"}, "RANK=2 with WORLD_SIZE=2: RANK must be below WORLD_SIZE"),
+    ({"LOCAL_RANK": "-1"}, "LOCAL_RANK='-1' must be an integer >= 0"),
+])
+def test_a_launcher_variable_that_is_no_rank_is_refused_naming_it(tmp_path, monkeypatch, env,
+                                                                   said):
+    from ortho_run.errors import ConfigError
+    from ortho_run.runner.run import run
+
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    with pytest.raises(ConfigError) as e:
+        run(compose([]), tmp_path / "r")
+    assert said in str(e.value) and not (tmp_path / "r").exists()
+
+
 @pytest.mark.slow
 def test_plain_wheel_ships_conf_and_runs_from_elsewhere(tmp_path):
     """`pip install .` (not -e): the conf/ tree travels inside the wheel."""

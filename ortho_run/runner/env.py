@@ -17,6 +17,29 @@ import torch
 from ortho_run.errors import ConfigError
 
 
+def launch_env() -> tuple:
+    """(world size, rank, local rank) as a launcher (torchrun, submitit) sets them in
+    WORLD_SIZE, RANK and LOCAL_RANK; (1, 0, 0) without one. A value that is no such number is a
+    ConfigError naming the variable."""
+    out = []
+    for name, default, low in (("WORLD_SIZE", 1, 1), ("RANK", 0, 0), ("LOCAL_RANK", 0, 0)):
+        text = os.environ.get(name, str(default))
+        try:
+            v = int(text)
+        except ValueError:
+            v = None
+        if v is None or v < low:
+            raise ConfigError(f"the environment variable {name}={text!r} must be an integer "
+                              f">= {low}: it describes this process's place in a multi-process "
+                              f"launch (torchrun sets it); unset it for a single process")
+        out.append(v)
+    world, rank, local = out
+    if world > 1 and rank >= world:
+        raise ConfigError(f"RANK={rank} with WORLD_SIZE={world}: RANK must be below WORLD_SIZE "
+                          f"(ranks count from 0)")
+    return world, rank, local
+
+
 def pick_device(spec: str) -> torch.device:
     spec = str(spec)
     if spec == "auto":

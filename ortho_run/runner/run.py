@@ -8,7 +8,6 @@
 from __future__ import annotations
 
 import logging
-import os
 import signal
 import threading
 import time
@@ -21,7 +20,7 @@ import torch
 
 from ortho_run.errors import OrthoRunError, Preempted, TrainingDiverged
 from ortho_run.retrieval import retrieval_metrics
-from ortho_run.runner.env import git_commit, package_versions
+from ortho_run.runner.env import git_commit, launch_env, package_versions
 from ortho_run.runner.evaluate import feature_geometry
 from ortho_run.runner.job import Job, build, plan, prepare
 from ortho_run.runner.rundir import RunDir
@@ -33,13 +32,11 @@ log = logging.getLogger("ortho_run")
 
 def init_distributed(device_spec: str) -> Dist:
     """torchrun / submitit set RANK, WORLD_SIZE, LOCAL_RANK (and MASTER_ADDR/PORT)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    world, rank, local = launch_env()
     if world <= 1:
         return Dist()
     import torch.distributed as dist
 
-    rank = int(os.environ.get("RANK", "0"))
-    local = int(os.environ.get("LOCAL_RANK", "0"))
     use_cuda = torch.cuda.is_available() and str(device_spec) != "cpu"
     if not dist.is_initialized():
         if use_cuda:
