@@ -258,6 +258,27 @@ def test_imagefolder(tmp_path):
     assert x.shape == (4, 3, 16, 16) and y.dtype == torch.int64
 
 
+def test_imagefolder_test_split_without_a_class_still_trains_it(tmp_path, caplog):
+    from PIL import Image
+
+    for split, classes in (("train", ("cat", "dog", "eel")), ("test", ("cat", "dog"))):
+        for c in classes:
+            (tmp_path / split / c).mkdir(parents=True)
+            for i in range(2):
+                Image.new("RGB", (8, 8), (40 * i, 0, 0)).save(tmp_path / split / c / f"{i}.png")
+    cfg = data_cfg("data=imagefolder", f"data.root={tmp_path}", "data.image_size=8")
+    with caplog.at_level("WARNING", logger="ortho_run"):
+        ds = load_dataset(cfg)
+    assert ds.num_classes == 3 and ds.class_names == ["cat", "dog", "eel"]
+    assert sorted(ds.test.y.tolist()) == [0, 0, 1, 1] and len(ds.train) == 6
+    assert "1 class(es) of train have no image in test (eel)" in caplog.text
+    # a test split with none of the training classes measures nothing: refused, named
+    for c in ("cat", "dog"):
+        (tmp_path / "test" / c).rename(tmp_path / "test" / f"other_{c}")
+    with pytest.raises(DataError, match="holds no image of the classes of .*train .cat, dog, eel"):
+        load_dataset(cfg)
+
+
 def _split(n=16, c=3, s=8):
     from ortho_run.datasets.base import Split
 

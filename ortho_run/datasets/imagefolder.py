@@ -42,7 +42,7 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-def _scan(folder: Path, classes=None):
+def _scan(folder: Path, classes=None, allow_empty: bool = False):
     from torchvision.datasets.folder import IMG_EXTENSIONS, make_dataset
 
     if classes is None:
@@ -51,7 +51,8 @@ def _scan(folder: Path, classes=None):
         raise DataError(f"{folder} holds no class folders: expected {folder}/<class>/<image>")
     idx = {c: i for i, c in enumerate(classes)}
     try:
-        samples = make_dataset(str(folder), idx, extensions=IMG_EXTENSIONS)
+        samples = make_dataset(str(folder), idx, extensions=IMG_EXTENSIONS,
+                               allow_empty=allow_empty)
     except FileNotFoundError as exc:
         raise DataError(f"{folder}: {exc}") from None
     return classes, samples
@@ -93,7 +94,16 @@ def load_imagefolder(cfg) -> DataSet:
         raise DataError(f"data=imagefolder: expected {root}/train/<class>/... and "
                         f"{root}/test/<class>/... (or val/); set data.root to that folder.")
     classes, train = _scan(train_dir)
-    _, test = _scan(test_dir, classes)
+    # a class the test split lacks still trains; the test split measures the others
+    _, test = _scan(test_dir, classes, allow_empty=True)
+    if not test:
+        raise DataError(f"{test_dir} holds no image of the classes of {train_dir} "
+                        f"({', '.join(classes[:10])}): expected {test_dir}/<class>/<image>")
+    untested = sorted(set(classes) - {classes[label] for _, label in test})
+    if untested:
+        log.warning("imagefolder: %d class(es) of train have no image in %s (%s): they still "
+                    "train, and the test split measures the other classes", len(untested),
+                    test_dir.name, ", ".join(untested[:10]))
     extra = sorted(set(e.name for e in os.scandir(test_dir) if e.is_dir()) - set(classes))
     if extra:
         n = sum(len(list((test_dir / c).iterdir())) for c in extra)
