@@ -151,6 +151,31 @@ def test_hf_mistakes_name_the_option(tmp_path):
         run_inprocess(tmp_path, [*HF, f"data.path={tmp_path}/disk", "data.train_split=training"])
     with pytest.raises(DataError, match="cannot load it"):
         run_inprocess(tmp_path, [*HF, "data.path=nobody/no-such-set-here"], name="hub")
+    # a split name that is not there, while a test split is: no silent hold-out of train
+    with pytest.raises(DataError, match="data.test_split=val: not a split .* its splits: "
+                                        "train, test"):
+        run_inprocess(tmp_path, [*HF, f"data.path={tmp_path}/disk", "data.test_split=val"])
+    # a column that holds no images, a label column of scores: named, before any work
+    with pytest.raises(DataError, match="data.image_key=label in .*holds int values such as 0, "
+                                        "not images"):
+        run_inprocess(tmp_path, [*HF, f"data.path={tmp_path}/disk", "data.image_key=label"])
+    import datasets
+
+    feat = datasets.Features({"image": datasets.Image(), "label": datasets.Value("float32"),
+                              "path": datasets.Value("string")})
+    rows = datasets.load_from_disk(str(tmp_path / "disk"))["train"]
+    datasets.Dataset.from_dict({"image": rows["image"][:20],
+                                "label": [i % 3 + 0.5 for i in range(20)],
+                                "path": [f"{i}.png" for i in range(20)]},
+                               features=feat).to_parquet(str(tmp_path / "scores.parquet"))
+    with pytest.raises(DataError, match="data.label_key=label: labels must be class ids .* holds "
+                                        "the number 0.5"):
+        run_inprocess(tmp_path, [*HF, f"data.path={tmp_path}/scores.parquet"])
+    with pytest.raises(DataError, match="data.image_key=path in .*holds str values such as "
+                                        "'0.png', not images"):
+        run_inprocess(tmp_path, [*HF, f"data.path={tmp_path}/scores.parquet", "data.image_key=path",
+                                 "data.label_key=path"])
+    assert not (tmp_path / "run").exists()
 
 
 def test_a_grey_hf_data_set_has_one_channel(tmp_path):

@@ -11,6 +11,7 @@ import logging
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
+import numpy as np
 import torch
 
 from ortho_run.config import DataConfig
@@ -106,6 +107,11 @@ def label_ids(columns: Sequence[Sequence], key: str
     if any(v is None or (isinstance(v, float) and v != v) for v in values):
         raise DataError(f"{key}: the label column has missing values (None/NaN): give every "
                         f"image a label, or drop those rows")
+    fractional = next((v for v in values if isinstance(v, (float, np.floating))
+                       and not float(v).is_integer()), None)
+    if fractional is not None:  # a number that is no class id: a score or a target, not a class
+        raise DataError(f"{key}: labels must be class ids (integers) or class names (strings); "
+                        f"this column holds the number {fractional}: is it the label column?")
     names = sorted({str(v) for v in values})
     ids = {n: i for i, n in enumerate(names)}
     return [[ids[str(v)] for v in col] for col in columns], names

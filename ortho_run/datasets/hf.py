@@ -96,6 +96,11 @@ def load_hf(cfg) -> DataSet:
     names = list(getattr(feature, "names", None) or [])
     key = f"data.label_key={cfg.label_key}"
     test = d[cfg.test_split] if cfg.test_split in d else None
+    others = [s for s in d if s != cfg.train_split]
+    if test is None and others:  # a hold-out only where the data set has no other split
+        raise DataError(f"data.test_split={cfg.test_split}: not a split of {cfg.path}; its "
+                        f"splits: {', '.join(d)}. Name the one to test on (a data set with a "
+                        f"training split alone gets a stratified data.test_fraction hold-out)")
     columns = [train[cfg.label_key]] + ([test[cfg.label_key]] if test is not None else [])
     ids, named = label_ids(columns, key)
     if named:
@@ -112,7 +117,8 @@ def load_hf(cfg) -> DataSet:
     if bad:
         raise DataError(f"data.label_key={cfg.label_key}: labels must be class indices 0..{k - 1}"
                         f" (found {bad[0]})")
-    channels = channels_of(parts[0][0][0][cfg.image_key])
+    channels = channels_of(parts[0][0][0][cfg.image_key],
+                           f"data.image_key={cfg.image_key} in {cfg.path}")
     splits = [image_split(Field(s, cfg.image_key), ys, channels, cfg.image_size,
                           cfg.in_memory_mb, f"data=hf {cfg.path}") for s, ys in parts]
     size = splits[0].x.shape[-1] if splits[0].x is not None else (cfg.image_size or 224)

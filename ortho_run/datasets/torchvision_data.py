@@ -121,7 +121,7 @@ def load_torchvision(cfg) -> DataSet:
     labels, named = label_ids([_labels(d) for d in parts], f"data=torchvision {name} targets")
     classes = named or list(getattr(parts[0], "classes", None) or [])
     k = len(classes) if classes else max(max(ys) for ys in labels) + 1
-    channels = channels_of(parts[0][0][0])
+    channels = channels_of(parts[0][0][0], f"data=torchvision {name}")
     splits = [image_split(Field(d, 0), ys, channels, cfg.image_size, cfg.in_memory_mb,
                           f"data=torchvision {name}") for d, ys in zip(parts, labels)]
     size = splits[0].x.shape[-1] if splits[0].x is not None else (cfg.image_size or 224)
