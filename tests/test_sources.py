@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import cli, run_inprocess
+from conftest import cli, compose, run_inprocess
 from ortho_run.errors import CheckpointError, ConfigError, DataError
 
 # the extras are imported where a test uses them: collecting the suite does not pay for them
@@ -201,6 +201,17 @@ def test_a_torchvision_data_set_from_local_files(tmp_path):
     with pytest.raises(DataError, match="data.download=true"):
         run_inprocess(tmp_path, ["experiment=smoke", "data=torchvision", "data.dataset=SVHN",
                                  f"data.root={tmp_path}/nothing"], name="svhn")
+    # classes not built from a root folder alone are refused by the pre-flight, named
+    from ortho_run.validate import validate
+
+    for cls, said in (("FakeData", "takes no root"), ("Kinetics", "also needs frames_per_clip")):
+        cfg = compose(["data=torchvision", f"data.dataset={cls}"])
+        with pytest.raises(ConfigError, match=f"data.dataset={cls}: .*{said}"):
+            validate(cfg)
+        with pytest.raises(ConfigError, match=said):
+            run_inprocess(tmp_path, ["experiment=smoke", "data=torchvision",
+                                     f"data.dataset={cls}"], name=cls)
+        assert not (tmp_path / cls).exists()
 
 
 @pytest.mark.slow

@@ -98,17 +98,33 @@ def expected_files(cls, root: Path, train_split: str, test_split: str) -> str:
     return f"{where}/" + (f" with {', '.join(names[:8])}" if names else "")
 
 
-@SOURCES.register("torchvision", schema=TorchvisionDataConfig)
-def load_torchvision(cfg) -> DataSet:
+def dataset_class(name: str):
+    """The torchvision data set class ``name``, checked to be one that ``_open`` can build (a
+    root folder, and nothing else it must be given); a ConfigError naming the key otherwise."""
     import torchvision
 
-    name = str(cfg.dataset)
     cls = getattr(torchvision.datasets, name, None)
     if not isinstance(cls, type):
         known = [n for n in dir(torchvision.datasets) if n[0].isupper()]
         close = difflib.get_close_matches(name, known, n=5)
         raise ConfigError(f"data.dataset={name} is not a torchvision data set"
                           + (f"; close names: {', '.join(close)}" if close else ""))
+    params = inspect.signature(cls.__init__).parameters
+    needed = [n for n, q in list(params.items())[1:] if q.default is inspect.Parameter.empty
+              and q.kind in (q.POSITIONAL_OR_KEYWORD, q.KEYWORD_ONLY) and n != "root"]
+    if "root" not in params or needed:
+        raise ConfigError(f"data.dataset={name}: data=torchvision builds a class from a root "
+                          f"folder (with train=, split= or one folder per split, and download=)"
+                          f"; {name}({', '.join(list(params)[1:])}) "
+                          + (f"also needs {', '.join(needed)}" if "root" in params
+                             else "takes no root") + ": pick a data set of files of that form")
+    return cls
+
+
+@SOURCES.register("torchvision", schema=TorchvisionDataConfig)
+def load_torchvision(cfg) -> DataSet:
+    name = str(cfg.dataset)
+    cls = dataset_class(name)
     try:
         parts = [_open(cls, cfg, cfg.train_split, True), _open(cls, cfg, cfg.test_split, False)]
     except (RuntimeError, FileNotFoundError, OSError, ValueError) as exc:
@@ -129,3 +145,7 @@ def load_torchvision(cfg) -> DataSet:
                    channels=channels, image_size=int(size),
                    class_names=[str(c) for c in classes] or [str(i) for i in range(k)],
                    label_names={n: i for i, n in enumerate(named)} if named else None)
+
+
+# the pre-flight's (validate): the class is looked up and checked before any work
+load_torchvision.check = lambda run_cfg: dataset_class(str(run_cfg.data.dataset))
