@@ -15,7 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from ortho_run.checkpoint import load as load_checkpoint
-from ortho_run.errors import CheckpointError, ConfigError
+from ortho_run.errors import CheckpointError, ConfigError, described, first_line
 from ortho_run.methods import METHODS, Batch, MethodContext, MethodOutput
 from ortho_run.methods.base import CompatArtifacts, CompatShape
 from ortho_run.models import Backbone, build_backbone
@@ -111,7 +111,7 @@ def check_input_shape(backbone: Backbone, spec: NetSpec, model: str, data: str) 
         raise ConfigError(
             f"model={model} cannot take the images of data={data} "
             f"({' x '.join(map(str, shape))}: channels x height x width): "
-            f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}. Choose a model "
+            f"{first_line(exc)}. Choose a model "
             f"made for {spec.image_size} x {spec.image_size} images, or data whose images it "
             f"takes") from None
     finally:
@@ -185,8 +185,8 @@ def load_run(source: Path, device):
     try:
         saved = OmegaConf.load(conf)
     except Exception as exc:  # yaml's errors, a file that is no text
-        raise CheckpointError(f"{conf} is not a readable yaml file ({type(exc).__name__}: "
-                              f"{str(exc).splitlines()[0] if str(exc) else ''}): the run's config "
+        raise CheckpointError(f"{conf} is not a readable yaml file ("
+                              f"{described(exc)}): the run's config "
                               f"is damaged, so its net cannot be rebuilt") from None
     if not isinstance(saved, DictConfig):
         raise CheckpointError(f"{conf} holds a list, not a run config: the run's config is "
@@ -216,5 +216,5 @@ def load_run(source: Path, device):
         net.load_state_dict(state["net"])
     except RuntimeError as exc:
         raise CheckpointError(f"{f} does not fit the model its resolved_config.yaml describes: "
-                              f"{str(exc).splitlines()[0]}") from None
+                              f"{first_line(exc)}") from None
     return net, cfg, spec.num_classes

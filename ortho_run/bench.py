@@ -359,12 +359,14 @@ def main(argv=None):
 def refusal(exc: BaseException) -> str:
     """One paragraph for a config the bench cannot build: the error, and what it names (the
     full key of a wrong value; the options of a group that has no such option)."""
-    text = str(exc).split("\nConfig search path")[0].strip()
+    from ortho_run.errors import first_line
+
+    text = str(exc).split("\nConfig search path")[0].strip() or type(exc).__name__
     cause = exc.__cause__
     if cause is not None:
-        lines = str(cause).splitlines()
-        text += f": {lines[0]}" + "".join(f" ({ln.strip()})" for ln in lines[1:]
-                                          if ln.strip().startswith("full_key"))
+        text += f": {first_line(cause, 1000)}" + "".join(
+            f" ({ln.strip()})" for ln in str(cause).splitlines()[1:]
+            if ln.strip().startswith("full_key"))
     return " ".join(text.split())
 
 

@@ -18,7 +18,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 import torch
 from omegaconf import OmegaConf
 
-from ortho_run.errors import CheckpointError
+from ortho_run.errors import CheckpointError, described
 from ortho_run.io import atomic_torch_save, remove_stale_temps
 from ortho_run.keys import is_count, is_number, is_strings, shown
 
@@ -211,8 +211,8 @@ def load(path: Path, map_location="cpu") -> Dict[str, Any]:
     try:
         state = torch.load(path, map_location=map_location, weights_only=False)
     except Exception as exc:
-        raise CheckpointError(f"{path} cannot be read as a checkpoint ({type(exc).__name__}: "
-                              f"{str(exc).splitlines()[0] if str(exc) else ''}). It is truncated "
+        raise CheckpointError(f"{path} cannot be read as a checkpoint ("
+                              f"{described(exc)}). It is truncated "
                               f"or not an ortho-run checkpoint; move it away (or set "
                               f"trainer.resume=none to start over in this run dir).") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:

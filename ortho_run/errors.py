@@ -9,6 +9,23 @@ EXIT_PREEMPTED = 75  # SIGTERM/SIGINT: consistent last.pt written; rerun with tr
 EXIT_SWEEP_FAILED = 4  # a multirun in which at least one job failed
 
 
+def first_line(exc: BaseException, limit: int = 300, empty: str | None = None) -> str:
+    """The first non-empty line of ``exc``'s message (at most ``limit`` characters), for the
+    one paragraph an error shows; an exception without a message (EOFError()) gives ``empty``,
+    by default its type's name."""
+    line = next((ln for ln in str(exc).splitlines() if ln.strip()), None)
+    if line is None:
+        return type(exc).__name__ if empty is None else empty
+    return line[:limit]
+
+
+def described(exc: BaseException, limit: int = 300) -> str:
+    """``exc`` as an error paragraph names it: its type and its message's first line
+    (``ParserError: while parsing a flow node``), its type alone when it has no message."""
+    line = first_line(exc, limit, empty="")
+    return f"{type(exc).__name__}: {line}" if line else type(exc).__name__
+
+
 class OrthoRunError(Exception):
     """An error the user can fix. The message names the key/file and the remedy."""
 

@@ -17,7 +17,7 @@ from typing import Dict, List
 from omegaconf import DictConfig, OmegaConf
 
 from ortho_run.config import GROUP_SCHEMAS, RunConfig
-from ortho_run.errors import ConfigError
+from ortho_run.errors import ConfigError, first_line
 
 log = logging.getLogger("ortho_run")
 
@@ -208,7 +208,7 @@ def structured(container, source: str = "config") -> DictConfig:
         if isinstance(exc, (KeyError, TypeError)):
             raise ConfigError(f"{source}: not an ortho-run run config ({exc})") from None
         where = f" (key {key})" if key else ""
-        raise ConfigError(f"{source}: {str(exc).splitlines()[0]}{where}") from None
+        raise ConfigError(f"{source}: {first_line(exc)}{where}") from None
 
 
 #: the groups --help lists, in order, with their default option
@@ -281,7 +281,7 @@ def rerun_config(source: Path) -> dict:
         saved = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
     except Exception as exc:
         raise ConfigError(f"--from {path}: not a readable yaml file "
-                          f"({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})"
+                          f"({first_line(exc)})"
                           ) from None
     groups = plugin_registries()
     if not isinstance(saved, dict) or not all(isinstance(saved.get(g), dict) and "name" in saved[g]

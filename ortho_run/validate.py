@@ -21,7 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from ortho_run import keys, references
 from ortho_run.config import RANGES, output_root_error, schema_checks
-from ortho_run.errors import ConfigError
+from ortho_run.errors import ConfigError, first_line
 
 _ABSENT = object()
 log = logging.getLogger("ortho_run")
@@ -69,7 +69,7 @@ def validate(cfg) -> DictConfig:
     try:
         container = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
     except Exception as exc:
-        raise ConfigError(f"the config does not resolve: {str(exc).splitlines()[0]}") from None
+        raise ConfigError(f"the config does not resolve: {first_line(exc)}") from None
     # keys appended with +key=... bypass the schemas at composition: refuse them like a typo
     # (a composed config is typed node by node)
     typed = dataclasses.is_dataclass(OmegaConf.get_type(cfg))

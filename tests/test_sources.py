@@ -78,6 +78,10 @@ def test_a_checkpoint_of_another_architecture_is_refused(tmp_path):
     with pytest.raises(CheckpointError, match="does not fit model.arch"):
         run_inprocess(tmp_path, [*SYN, "model=timm", "model.arch=resnet18",
                                  f"model.checkpoint={f}"])
+    (tmp_path / "empty.pth").write_bytes(b"")  # torch's EOFError has no message
+    with pytest.raises(CheckpointError, match=r"empty.pth cannot be read \(EOFError\)"):
+        run_inprocess(tmp_path, [*SYN, "model=timm", "model.arch=resnet18",
+                                 f"model.checkpoint={tmp_path / 'empty.pth'}"], name="empty")
 
 
 # ------------------------------------------------------------------ Hugging Face data sets

@@ -375,6 +375,24 @@ def test_compat_never_imports_the_runner_and_plugins_never_import_either():
         assert not bad, (f, bad)
 
 
+def test_an_error_message_reads_an_exception_through_one_helper():
+    """``errors.first_line`` is the one place an exception's message is cut to its first line:
+    an exception without a message (EOFError()) gives its type's name there, where an inline
+    ``str(exc).splitlines()[0]`` raised IndexError in the middle of reporting the error."""
+    import re
+
+    from ortho_run.errors import described, first_line
+
+    assert first_line(EOFError()) == "EOFError" and first_line(EOFError(), empty="") == ""
+    assert described(EOFError()) == "EOFError" and described(KeyError("k")) == "KeyError: 'k'"
+    assert first_line(ValueError("\n  \nbad value\nmore")) == "bad value"
+    assert first_line(ValueError("x" * 500), 10) == "x" * 10
+    inline = [(f.relative_to(REPO), n) for f in (REPO / "ortho_run").rglob("*.py")
+              for n, line in enumerate(f.read_text().splitlines(), 1)
+              if re.search(r"str\((exc|e|err|cause)\)\.splitlines\(\)\[0\]", line)]
+    assert not inline, inline
+
+
 def test_the_runner_hands_compat_a_launch_function_and_compat_calls_only_that(monkeypatch,
                                                                               tmp_path):
     """At run time too, compat reaches training only through the function it was given."""

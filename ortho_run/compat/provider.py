@@ -24,7 +24,7 @@ from ortho_run.checkpoint import config_hash
 from ortho_run.compat.artifacts import FrozenNet, class_means, embed_all
 from ortho_run.compat.evaluate import compat_matrix, multistep_matrix
 from ortho_run.datasets.base import resolve_classes
-from ortho_run.errors import CheckpointError, ConfigError
+from ortho_run.errors import CheckpointError, ConfigError, first_line
 from ortho_run.io import cache_folder
 from ortho_run import keys
 from ortho_run.methods.base import CompatArtifacts
@@ -100,7 +100,7 @@ def old_config(cfg, classes, method: str, overrides=(), role: ModelRole = OLD,
             out = OmegaConf.merge(out, OmegaConf.from_dotlist(list(overrides)))
         except Exception as exc:
             raise ConfigError(f"compat.old_overrides={list(overrides)}: "
-                              f"{str(exc).splitlines()[0]}") from None
+                              f"{first_line(exc)}") from None
     return out
 
 

@@ -23,7 +23,7 @@ from omegaconf import MISSING
 from ortho_run.config import DataConfig, at_least
 from ortho_run.datasets.base import SOURCES, DataSet, label_ids, stratified_holdout
 from ortho_run.datasets.records import Field, channels_of, image_split
-from ortho_run.errors import ConfigError, DataError
+from ortho_run.errors import ConfigError, DataError, described
 
 FILE_TYPES = {".parquet": "parquet", ".csv": "csv", ".json": "json", ".jsonl": "json",
               ".arrow": "arrow"}
@@ -73,8 +73,8 @@ def open_hf(cfg):
     except DataError:
         raise
     except Exception as exc:  # no network, no such data set, unreadable files
-        raise DataError(f"data.path={cfg.path}: cannot load it ({type(exc).__name__}: "
-                        f"{str(exc).splitlines()[0][:300]}). Give a local save_to_disk folder "
+        raise DataError(f"data.path={cfg.path}: cannot load it ("
+                        f"{described(exc)}). Give a local save_to_disk folder "
                         f"or data file, or a hub name reachable from this machine.") from None
     if isinstance(d, datasets.Dataset):
         d = datasets.DatasetDict({cfg.train_split: d})

@@ -19,7 +19,7 @@ from omegaconf import MISSING
 
 from ortho_run.config import Augment, DataConfig, Pipeline, at_least, report
 from ortho_run.datasets.base import SOURCES, DataSet, Split
-from ortho_run.errors import DataError
+from ortho_run.errors import DataError, described
 
 log = logging.getLogger("ortho_run")
 
@@ -66,8 +66,8 @@ def check_image(path: str) -> None:
         with Image.open(path) as img:
             img.convert("RGB").load()
     except Exception as exc:  # UnidentifiedImageError, truncated files, OSError
-        raise DataError(f"cannot decode the image {path} ({type(exc).__name__}: "
-                        f"{str(exc).splitlines()[0] if str(exc) else ''}): remove or replace it, "
+        raise DataError(f"cannot decode the image {path} ("
+                        f"{described(exc)}): remove or replace it, "
                         f"or set data.verify_images=true to leave out every such file") from None
 
 

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from ortho_run.datasets.base import DataSet, Split
-from ortho_run.errors import ConfigError, DataError
+from ortho_run.errors import ConfigError, DataError, described
 
 
 def epoch_seed(seed: int, epoch: int) -> int:
@@ -276,8 +276,8 @@ class _FileImages(_Images):
             with open(self.files[i], "rb") as f:
                 img = Image.open(f).convert("RGB")
         except Exception as exc:  # runs in a worker: the loader re-raises it by name
-            raise DataError(f"cannot decode the image {self.files[i]} ({type(exc).__name__}: "
-                            f"{str(exc).splitlines()[0] if str(exc) else ''}): remove or replace "
+            raise DataError(f"cannot decode the image {self.files[i]} ("
+                            f"{described(exc)}): remove or replace "
                             f"it, or set data.verify_images=true to leave out every such "
                             f"file") from None
         return img

@@ -23,7 +23,7 @@ from omegaconf import MISSING
 from ortho_run.config import DataConfig, at_least
 from ortho_run.datasets.base import SOURCES, DataSet, label_ids
 from ortho_run.datasets.records import Field, channels_of, image_split
-from ortho_run.errors import ConfigError, DataError
+from ortho_run.errors import ConfigError, DataError, first_line
 
 
 @dataclass
@@ -130,7 +130,7 @@ def load_torchvision(cfg) -> DataSet:
     except (RuntimeError, FileNotFoundError, OSError, ValueError) as exc:
         files = expected_files(cls, Path(str(cfg.root)).expanduser(), cfg.train_split,
                                cfg.test_split)
-        raise DataError(f"data=torchvision {name}: {str(exc).splitlines()[0][:300]} (data.root="
+        raise DataError(f"data=torchvision {name}: {first_line(exc)} (data.root="
                         f"{cfg.root}). " + (f"It reads {files}. " if files else "")
                         + "Put those files under data.root, or set data.download=true on a "
                           "machine with network.") from None

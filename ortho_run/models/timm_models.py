@@ -26,7 +26,7 @@ from typing import Optional
 import torch
 
 from ortho_run.config import ModelConfig
-from ortho_run.errors import CheckpointError, ConfigError
+from ortho_run.errors import CheckpointError, ConfigError, described, first_line
 from ortho_run.models.registry import MODELS
 
 
@@ -76,10 +76,10 @@ def timm_backbone(cfg, in_channels: int, image_size: int):
         model = _create(timm, arch, pretrained, in_channels, image_size)
     except (OSError, RuntimeError, ValueError) as exc:
         if not pretrained:
-            raise ConfigError(f"model=timm arch={arch}: {str(exc).splitlines()[0]}") from None
+            raise ConfigError(f"model=timm arch={arch}: {first_line(exc)}") from None
         raise ConfigError(
             f"model.pretrained=true: the pretrained weights of {arch} could not be loaded "
-            f"({type(exc).__name__}: {str(exc).splitlines()[0][:200]}). Without network, put "
+            f"({described(exc)}). Without network, put "
             f"them in timm's (Hugging Face hub) cache, or save a state dict and set "
             f"model.checkpoint=FILE (with model.pretrained=false or true).") from None
     if cfg.checkpoint:
@@ -132,8 +132,8 @@ def load_weights(model: torch.nn.Module, path: Path) -> None:
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise CheckpointError(f"model.checkpoint={path} cannot be read ({type(exc).__name__}: "
-                              f"{str(exc).splitlines()[0][:200]})") from None
+        raise CheckpointError(f"model.checkpoint={path} cannot be read ("
+                              f"{described(exc)})") from None
     if isinstance(state, dict):
         for key in ("state_dict", "model", "state_dict_ema"):
             if isinstance(state.get(key), dict):

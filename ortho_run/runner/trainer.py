@@ -21,7 +21,7 @@ from omegaconf import OmegaConf
 
 from ortho_run import checkpoint as ckpt
 from ortho_run.assemble import Net, NetSpec
-from ortho_run.errors import CheckpointError, Preempted, TrainingDiverged
+from ortho_run.errors import CheckpointError, Preempted, TrainingDiverged, first_line
 from ortho_run.optim import (build_optimizers, build_scheduler, optimizer_kind, restore_optimizer,
                              schedule_at)
 from ortho_run.runner.env import rng_state, set_rng_state
@@ -205,7 +205,7 @@ class Trainer:
         except (RuntimeError, KeyError, ValueError) as exc:
             raise CheckpointError(
                 f"checkpoint does not fit this model/method/optimiser: "
-                f"{str(exc).splitlines()[0] if str(exc) else repr(exc)}. Resume it with the "
+                f"{first_line(exc, empty=repr(exc))}. Resume it with the "
                 f"config it was saved with, or start over with trainer.resume=none") from None
         if st["batch"] > len(self.train_loader):
             raise CheckpointError(
