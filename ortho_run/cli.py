@@ -183,6 +183,19 @@ def _check_output_root(config) -> None:
         sys.exit(2)
 
 
+def _check_launcher(config) -> None:
+    """A SLURM launcher where SLURM is not: one paragraph before any job is submitted."""
+    import shutil
+
+    target = str(OmegaConf.select(config, "hydra.launcher._target_", default="") or "")
+    if target.endswith("SlurmLauncher") and shutil.which("srun") is None:
+        print("ortho-run: error: hydra/launcher=slurm submits the jobs to SLURM, but this "
+              "machine has no srun: run the sweep on a SLURM login node, or here with "
+              "hydra/launcher=basic (one job after another), local_parallel or "
+              "submitit_local", file=sys.stderr)
+        sys.exit(2)
+
+
 class SweepReport(Callback):
     """Before: the output folder must be writable. After a multirun: list the failed jobs."""
 
@@ -195,6 +208,7 @@ class SweepReport(Callback):
         _STATE["sweep_overrides"] = list(config.hydra.overrides.task)
         _check_output_root(config)
         _check_writable(Path(config.hydra.sweep.dir), "hydra.sweep.dir")
+        _check_launcher(config)
 
     def on_multirun_end(self, config, **kwargs) -> None:
         sweep = Path(config.hydra.sweep.dir)

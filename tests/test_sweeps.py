@@ -36,6 +36,17 @@ def test_multirun_gives_distinct_run_dirs_with_summaries(tmp_path, launcher):
     assert all("tag=runs_a" in Path(x["run_dir"]).name for x in s)
 
 
+def test_a_slurm_sweep_without_slurm_is_one_paragraph_before_any_job(tmp_path):
+    import shutil
+
+    if shutil.which("srun"):
+        pytest.skip("this machine has SLURM")
+    r = cli([*SWEEP, "hydra/launcher=slurm", f"output_root={tmp_path}"], cwd=tmp_path)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-3000:]
+    assert "hydra/launcher=slurm submits the jobs to SLURM, but this machine has no srun" in r.stderr
+    assert not list(tmp_path.rglob("summary.json"))
+
+
 def test_path_safe_keeps_names_one_component_and_distinct():
     from ortho_run.store import path_safe
     assert path_safe("data.root=/a/b,seed=1") == "data.root=_a_b,seed=1"
