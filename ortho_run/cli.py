@@ -196,6 +196,46 @@ def _check_launcher(config) -> None:
         sys.exit(2)
 
 
+def _check_sweep_jobs(config) -> None:
+    """The pre-flight of every job of a grid sweep, before the first one starts: each job's
+    config, composed as its launcher will compose it, goes through ``validate``; a value that
+    some job gets wrong (``optim.lr=0.1,-0.1``) refuses the sweep, naming each such job, instead
+    of failing that job after the others trained. (Hydra's sweeper composes every job first too;
+    a sweeper that picks its trials as it goes is left to check each trial itself.)"""
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from omegaconf import open_dict
+
+    from ortho_run.validate import validate
+
+    target = str(OmegaConf.select(config, "hydra.sweeper._target_", default="") or "")
+    if not target.endswith(".BasicSweeper") or not GlobalHydra.instance().is_initialized():
+        return
+    loader = GlobalHydra.instance().config_loader()
+    params = OmegaConf.select(config, "hydra.sweeper.params") or {}
+    given = [f"{k}={v}" for k, v in params.items()] + list(config.hydra.overrides.task)
+    parsed = OverridesParser.create(config_loader=loader).parse_overrides(given)
+    jobs = [job for batch in BasicSweeper.split_arguments(parsed, None) for job in batch]
+    refused = []
+    for num, job in enumerate(jobs):
+        try:
+            cfg = loader.load_sweep_config(master_config=config, sweep_overrides=list(job))
+            with open_dict(cfg):
+                del cfg["hydra"]
+            validate(cfg)
+        except ConfigError as exc:
+            swept = [o for o in job if o.split("=", 1)[0] in
+                     {p.get_key_element() for p in parsed if p.is_sweep_override()}]
+            refused.append(f"  job {num} ({' '.join(swept) or 'every job'}): {exc}")
+    if refused:
+        print(f"ortho-run: error: {len(refused)} of the sweep's {len(jobs)} jobs would be "
+              f"refused, so none is started:\n" + "\n".join(refused[:20])
+              + (f"\n  ... and {len(refused) - 20} more" if len(refused) > 20 else ""),
+              file=sys.stderr)
+        sys.exit(2)
+
+
 class SweepReport(Callback):
     """Before: the output folder must be writable. After a multirun: list the failed jobs."""
 
@@ -209,6 +249,7 @@ class SweepReport(Callback):
         _check_output_root(config)
         _check_writable(Path(config.hydra.sweep.dir), "hydra.sweep.dir")
         _check_launcher(config)
+        _check_sweep_jobs(config)
 
     def on_multirun_end(self, config, **kwargs) -> None:
         sweep = Path(config.hydra.sweep.dir)

@@ -63,6 +63,18 @@ def test_a_failing_job_does_not_stop_the_sweep(tmp_path):
     assert sorted(x["status"] for x in s) == ["failed", "finished", "finished"]
 
 
+def test_a_value_some_jobs_get_wrong_refuses_the_sweep_before_any_job(tmp_path):
+    """The pre-flight of a sweep checks every job's config as its run will: a bad value in the
+    sweep list is named per job, and nothing is trained or written; a job that fails at run
+    time (the data above) still leaves the others to finish."""
+    r = cli(["-m", "experiment=smoke", "optim.lr=0.1,-0.1", "seed=0,1",
+             f"output_root={tmp_path}"], cwd=tmp_path)
+    assert r.returncode == 2, r.stderr[-3000:]
+    assert "2 of the sweep's 4 jobs would be refused, so none is started" in r.stderr
+    assert "job 2 (optim.lr=-0.1 seed=0): optim.lr=-0.1 is out of range: it must be > 0" in r.stderr
+    assert "Traceback" not in r.stderr and not list(tmp_path.rglob("*.json"))
+
+
 def test_ddp_two_processes_on_cpu(tmp_path):
     env = dict(os.environ, WANDB_MODE="disabled", OMP_NUM_THREADS="1")
     args = ["experiment=smoke", "trainer.device=cpu", "trainer.max_epochs=4"]
