@@ -328,18 +328,13 @@ def main(argv=None):
     p.add_argument("override", nargs="*", help="extra Hydra overrides")
     args = p.parse_args(argv)
     if args.json:
+        from ortho_run.io import unwritable
+
         out = Path(args.json)
-        try:
-            if out.is_dir():
-                raise IsADirectoryError(21, "a folder")
-            if out.parent.exists() and not out.parent.is_dir():
-                raise NotADirectoryError(20, f"{out.parent} is a file")
-            out.parent.mkdir(parents=True, exist_ok=True)
-            if not os.access(out.parent, os.W_OK | os.X_OK):
-                raise PermissionError(13, "permission denied")
-        except OSError as exc:
-            p.error(f"--json {out}: cannot write the results there ({exc.strerror or exc}): "
-                    f"give a file path in a folder you can write to")
+        why = "a folder" if out.is_dir() else unwritable(out.parent)
+        if why:
+            p.error(f"--json {out}: cannot write the results there ({why}): give a file path in "
+                    f"a folder you can write to")
     from hydra.errors import HydraException
 
     from ortho_run.errors import OrthoRunError

@@ -217,6 +217,7 @@ def _check_sweep_jobs(config) -> None:
     given = [f"{k}={v}" for k, v in params.items()] + list(config.hydra.overrides.task)
     parsed = OverridesParser.create(config_loader=loader).parse_overrides(given)
     jobs = [job for batch in BasicSweeper.split_arguments(parsed, None) for job in batch]
+    swept_keys = {o.get_key_element() for o in parsed if o.is_sweep_override()}
     refused = []
     for num, job in enumerate(jobs):
         try:
@@ -225,8 +226,7 @@ def _check_sweep_jobs(config) -> None:
                 del cfg["hydra"]
             validate(cfg)
         except ConfigError as exc:
-            swept = [o for o in job if o.split("=", 1)[0] in
-                     {p.get_key_element() for p in parsed if p.is_sweep_override()}]
+            swept = [o for o in job if o.split("=", 1)[0] in swept_keys]
             refused.append(f"  job {num} ({' '.join(swept) or 'every job'}): {exc}")
     if refused:
         print(f"ortho-run: error: {len(refused)} of the sweep's {len(jobs)} jobs would be "

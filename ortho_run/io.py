@@ -143,17 +143,30 @@ def cache_root(cache_dir: str) -> Path:
     return Path(os.path.expanduser(os.path.expandvars(cache_dir)))
 
 
+def unwritable(folder: Path) -> Optional[str]:
+    """Why no file can be written in ``folder``, or None: it is created (with its parents) and
+    a probe file is written and removed there. A part of the path that is a file is named."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".write-test.{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        blocking = next((p for p in (folder, *folder.parents) if p.exists()), None)
+        if blocking is not None and not blocking.is_dir():
+            return f"{blocking} is a file"
+        return exc.strerror or str(exc)
+    return None
+
+
 def cache_folder(cache_dir: str, sub: str) -> Path:
     """``<cache_dir>/<sub>``, created; a clear error naming ``cache_dir`` when it cannot be."""
     from ortho_run.errors import ConfigError
 
     root = cache_root(cache_dir) / sub
-    try:
-        root.mkdir(parents=True, exist_ok=True)
-        probe = root / f".write-test.{os.getpid()}"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as exc:
-        raise ConfigError(f"cache_dir={cache_dir}: cannot write {root} ({exc.strerror}); set "
-                          f"cache_dir (or ORTHO_RUN_CACHE) to a writable folder") from None
+    why = unwritable(root)
+    if why:
+        raise ConfigError(f"cache_dir={cache_dir}: cannot write {root} ({why}); set "
+                          f"cache_dir (or ORTHO_RUN_CACHE) to a writable folder")
     return root

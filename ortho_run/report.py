@@ -15,10 +15,8 @@ from __future__ import annotations
 
 import argparse
 import csv
-import errno
 import json
 import math
-import os
 import statistics
 import textwrap
 from collections import defaultdict
@@ -27,6 +25,7 @@ from typing import Dict, List, Optional
 
 from ortho_run.naming import group_key, step_labels
 from ortho_run import keys
+from ortho_run.io import unwritable
 from ortho_run.roles import role_of
 
 ACCURACY = [keys.TEST_ACC1, keys.VAL_BEST_ACC1]
@@ -106,9 +105,10 @@ def collect(dirs: List[Path]):
     recorded: Dict[str, str] = {}  # run_dir a summary records -> the folder it was read in
     for d in dirs:
         for f in sorted(Path(d).rglob("summary.json")):
-            if f.resolve() in read:
+            real = f.resolve()
+            if real in read:
                 continue
-            read.add(f.resolve())
+            read.add(real)
             s, why = keys.read_summary(f)
             if s is None:
                 problems.append((str(f.parent), f"{why}: mend or remove it"))
@@ -583,15 +583,10 @@ def main(argv=None) -> None:
         p.error(f"no run under {', '.join(map(str, dirs))} (no summary.json, no .hydra/ below "
                 f"it): give the run dirs or sweep dirs that ortho-run wrote")
     out = a.out or dirs[0]
-    if out.exists() and not out.is_dir():
-        p.error(f"--out {out} is a file: give a folder for report.md, report.csv and the plots")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        if not os.access(out, os.W_OK | os.X_OK):
-            raise PermissionError(errno.EACCES, "permission denied")
-    except OSError as exc:
-        p.error(f"--out {out}: cannot write the report there ({exc.strerror or exc}): give a "
-                f"folder you can write to")
+    why = unwritable(out)
+    if why:
+        p.error(f"--out {out}: cannot write the report there ({why}): give a folder you can "
+                f"write to for report.md, report.csv and the plots")
     table, problems, files, out = report(dirs, out, a.metrics, not a.no_plots, a.every,
                                          a.against)
     n = sum(max((v["n"] for v in row.values()), default=0) for row in table.values())

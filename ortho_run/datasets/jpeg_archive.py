@@ -26,7 +26,7 @@ from typing import Dict, List, Optional, Tuple
 import numpy as np
 
 from ortho_run.datasets.cifar import SPECS, write_cifar
-from ortho_run.errors import DataError, OrthoRunError
+from ortho_run.errors import DataError, OrthoRunError, described
 
 SPLITS = ("train", "test")
 FORMAT = ("an archive holds <split>_jpeg (uint8 JPEG bytes, concatenated), <split>_offsets "
@@ -57,7 +57,7 @@ def read_archive(path: str | os.PathLike, classes: Optional[int] = None) -> Dict
         try:
             arrays = {k: z[k] for k in need}
         except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
-            raise _bad(path, f"an array cannot be read ({type(exc).__name__}: {exc})") from None
+            raise _bad(path, f"an array cannot be read ({described(exc)})") from None
     errors = _problems(arrays, classes)
     if errors:
         raise _bad(path, "; ".join(errors))
@@ -153,9 +153,8 @@ def decode_jpeg_npz(npz_path: str, split: str, limit: Optional[int] = None, work
 def convert(npz: str, root: str, limit: Optional[int] = None, workers: int = 0,
             overwrite: bool = False) -> Tuple[Path, int, int]:
     """Write ``root/cifar-10-batches-py`` from the archive ``npz``; return the folder and the
-    train and test image counts. A folder
-    that already holds files is replaced only with ``overwrite``, and only once the new one is
-    complete."""
+    train and test image counts. A folder that already holds files is replaced only with
+    ``overwrite``, and only once the new one is complete."""
     spec = SPECS["cifar10"]
     root_p = Path(os.path.expanduser(root))
     target = root_p / spec["folder"]
