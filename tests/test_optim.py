@@ -1,6 +1,7 @@
 """Orthogonalised optimisers and orthogonality regularisers: their maths against references,
 their composition with every method, and what they do on digits."""
 
+import re
 from dataclasses import replace
 
 import pytest
@@ -488,6 +489,24 @@ def test_roles_that_select_nothing_are_refused(tmp_path):
         with pytest.raises(ConfigError, match="selects no trainable weight matrix"):
             build_job(compose(["experiment=smoke", "optim=muon", f"optim.roles={roles}",
                                "logger.mode=disabled"]), tmp_path / "x")
+
+
+@pytest.mark.parametrize("rule", sorted(RULES))
+def test_the_optimiser_refuses_weights_without_a_matrix_naming_the_shape(rule):
+    """A bias given to the orthogonalised step would be read as a column and normalised (the
+    old code stepped it so silently; a scalar or an empty weight was an IndexError)."""
+    good = torch.nn.Parameter(torch.randn(4, 3))
+    for shape in [(8,), (), (0, 4)]:
+        bad = torch.nn.Parameter(torch.zeros(shape))
+        with pytest.raises(ValueError, match=re.escape(f"shape {tuple(shape)};") + ".*another optimiser"):
+            OrthogonalizedMomentum([good, bad], lr=0.1, rule=rule)
+        opt = OrthogonalizedMomentum([good], lr=0.1, rule=rule)
+        with pytest.raises(ValueError, match=re.escape(f"shape {tuple(shape)};")):
+            opt.add_param_group({"params": bad})
+        assert len(opt.param_groups) == 1
+    # a kernel and a 3-D stack are matrices read flattened: taken
+    OrthogonalizedMomentum([torch.nn.Parameter(torch.randn(4, 3, 3, 3)),
+                            torch.nn.Parameter(torch.randn(2, 3, 5))], lr=0.1, rule=rule)
 
 
 def test_batched_step_issues_fewer_host_calls():

@@ -420,6 +420,23 @@ class OrthogonalizedMomentum(torch.optim.Optimizer):
         self._static = False  # CUDA graphs: the state's addresses are fixed
         self.register_load_state_dict_post_hook(OrthogonalizedMomentum._shape_buffers)
 
+    def add_param_group(self, param_group: Dict[str, Any]) -> None:
+        """Only weight matrices (and kernels, read as their flattened matrix) take an
+        orthogonalised step: a vector, a scalar or an empty tensor has no polar factor, and a
+        bias read as a column would be normalised, not orthogonalised. Refused here, naming
+        the shape, as ``torch.optim.Muon`` refuses them (the runner hands them to
+        ``optim.other``)."""
+        params = param_group["params"]
+        params = [params] if isinstance(params, Tensor) else list(params)
+        for i, p in enumerate(params):
+            if isinstance(p, Tensor) and (p.ndim < 2 or p.numel() == 0):
+                raise ValueError(
+                    f"{self.__class__.__name__}: parameter {i} of a group has shape "
+                    f"{tuple(p.shape)}; an orthogonalised step needs a non-empty weight of at "
+                    f"least two dims (a matrix, or a kernel read as out x (in*k*k)). Give "
+                    f"vectors, scalars and empty weights to another optimiser (AdamW, SGD)")
+        super().add_param_group(param_group)
+
     @property
     def own_shaped_state(self) -> Tuple[str, ...]:
         """The state keys whose shapes are not the weight's, checked on load (``_shape_buffers``)."""
@@ -683,7 +700,8 @@ def hyper_from_config(rule: str, cfg) -> Hyper:
 
 
 def _split(groups: List[ParamGroup], cfg):
-    orth = [g for g in groups if g.role in cfg.roles and all(p.ndim >= 2 for p in g.params)]
+    orth = [g for g in groups if g.role in cfg.roles
+            and all(p.ndim >= 2 and p.numel() > 0 for p in g.params)]
     rest = [g for g in groups if g not in orth]
     return orth, rest
 
