@@ -337,7 +337,7 @@ def main(argv=None):
                     f"a folder you can write to")
     from hydra.errors import HydraException
 
-    from ortho_run.errors import OrthoRunError
+    from ortho_run.errors import OrthoRunError, refusal
 
     try:
         res = _run(p, args)
@@ -349,20 +349,6 @@ def main(argv=None):
 
         atomic_write_json(res, args.json)
     return res
-
-
-def refusal(exc: BaseException) -> str:
-    """One paragraph for a config the bench cannot build: the error, and what it names (the
-    full key of a wrong value; the options of a group that has no such option)."""
-    from ortho_run.errors import first_line
-
-    text = str(exc).split("\nConfig search path")[0].strip() or type(exc).__name__
-    cause = exc.__cause__
-    if cause is not None:
-        text += f": {first_line(cause, 1000)}" + "".join(
-            f" ({ln.strip()})" for ln in str(cause).splitlines()[1:]
-            if ln.strip().startswith("full_key"))
-    return " ".join(text.split())
 
 
 def _run(p: argparse.ArgumentParser, args) -> dict:

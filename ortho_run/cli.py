@@ -68,18 +68,38 @@ def task(cfg) -> Any:
     try:
         summary = run(cfg, run_dir, sweep=info, existing=_STATE.get("existing"))
         print(result_line(summary) if multirun else result_block(summary), flush=True)
-        return keys.objective_value(summary, str(cfg.objective))  # what a sweeper optimises
+        value = keys.objective_value(summary, str(cfg.objective))  # what a sweeper optimises
+        return value if value is not None or not multirun else _no_value(run_dir)
     except OrthoRunError as exc:
         print(f"ortho-run: error: {exc}", file=sys.stderr)
         if multirun and not isinstance(exc, Preempted):
-            return None  # summary.json records the failure; SweepReport lists it
+            return _no_value(run_dir)  # summary.json records the failure; SweepReport lists it
         sys.exit(exc.exit_code)  # a preempted sweep stops: the signal was for the whole process
     except Exception:
         if multirun:
             log.exception("job %s failed", run_dir)
-            return None
+            return _no_value(run_dir)
         _STATE["crashed"] = True
         raise
+
+
+def _no_value(run_dir: Path) -> Any:
+    """What a sweep job that has no objective value (it failed, diverged, or its summary lacks
+    the metric) returns. A grid sweep reads nothing; a sweeper that picks trials from the
+    values (Optuna) needs a number, and stops the whole search at a missing one, so it gets
+    the worst value of its direction (-inf when maximising, +inf when minimising): the search
+    goes on, the trial ranks last, and the sweep's end lists the job as failed."""
+    from hydra.core.hydra_config import HydraConfig
+
+    direction = OmegaConf.select(HydraConfig.get(), "sweeper.direction", default=None)
+    if direction is None:
+        return None
+    directions = list(direction) if OmegaConf.is_list(direction) else [direction]
+    worst = [float("inf") if "min" in str(d).lower() else float("-inf") for d in directions]
+    log.warning("job %s has no value of its objective: the sweeper is given %s, the worst of "
+                "its direction, and the search goes on", run_dir.name,
+                worst[0] if len(worst) == 1 else worst)
+    return worst[0] if len(worst) == 1 else worst
 
 
 def _fmt(v) -> str:
@@ -197,43 +217,83 @@ def _check_launcher(config) -> None:
 
 
 def _check_sweep_jobs(config) -> None:
-    """The pre-flight of every job of a grid sweep, before the first one starts: each job's
-    config, composed as its launcher will compose it, goes through ``validate``; a value that
-    some job gets wrong (``optim.lr=0.1,-0.1``) refuses the sweep, naming each such job, instead
-    of failing that job after the others trained. (Hydra's sweeper composes every job first too;
-    a sweeper that picks its trials as it goes is left to check each trial itself.)"""
-    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    """The pre-flight of a sweep's jobs, before the first one starts: each job's config,
+    composed as its launcher will compose it, goes through ``validate``; a value that some job
+    gets wrong (``optim.lr=0.1,-0.1``) refuses the sweep, naming each such job, instead of
+    failing that job after the others trained. A grid sweep checks every job; a sweeper that
+    picks its trials as it goes (Optuna) checks the trials at the edges of its search space
+    (``_edge_trials``), which is where a range that reaches past what a key accepts shows."""
     from hydra.core.global_hydra import GlobalHydra
     from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
     from omegaconf import open_dict
 
+    from ortho_run.errors import refusal
     from ortho_run.validate import validate
 
     target = str(OmegaConf.select(config, "hydra.sweeper._target_", default="") or "")
-    if not target.endswith(".BasicSweeper") or not GlobalHydra.instance().is_initialized():
+    if not target or not GlobalHydra.instance().is_initialized():
         return
     loader = GlobalHydra.instance().config_loader()
     params = OmegaConf.select(config, "hydra.sweeper.params") or {}
     given = [f"{k}={v}" for k, v in params.items()] + list(config.hydra.overrides.task)
     parsed = OverridesParser.create(config_loader=loader).parse_overrides(given)
-    jobs = [job for batch in BasicSweeper.split_arguments(parsed, None) for job in batch]
-    swept_keys = {o.get_key_element() for o in parsed if o.is_sweep_override()}
+    if target.endswith(".BasicSweeper"):
+        from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+
+        swept_keys = {o.get_key_element() for o in parsed if o.is_sweep_override()}
+        jobs = [(list(job), " ".join(o for o in job if o.split("=", 1)[0] in swept_keys)
+                 or "every job")
+                for batch in BasicSweeper.split_arguments(parsed, None) for job in batch]
+        kind = "jobs"
+    else:
+        jobs, kind = _edge_trials(parsed), "trials checked at the edges of its search space"
     refused = []
-    for num, job in enumerate(jobs):
+    for num, (job, label) in enumerate(jobs):
         try:
-            cfg = loader.load_sweep_config(master_config=config, sweep_overrides=list(job))
+            cfg = loader.load_sweep_config(master_config=config, sweep_overrides=job)
             with open_dict(cfg):
                 del cfg["hydra"]
             validate(cfg)
-        except ConfigError as exc:
-            swept = [o for o in job if o.split("=", 1)[0] in swept_keys]
-            refused.append(f"  job {num} ({' '.join(swept) or 'every job'}): {exc}")
+        except (ConfigError, HydraException) as exc:  # a value, or an option of no group
+            refused.append(f"  {'job' if kind == 'jobs' else 'trial'} {num} ({label}): "
+                           f"{refusal(exc)}")
     if refused:
-        print(f"ortho-run: error: {len(refused)} of the sweep's {len(jobs)} jobs would be "
+        print(f"ortho-run: error: {len(refused)} of the sweep's {len(jobs)} {kind} would be "
               f"refused, so none is started:\n" + "\n".join(refused[:20])
               + (f"\n  ... and {len(refused) - 20} more" if len(refused) > 20 else ""),
               file=sys.stderr)
         sys.exit(2)
+
+
+def _edge_trials(parsed) -> List[tuple]:
+    """Trials of a search space (``interval(a, b)``, ``range(...)``, ``choice(...)``) for the
+    pre-flight: one with every searched key at its first value (an interval's low end, a
+    range's start, the first choice), then one per other value of each key alone (an
+    interval's high end, a range's last value, every other choice), each as (overrides, the
+    searched values it sets). A key given twice (in the sweeper's params and on the command
+    line) takes the later, as the sweeper does."""
+    fixed, axes = [], []
+    last = {o.get_key_element(): o for o in parsed}  # a key given twice: the later one counts
+    for o in last.values():
+        if not o.is_sweep_override():
+            fixed.append(o.input_line)
+            continue
+        key, v = o.get_key_element(), o.value()
+        if hasattr(v, "start") and hasattr(v, "end"):  # an interval: its two ends
+            values = [str(v.start), str(v.end)]
+        else:
+            values = list(o.sweep_string_iterator())
+            if hasattr(v, "stop"):  # a range: its first and last values
+                values = values[:1] + values[-1:] if len(values) > 1 else values
+        axes.append([f"{key}={x}" for x in dict.fromkeys(values)])
+    base = [a[0] for a in axes]
+    trials = [(fixed + base, " ".join(base) or "every trial")]
+    for i, axis in enumerate(axes):
+        for value in axis[1:]:
+            point = base[:i] + [value] + base[i + 1:]
+            trials.append((fixed + point, " ".join(point)))
+    return trials
 
 
 class SweepReport(Callback):
@@ -256,6 +316,9 @@ class SweepReport(Callback):
         failed = []
         counts: Dict[str, int] = {"finished": 0, "failed": 0, "diverged": 0}
         jobs = [p for p in sweep.iterdir() if p.is_dir()] if sweep.is_dir() else []
+        # a sweeper that optimises (it has a direction) ranks a job without the objective last
+        objective = (str(config.get("objective", "")) if OmegaConf.select(
+            config, "hydra.sweeper.direction", default=None) is not None else "")
         for job in sorted(p for p in jobs if (p / "summary.json").exists() or (p / ".hydra").is_dir()):
             s, why = keys.read_summary(job / "summary.json")
             status = "failed" if s is None else str(s.get("status"))
@@ -263,6 +326,10 @@ class SweepReport(Callback):
                 failed.append(f"{job.name}: {why}")
             elif status != "finished":
                 failed.append(f"{job.name}: {status}: {str(s.get('error', ''))[:300]}")
+            elif objective and not keys.is_number(s.get(objective)):
+                failed.append(f"{job.name}: finished without objective={objective}, so the "
+                              f"sweeper ranked it last: set objective to a metric its "
+                              f"summary reports")
             counts[status] = counts.get(status, 0) + 1
         _FAILED.extend(failed)
         if failed:

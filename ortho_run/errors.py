@@ -26,6 +26,19 @@ def described(exc: BaseException, limit: int = 300) -> str:
     return f"{type(exc).__name__}: {line}" if line else type(exc).__name__
 
 
+def refusal(exc: BaseException) -> str:
+    """One paragraph for a config that cannot be composed or built (an ortho-run or a Hydra
+    error): the error, and what it names (the full key of a wrong value; the options of a
+    group that has no such option), without Hydra's config search path."""
+    text = str(exc).split("\nConfig search path")[0].strip() or type(exc).__name__
+    cause = exc.__cause__
+    if cause is not None:
+        text += f": {first_line(cause, 1000)}" + "".join(
+            f" ({ln.strip()})" for ln in str(cause).splitlines()[1:]
+            if ln.strip().startswith("full_key"))
+    return " ".join(text.split())
+
+
 class OrthoRunError(Exception):
     """An error the user can fix. The message names the key/file and the remedy."""
 

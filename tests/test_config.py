@@ -213,3 +213,27 @@ def test_every_experiment_preset_trains_a_step(tmp_path, preset):
     s = run(compose(ov), tmp_path / "run")
     assert s["status"] == "finished" and s["step"] == 1
     assert s["model"] == base.model.name and s["method"] == base.method.name
+
+
+def test_the_edge_trials_of_a_search_space_are_its_ends_and_each_choice():
+    """What the pre-flight checks of a sweeper that picks its trials as it goes: every searched
+    key at its first value, then each key alone at each of its other edges (an interval's two
+    ends, a range's first and last values, every choice); a key given twice counts once, the
+    later."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    from ortho_run.cli import _edge_trials
+
+    parsed = OverridesParser.create().parse_overrides([
+        "method.gamma=interval(0.1, 4.0)", "method.lambda_=tag(log, interval(0.01, 2.0))",
+        "experiment=smoke", "seed=range(0, 10)", "optim=choice(sgd,adam,muon)",
+        "method.lambda_=0.5"])
+    trials = _edge_trials(parsed)
+    assert [label for _, label in trials] == [
+        "method.gamma=0.1 seed=0 optim=sgd", "method.gamma=4.0 seed=0 optim=sgd",
+        "method.gamma=0.1 seed=9 optim=sgd", "method.gamma=0.1 seed=0 optim=adam",
+        "method.gamma=0.1 seed=0 optim=muon"]
+    assert trials[1][0] == ["method.lambda_=0.5", "experiment=smoke",  # the fixed ones first
+                            "method.gamma=4.0", "seed=0", "optim=sgd"]
+    assert _edge_trials(OverridesParser.create().parse_overrides(["seed=1"])) == [
+        (["seed=1"], "every trial")]

@@ -139,3 +139,56 @@ def test_two_concurrent_jobs_do_not_interfere(tmp_path):
     assert all(s["status"] == "finished" for s in par)
     assert [par[0][k] for k in keys] == [par[1][k] for k in keys]
     assert [par[0][k] for k in keys] == pytest.approx([alone[k] for k in keys], rel=1e-3)
+
+
+TOY_SWEEPER = {"PYTHONPATH": os.pathsep.join(
+    [os.path.join(os.path.dirname(__file__), "plugins"), os.environ.get("PYTHONPATH", "")])}
+
+
+def test_a_search_space_reaching_past_a_keys_range_refuses_the_search_before_any_trial(tmp_path):
+    """A sweeper that picks its trials as it goes (Optuna's contract, here a toy one): the
+    pre-flight checks the trials at the edges of the search space, so an interval that reaches
+    below a key's range, or a choice of no option, is named before any trial trains."""
+    r = cli(["-m", "hydra/sweeper=toy", "experiment=smoke", "method=opl",
+             "method.gamma=interval(-1.0, 4.0)", "optim=choice(sgd,nope)",
+             f"output_root={tmp_path}"], cwd=tmp_path, env=TOY_SWEEPER)
+    assert r.returncode == 2, r.stderr[-3000:]
+    assert ("2 of the sweep's 3 trials checked at the edges of its search space would be "
+            "refused, so none is started") in r.stderr
+    assert "trial 0 (method.gamma=-1.0 optim=sgd): method.gamma=-1.0 is out of range" in r.stderr
+    assert "trial 2 (method.gamma=-1.0 optim=nope): In 'config': Could not find 'optim/nope'" in r.stderr
+    assert "Traceback" not in r.stderr and not list(tmp_path.rglob("*.json"))
+
+
+def test_a_trial_that_diverges_is_ranked_last_and_the_search_goes_on(tmp_path):
+    """A sweeper that stops the search at a trial without a number (Optuna's does) is given the
+    worst value of its direction for a diverged or failed trial, so the other trials still
+    run; the sweep's end lists the diverged one and exits 4."""
+    out = tmp_path / "toy"
+    r = cli(["-m", "hydra/sweeper=toy", "hydra.sweeper.n_trials=3", "experiment=smoke",
+             "optim.lr=choice(0.1,1e30)", f"hydra.sweep.dir={out}"], cwd=tmp_path,
+            env=TOY_SWEEPER)
+    assert r.returncode == 4, r.stderr[-3000:]
+    assert "Traceback" not in r.stderr
+    from omegaconf import OmegaConf
+
+    values = OmegaConf.load(out / "toy_values.yaml")["values"]
+    assert values[1] == float("-inf") and values[0] == values[2] > 0.3  # trials 0, 2: lr 0.1
+    assert sorted(s["status"] for s in summaries(out)) == ["diverged", "finished", "finished"]
+    assert "2 finished, 0 failed, 1 diverged" in r.stdout
+    # minimising, the worst is +inf
+    r = cli(["-m", "hydra/sweeper=toy", "hydra.sweeper.direction=minimize", "experiment=smoke",
+             "optim.lr=choice(1e30)", "objective=test/loss", f"hydra.sweep.dir={out}_min"],
+            cwd=tmp_path, env=TOY_SWEEPER)
+    assert r.returncode == 4 and "Traceback" not in r.stderr, r.stderr[-3000:]
+    assert OmegaConf.load(out.parent / "toy_min" / "toy_values.yaml")["values"] == [
+        float("inf")] * 2
+
+
+def test_a_finished_trial_without_the_objective_is_listed_and_the_sweep_fails(tmp_path):
+    r = cli(["-m", "hydra/sweeper=toy", "experiment=smoke", "objective=test/acc9",
+             f"hydra.sweep.dir={tmp_path}/toy"], cwd=tmp_path, env=TOY_SWEEPER)
+    assert r.returncode == 4, r.stderr[-3000:]
+    assert r.stderr.count("finished without objective=test/acc9, so the sweeper ranked it "
+                          "last") == 2
+    assert "2 finished, 0 failed, 0 diverged" in r.stdout
