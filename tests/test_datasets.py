@@ -229,6 +229,60 @@ def test_from_jpeg_keeps_an_existing_layout_and_replaces_it_only_when_told(tmp_p
     assert sorted(p.name for p in (tmp_path / "root").iterdir()) == ["cifar-10-batches-py"]
 
 
+def test_from_jpeg_stopped_or_failing_at_the_swap_keeps_the_old_layout(tmp_path, capsys,
+                                                                       monkeypatch):
+    """SIGTERM (a scheduler's stop) as Ctrl-C: one line, exit 130, ROOT as it was (before, the
+    process died and left its decoding processes running); the new folder failing to take the
+    old one's place puts the old one back."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from ortho_run.datasets import jpeg_archive
+    from ortho_run.datasets.jpeg_archive import main
+
+    _jpeg_archive(tmp_path / "a.npz")
+    _fake_cifar(tmp_path / "root", "cifar10")
+    folder = tmp_path / "root" / "cifar-10-batches-py"
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+    # in a process of its own: the stop arrives while the images decode
+    driver = ("import os, signal, sys\n"
+              "from ortho_run.datasets import jpeg_archive as j\n"
+              "decode = j.decode_split\n"
+              "def stopped(*a, **k):\n"
+              "    os.kill(os.getpid(), signal.SIGTERM)\n"
+              "    return decode(*a, **k)\n"
+              "j.decode_split = stopped\n"
+              "j.main(sys.argv[1:])\n")
+    r = subprocess.run([sys.executable, "-c", driver, "from-jpeg", str(tmp_path / "a.npz"),
+                        str(tmp_path / "root"), "--overwrite"], capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 130, (r.returncode, r.stderr[-2000:])
+    assert r.stderr.strip() == f"stopped: nothing was written, {tmp_path / 'root'} is left as it was"
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
+    previous = signal.getsignal(signal.SIGTERM)
+    main(["from-jpeg", str(tmp_path / "a.npz"), str(tmp_path / "few"), "--limit", "3"])
+    assert signal.getsignal(signal.SIGTERM) is previous  # the tool's handler is its own
+    # fewer training images than the layout's five batches: empty batches, read back (they
+    # were a reshape error)
+    assert len(load_dataset(data_cfg("data=cifar10", f"data.root={tmp_path / 'few'}")).train) == 3
+
+    replace = os.replace
+
+    def second_fails(src, dst):
+        if Path(src).name == "cifar-10-batches-py" and ".from-jpeg" in str(src):
+            raise OSError(18, "Invalid cross-device link")
+        return replace(src, dst)
+
+    monkeypatch.setattr(jpeg_archive.os, "replace", second_fails)
+    with pytest.raises(SystemExit) as e:
+        main(["from-jpeg", str(tmp_path / "a.npz"), str(tmp_path / "root"), "--overwrite"])
+    assert e.value.code == 2 and "Invalid cross-device link" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
+    assert sorted(p.name for p in (tmp_path / "root").iterdir()) == ["cifar-10-batches-py"]
+
+
 @pytest.mark.skipif(not SHARED_NPZ.is_file(), reason="shared CIFAR-10 JPEG archive absent")
 def test_folder_built_from_shared_jpeg_archive_loads(tmp_path):
     xtr, ytr, names = decode_jpeg_npz(str(SHARED_NPZ), "train", limit=200)

@@ -150,7 +150,8 @@ def write_cifar(root: str, name: str, x_train: np.ndarray, y_train: np.ndarray,
     folder.mkdir(parents=True, exist_ok=True)
 
     def dump(fname, x, y):
-        obj = {"data": np.ascontiguousarray(x, dtype=np.uint8).reshape(len(x), -1),
+        # rows of 3·32·32 bytes, also for a batch left empty (fewer than 5 training images)
+        obj = {"data": np.ascontiguousarray(x, dtype=np.uint8).reshape(len(x), 3 * 32 * 32),
                spec["label_key"]: [int(v) for v in y], "batch_label": fname}
         with open(folder / fname, "wb") as f:
             pickle.dump(obj, f, protocol=2)

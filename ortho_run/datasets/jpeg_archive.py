@@ -16,9 +16,11 @@ complete: a refused or interrupted conversion leaves ROOT as it was.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import shutil
 import sys
+import threading
 import zipfile
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
@@ -136,8 +138,11 @@ def decode_split(arrays: Dict[str, np.ndarray], split: str, limit: Optional[int]
     if workers > 1 and len(chunks) > 1 and n >= 1000:  # below that a pool costs more than it saves
         from concurrent.futures import ProcessPoolExecutor
 
-        with ProcessPoolExecutor(workers) as ex:
+        ex = ProcessPoolExecutor(workers)
+        try:
             parts = list(ex.map(_decode, [(split, blob, offsets, c) for c in chunks]))
+        finally:  # a failed image or a stop: the chunks not begun are dropped, not decoded
+            ex.shutdown(wait=True, cancel_futures=True)
     else:
         parts = [_decode((split, blob, offsets, index))]
     return np.concatenate(parts), labels[index].astype(np.int64)
@@ -172,10 +177,17 @@ def convert(npz: str, root: str, limit: Optional[int] = None, workers: int = 0,
             write_cifar(str(tmp), "cifar10", xtr, ytr, xte, yte,
                         [str(c) for c in arrays["classes"]])
             old = None
-            if target.exists():
-                old = Path(_fresh(root_p, f".{spec['folder']}.old"))
-                os.replace(target, old / spec["folder"])
-            os.replace(tmp / spec["folder"], target)
+            with _signals_held():  # the swap is whole: a stop lands before or after it
+                if target.exists():
+                    old = Path(_fresh(root_p, f".{spec['folder']}.old"))
+                    os.replace(target, old / spec["folder"])
+                try:
+                    os.replace(tmp / spec["folder"], target)
+                except OSError:
+                    if old is not None:  # the old layout goes back where it was
+                        os.replace(old / spec["folder"], target)
+                        old.rmdir()
+                    raise
             if old is not None:
                 shutil.rmtree(old, ignore_errors=True)
         finally:
@@ -184,6 +196,23 @@ def convert(npz: str, root: str, limit: Optional[int] = None, workers: int = 0,
         raise DataError(f"writing {target} failed ({exc.strerror or exc}): {root_p} is left as "
                         f"it was; free space or pick another ROOT") from None
     return target, len(ytr), len(yte)
+
+
+@contextlib.contextmanager
+def _signals_held():
+    """SIGINT and SIGTERM wait (where the platform can hold them) until the block is done."""
+    import signal
+
+    held = {signal.SIGINT, signal.SIGTERM}
+    can = (hasattr(signal, "pthread_sigmask")
+           and threading.current_thread() is threading.main_thread())
+    if can:
+        signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    try:
+        yield
+    finally:
+        if can:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, held)
 
 
 def _fresh(parent: Path, prefix: str) -> str:
@@ -220,9 +249,20 @@ def main(argv=None) -> None:
     q.add_argument("--overwrite", action="store_true",
                    help="replace ROOT/cifar-10-batches-py when it holds files")
     a = p.parse_args(argv)
+    import signal
+
+    def stop(signum, frame):  # SIGTERM as Ctrl-C: the decoding processes stop, ROOT is kept
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, stop)
     try:
         folder, n_train, n_test = convert(a.npz, a.root, a.limit, a.workers, a.overwrite)
     except OrthoRunError as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        print(f"stopped: nothing was written, {a.root} is left as it was", file=sys.stderr)
+        sys.exit(130)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     print(f"wrote {n_train} train / {n_test} test images to {folder}")
