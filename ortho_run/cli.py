@@ -283,7 +283,10 @@ def _edge_trials(parsed) -> List[tuple]:
         if hasattr(v, "start") and hasattr(v, "end"):  # an interval: its two ends
             values = [str(v.start), str(v.end)]
         else:
-            values = list(o.sweep_string_iterator())
+            try:
+                values = list(o.sweep_string_iterator())
+            except Exception:  # a sweep of no listed values (a glob): its trials check it
+                continue
             if hasattr(v, "stop"):  # a range: its first and last values
                 values = values[:1] + values[-1:] if len(values) > 1 else values
         axes.append([f"{key}={x}" for x in dict.fromkeys(values)])

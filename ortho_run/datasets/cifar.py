@@ -150,8 +150,9 @@ def write_cifar(root: str, name: str, x_train: np.ndarray, y_train: np.ndarray,
     folder.mkdir(parents=True, exist_ok=True)
 
     def dump(fname, x, y):
-        # rows of 3·32·32 bytes, also for a batch left empty (fewer than 5 training images)
-        obj = {"data": np.ascontiguousarray(x, dtype=np.uint8).reshape(len(x), 3 * 32 * 32),
+        # one row per image, also for a batch left empty (fewer than 5 training images)
+        obj = {"data": np.ascontiguousarray(x, dtype=np.uint8).reshape(
+                   len(x), int(np.prod(x.shape[1:]))),
                spec["label_key"]: [int(v) for v in y], "batch_label": fname}
         with open(folder / fname, "wb") as f:
             pickle.dump(obj, f, protocol=2)
