@@ -284,6 +284,13 @@ def _check_names(p: argparse.ArgumentParser, args) -> None:
 
 
 def main(argv=None):
+    from ortho_run.errors import stops_with
+
+    with stops_with("stopped: the measurement is incomplete, and no result was written"):
+        return _main(argv)
+
+
+def _main(argv=None):
     p = argparse.ArgumentParser(prog="python -m ortho_run.bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=None,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 # Process exit codes (documented in README "Guarantees").
 EXIT_USER_ERROR = 2  # bad config, data, checkpoint or output dir
 EXIT_DIVERGED = 3  # non-finite loss; last good checkpoint kept
@@ -37,6 +39,30 @@ def refusal(exc: BaseException) -> str:
             f" ({ln.strip()})" for ln in str(cause).splitlines()[1:]
             if ln.strip().startswith("full_key"))
     return " ".join(text.split())
+
+
+@contextlib.contextmanager
+def stops_with(message: str):
+    """A tool's stop (Ctrl-C, or SIGTERM, which it takes as Ctrl-C): ``message`` on stderr and
+    exit 130, not a traceback; the work inside unwinds first (its ``finally`` blocks, a pool's
+    shutdown). The previous SIGTERM handler is back afterwards."""
+    import signal
+    import sys
+    import threading
+
+    def stop(signum, frame):
+        raise KeyboardInterrupt
+
+    main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, stop) if main else None
+    try:
+        yield
+    except KeyboardInterrupt:
+        print(message, file=sys.stderr)
+        sys.exit(130)
+    finally:
+        if main:
+            signal.signal(signal.SIGTERM, previous)
 
 
 class OrthoRunError(Exception):

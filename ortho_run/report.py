@@ -25,7 +25,7 @@ from typing import Dict, List, Optional
 
 from ortho_run.naming import group_key, step_labels
 from ortho_run import keys
-from ortho_run.io import unwritable
+from ortho_run.io import atomic_path, atomic_write_texts, unwritable
 from ortho_run.roles import role_of
 
 ACCURACY = [keys.TEST_ACC1, keys.VAL_BEST_ACC1]
@@ -240,7 +240,7 @@ def plot_steps(steps: Dict[str, Dict[str, dict]], out: Path, plt) -> List[Path]:
         fig.suptitle("\n".join(textwrap.wrap(g, 90)), fontsize=8)
         fig.tight_layout()
         f = out / f"steps_{idx}.png"
-        fig.savefig(f, dpi=120)
+        _save_png(fig, f)
         plt.close(fig)
         files.append(f)
     return files
@@ -263,10 +263,17 @@ def cell(stats: dict) -> str:
     return f"{stats['mean']:.4f} ± {stats['std']:.4f} (n={stats['n']})"
 
 
+def _save_png(fig, path: Path) -> None:
+    """A figure as a PNG file, written whole or not at all (a stop or a full disk leaves the
+    previous file)."""
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=120, format="png")
+
+
 def write_tables(table, metrics, problems, out: Path, steps=None, compared=None):
     out.mkdir(parents=True, exist_ok=True)
     steps = steps or {}
-    with open(out / "report.csv", "w", newline="") as f:
+    with atomic_path(out / "report.csv") as tmp, open(tmp, "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["group", "metric", "mean", "std", "n"])
         for g, row in table.items():
@@ -299,7 +306,7 @@ def write_tables(table, metrics, problems, out: Path, steps=None, compared=None)
     if problems:
         lines += ["", "## Runs left out, whole or in part", ""] + [f"- `{d}`: {why}"
                                                                   for d, why in problems]
-    (out / "report.md").write_text("\n".join(lines) + "\n")
+    atomic_write_texts({out / "report.md": "\n".join(lines) + "\n"})
 
 
 def split_labels(groups: List[str]):
@@ -341,7 +348,7 @@ def plot(table, metrics, runs, out: Path, steps=None, curves=None) -> List[Path]
         _title(ax, f"{m}: mean ± std over seeds" + (f" | {shared}" if shared else ""))
         fig.tight_layout()
         f = out / f"{m.replace('/', '_')}.png"
-        fig.savefig(f, dpi=120)
+        _save_png(fig, f)
         plt.close(fig)
         files.append(f)
     files.append(plot_curves(runs, curves or {}, out, plt, MaxNLocator))
@@ -419,7 +426,7 @@ def plot_curves(runs, curves: Dict[str, List[dict]], out: Path, plt, MaxNLocator
         fig.suptitle("\n".join(textwrap.wrap(shared, 110)), fontsize=8)
     fig.tight_layout()
     f = out / "curves.png"
-    fig.savefig(f, dpi=120)
+    _save_png(fig, f)
     plt.close(fig)
     return f
 
@@ -546,6 +553,14 @@ def references_text() -> str:
 
 
 def main(argv=None) -> None:
+    from ortho_run.errors import stops_with
+
+    with stops_with("ortho-report: stopped; each file it wrote is whole, the others are as "
+                    "they were"):
+        _main(argv)
+
+
+def _main(argv=None) -> None:
     p = argparse.ArgumentParser(prog="ortho-report", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("dirs", nargs="*", type=Path, help="run or sweep folders (or a summary.json)")

@@ -116,6 +116,45 @@ def _summary(d: Path, method, seed, acc, extra=None):
         {"epoch": e, "train/loss": 1.0 / e, "train/ce": 1.0 / e, "test/acc1": acc}) for e in (1, 2, 3)))
 
 
+def test_a_report_stopped_while_it_writes_leaves_the_previous_files_whole(tmp_path, capsys,
+                                                                          monkeypatch):
+    """Ctrl-C (or SIGTERM, taken as it) while ortho-report writes: one line and exit 130, not a
+    traceback, and report.csv / report.md are the previous complete files, no partial one and
+    no temp file left (they were written in place)."""
+    import csv
+
+    from ortho_run.report import main
+
+    _summary(tmp_path / "a0", "ce", 0, 0.9)
+    _summary(tmp_path / "b0", "gcr", 0, 0.95)
+    main([str(tmp_path), "--no-plots"])
+    before = {n: (tmp_path / n).read_bytes() for n in ("report.csv", "report.md")}
+    _summary(tmp_path / "a1", "ce", 1, 0.8)  # the next report would differ
+    writer = csv.writer
+
+    class Stopped:
+        def __init__(self, f):
+            self.w, self.rows = writer(f), 0
+
+        def writerow(self, row):
+            self.w.writerow(row)
+            self.rows += 1
+            if self.rows == 2:
+                raise KeyboardInterrupt
+
+    monkeypatch.setattr(csv, "writer", Stopped)
+    with pytest.raises((SystemExit, KeyboardInterrupt)) as e:  # (a failure, not a stop)
+        main([str(tmp_path), "--no-plots"])
+    assert e.type is SystemExit and e.value.code == 130
+    err = capsys.readouterr().err
+    assert "ortho-report: stopped" in err and "Traceback" not in err
+    assert {n: (tmp_path / n).read_bytes() for n in before} == before
+    assert sorted(p.name for p in tmp_path.iterdir() if p.is_file()) == sorted(before)
+    monkeypatch.undo()
+    main([str(tmp_path), "--no-plots"])
+    assert "(n=2)" in (tmp_path / "report.md").read_text()
+
+
 def test_report_legend_n1_cells_and_readable_default(tmp_path):
     from ortho_run.report import main
 

@@ -28,7 +28,7 @@ from typing import Dict, List, Optional, Tuple
 import numpy as np
 
 from ortho_run.datasets.cifar import SPECS, write_cifar
-from ortho_run.errors import DataError, OrthoRunError, described
+from ortho_run.errors import DataError, OrthoRunError, described, stops_with
 
 SPLITS = ("train", "test")
 FORMAT = ("an archive holds <split>_jpeg (uint8 JPEG bytes, concatenated), <split>_offsets "
@@ -249,20 +249,11 @@ def main(argv=None) -> None:
     q.add_argument("--overwrite", action="store_true",
                    help="replace ROOT/cifar-10-batches-py when it holds files")
     a = p.parse_args(argv)
-    import signal
-
-    def stop(signum, frame):  # SIGTERM as Ctrl-C: the decoding processes stop, ROOT is kept
-        raise KeyboardInterrupt
-
-    previous = signal.signal(signal.SIGTERM, stop)
-    try:
-        folder, n_train, n_test = convert(a.npz, a.root, a.limit, a.workers, a.overwrite)
-    except OrthoRunError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(exc.exit_code)
-    except KeyboardInterrupt:
-        print(f"stopped: nothing was written, {a.root} is left as it was", file=sys.stderr)
-        sys.exit(130)
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+    # a stop: the decoding processes stop, ROOT is kept
+    with stops_with(f"stopped: nothing was written, {a.root} is left as it was"):
+        try:
+            folder, n_train, n_test = convert(a.npz, a.root, a.limit, a.workers, a.overwrite)
+        except OrthoRunError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            sys.exit(exc.exit_code)
     print(f"wrote {n_train} train / {n_test} test images to {folder}")
