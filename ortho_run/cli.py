@@ -91,15 +91,23 @@ def _no_value(run_dir: Path) -> Any:
     goes on, the trial ranks last, and the sweep's end lists the job as failed."""
     from hydra.core.hydra_config import HydraConfig
 
-    direction = OmegaConf.select(HydraConfig.get(), "sweeper.direction", default=None)
-    if direction is None:
+    directions = _directions(HydraConfig.get(), "sweeper.direction")
+    if not directions:
         return None
-    directions = list(direction) if OmegaConf.is_list(direction) else [direction]
     worst = [float("inf") if "min" in str(d).lower() else float("-inf") for d in directions]
     log.warning("job %s has no value of its objective: the sweeper is given %s, the worst of "
                 "its direction, and the search goes on", run_dir.name,
                 worst[0] if len(worst) == 1 else worst)
     return worst[0] if len(worst) == 1 else worst
+
+
+def _directions(config, key: str) -> List[Any]:
+    """The directions of a sweeper that optimises (Optuna's ``direction`` at ``key``: one, or a
+    list), empty for one that does not (a grid) or a config without a sweeper."""
+    direction = OmegaConf.select(config, key, default=None)
+    if direction is None:
+        return []
+    return list(direction) if OmegaConf.is_list(direction) else [direction]
 
 
 def _fmt(v) -> str:
@@ -245,9 +253,10 @@ def _check_sweep_jobs(config) -> None:
         jobs = [(list(job), " ".join(o for o in job if o.split("=", 1)[0] in swept_keys)
                  or "every job")
                 for batch in BasicSweeper.split_arguments(parsed, None) for job in batch]
-        kind = "jobs"
+        noun, kind = "job", "jobs"
     else:
-        jobs, kind = _edge_trials(parsed), "trials checked at the edges of its search space"
+        jobs = _edge_trials(parsed)
+        noun, kind = "trial", "trials checked at the edges of its search space"
     refused = []
     for num, (job, label) in enumerate(jobs):
         try:
@@ -256,8 +265,7 @@ def _check_sweep_jobs(config) -> None:
                 del cfg["hydra"]
             validate(cfg)
         except (ConfigError, HydraException) as exc:  # a value, or an option of no group
-            refused.append(f"  {'job' if kind == 'jobs' else 'trial'} {num} ({label}): "
-                           f"{refusal(exc)}")
+            refused.append(f"  {noun} {num} ({label}): {refusal(exc)}")
     if refused:
         print(f"ortho-run: error: {len(refused)} of the sweep's {len(jobs)} {kind} would be "
               f"refused, so none is started:\n" + "\n".join(refused[:20])
@@ -273,6 +281,8 @@ def _edge_trials(parsed) -> List[tuple]:
     interval's high end, a range's last value, every other choice), each as (overrides, the
     searched values it sets). A key given twice (in the sweeper's params and on the command
     line) takes the later, as the sweeper does."""
+    from hydra.core.override_parser.types import ChoiceSweep, IntervalSweep, RangeSweep
+
     fixed, axes = [], []
     last = {o.get_key_element(): o for o in parsed}  # a key given twice: the later one counts
     for o in last.values():
@@ -280,16 +290,17 @@ def _edge_trials(parsed) -> List[tuple]:
             fixed.append(o.input_line)
             continue
         key, v = o.get_key_element(), o.value()
-        if hasattr(v, "start") and hasattr(v, "end"):  # an interval: its two ends
+        if isinstance(v, IntervalSweep):  # its two ends
             values = [str(v.start), str(v.end)]
-        else:
-            try:
-                values = list(o.sweep_string_iterator())
-            except Exception:  # a sweep of no listed values (a glob): its trials check it
-                continue
-            if hasattr(v, "stop"):  # a range: its first and last values
-                values = values[:1] + values[-1:] if len(values) > 1 else values
-        axes.append([f"{key}={x}" for x in dict.fromkeys(values)])
+        elif isinstance(v, RangeSweep):  # its first and last values
+            values = list(o.sweep_string_iterator())
+            values = values[:1] + values[-1:]
+        elif isinstance(v, ChoiceSweep):  # every choice
+            values = list(o.sweep_string_iterator())
+        else:  # a sweep of no listed values (a glob): its trials check it
+            continue
+        if values:  # (an empty range: no trial takes it)
+            axes.append([f"{key}={x}" for x in dict.fromkeys(values)])
     base = [a[0] for a in axes]
     trials = [(fixed + base, " ".join(base) or "every trial")]
     for i, axis in enumerate(axes):
@@ -320,8 +331,8 @@ class SweepReport(Callback):
         counts: Dict[str, int] = {"finished": 0, "failed": 0, "diverged": 0}
         jobs = [p for p in sweep.iterdir() if p.is_dir()] if sweep.is_dir() else []
         # a sweeper that optimises (it has a direction) ranks a job without the objective last
-        objective = (str(config.get("objective", "")) if OmegaConf.select(
-            config, "hydra.sweeper.direction", default=None) is not None else "")
+        optimising = _directions(config, "hydra.sweeper.direction")
+        objective = str(config.get("objective", "")) if optimising else ""
         for job in sorted(p for p in jobs if (p / "summary.json").exists() or (p / ".hydra").is_dir()):
             s, why = keys.read_summary(job / "summary.json")
             status = "failed" if s is None else str(s.get("status"))

@@ -342,6 +342,11 @@ RULES: Dict[str, Rule] = {
 }
 
 
+def is_matrix(p: Tensor) -> bool:
+    """Whether ``p`` takes an orthogonalised step: a non-empty weight of two dims or more."""
+    return p.ndim >= 2 and p.numel() > 0
+
+
 def matrix_shape(p: Tensor) -> Tuple[int, int]:
     """A weight as a matrix: rows = output units, a convolution's kernel flattened."""
     return p.shape[0], p[0].numel()
@@ -429,7 +434,7 @@ class OrthogonalizedMomentum(torch.optim.Optimizer):
         params = param_group["params"]
         params = [params] if isinstance(params, Tensor) else list(params)
         for i, p in enumerate(params):
-            if isinstance(p, Tensor) and (p.ndim < 2 or p.numel() == 0):
+            if isinstance(p, Tensor) and not is_matrix(p):
                 raise ValueError(
                     f"{self.__class__.__name__}: parameter {i} of a group has shape "
                     f"{tuple(p.shape)}; an orthogonalised step needs a non-empty weight of at "
@@ -700,8 +705,7 @@ def hyper_from_config(rule: str, cfg) -> Hyper:
 
 
 def _split(groups: List[ParamGroup], cfg):
-    orth = [g for g in groups if g.role in cfg.roles
-            and all(p.ndim >= 2 and p.numel() > 0 for p in g.params)]
+    orth = [g for g in groups if g.role in cfg.roles and all(map(is_matrix, g.params))]
     rest = [g for g in groups if g not in orth]
     return orth, rest
 
