@@ -41,7 +41,7 @@ def _job_info():
 
     hc = HydraConfig.get()
     multirun = hc.mode == RunMode.MULTIRUN
-    info = {"overrides": list(hc.overrides.task)}
+    info = {"overrides": overrides_as_written(hc.overrides.task)}
     if os.environ.get(RERUN_OF):  # ``--from RUN``: the run whose saved config this one reruns
         source = Path(os.environ[RERUN_OF])
         info["overrides"] = _rerun_overrides(source, info["overrides"])
@@ -59,6 +59,13 @@ def _job_info():
 
 
 _STATE = {"crashed": False}  # a task raised an unexpected exception (a bug: exit 1)
+
+
+def overrides_as_written(node) -> List[str]:
+    """The command line's overrides as the user wrote them: Hydra keeps them in a config node,
+    where an interpolation in one (``tag=s${seed}``) would be resolved on reading, against the
+    launching process's config, or fail (``seed=${oops}``)."""
+    return [str(o) for o in OmegaConf.to_container(node, resolve=False)]
 
 
 def task(cfg) -> Any:
@@ -202,6 +209,24 @@ def _deepest_existing(path: Path) -> Path:
     return probe
 
 
+def _output_dir(config, key: str) -> Path:
+    """The folder ``key`` (``hydra.run.dir``, ``hydra.sweep.dir``) names, or one paragraph
+    and exit 2 where it does not resolve or is empty (a run in whatever folder it is started
+    from)."""
+    from ortho_run.errors import first_line
+
+    try:
+        value = OmegaConf.select(config, key, throw_on_missing=True)
+    except Exception as exc:
+        print(f"ortho-run: error: {key} does not resolve: {first_line(exc)}", file=sys.stderr)
+        sys.exit(2)
+    if value is None or not str(value).strip():
+        print(f"ortho-run: error: {key} is empty: name the folder the run writes to "
+              f"({key}=. for the current one)", file=sys.stderr)
+        sys.exit(2)
+    return Path(str(value))
+
+
 def _check_output_root(config) -> None:
     from ortho_run.config import output_root_error
 
@@ -243,8 +268,10 @@ def _check_sweep_jobs(config) -> None:
     if not target or not GlobalHydra.instance().is_initialized():
         return
     loader = GlobalHydra.instance().config_loader()
-    params = OmegaConf.select(config, "hydra.sweeper.params") or {}
-    given = [f"{k}={v}" for k, v in params.items()] + list(config.hydra.overrides.task)
+    params = OmegaConf.select(config, "hydra.sweeper.params")
+    params = OmegaConf.to_container(params, resolve=False) if params is not None else {}
+    given = [f"{k}={v}" for k, v in params.items()] + overrides_as_written(
+        config.hydra.overrides.task)
     parsed = OverridesParser.create(config_loader=loader).parse_overrides(given)
     if target.endswith(".BasicSweeper"):
         from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
@@ -254,6 +281,12 @@ def _check_sweep_jobs(config) -> None:
                  or "every job")
                 for batch in BasicSweeper.split_arguments(parsed, None) for job in batch]
         noun, kind = "job", "jobs"
+        if not jobs:  # an axis of no value (range(0), range(3, 0)): nothing would run
+            empty = [o.input_line for o in parsed if o.is_sweep_override()
+                     and not list(o.sweep_string_iterator())]
+            print(f"ortho-run: error: the sweep has no job: {', '.join(empty) or 'its sweep'} "
+                  f"lists no value", file=sys.stderr)
+            sys.exit(2)
     else:
         jobs = _edge_trials(parsed)
         noun, kind = "trial", "trials checked at the edges of its search space"
@@ -310,21 +343,50 @@ def _edge_trials(parsed) -> List[tuple]:
     return trials
 
 
+def _loud(hook):
+    """Hydra turns an exception in a callback into a warning and goes on, so a fault in a
+    pre-flight would let the run start unchecked: here it stops the command (exit 1) with its
+    traceback, as a fault of ortho-run."""
+    import functools
+
+    @functools.wraps(hook)
+    def checked(self, config, **kwargs):
+        try:
+            return hook(self, config, **kwargs)
+        except Exception:
+            _STATE["crashed"] = True
+            log.exception("ortho-run: %s failed (a fault of ortho-run, not of the command)",
+                          hook.__name__)
+            sys.exit(1)
+
+    return checked
+
+
 class SweepReport(Callback):
     """Before: the output folder must be writable. After a multirun: list the failed jobs."""
 
+    @_loud
     def on_run_start(self, config, **kwargs) -> None:
-        _check_output_root(config)
-        _check_writable(Path(config.hydra.run.dir), "hydra.run.dir")
-        _STATE["existing"] = _deepest_existing(Path(config.hydra.run.dir))
+        from ortho_run.validate import schema_error
 
-    def on_multirun_start(self, config, **kwargs) -> None:
-        _STATE["sweep_overrides"] = list(config.hydra.overrides.task)
+        why = schema_error(config)  # before Hydra resolves the run dir from those keys
+        if why:
+            print(f"ortho-run: error: {why}", file=sys.stderr)
+            sys.exit(2)
         _check_output_root(config)
-        _check_writable(Path(config.hydra.sweep.dir), "hydra.sweep.dir")
+        run_dir = _output_dir(config, "hydra.run.dir")
+        _check_writable(run_dir, "hydra.run.dir")
+        _STATE["existing"] = _deepest_existing(run_dir)
+
+    @_loud
+    def on_multirun_start(self, config, **kwargs) -> None:
+        _STATE["sweep_overrides"] = overrides_as_written(config.hydra.overrides.task)
+        _check_output_root(config)
+        _check_writable(_output_dir(config, "hydra.sweep.dir"), "hydra.sweep.dir")
         _check_launcher(config)
         _check_sweep_jobs(config)
 
+    @_loud
     def on_multirun_end(self, config, **kwargs) -> None:
         sweep = Path(config.hydra.sweep.dir)
         failed = []
@@ -481,6 +543,13 @@ def _hydra_main(hydra, config_path: str, config_name: str) -> None:
         if exc.code == 1 and not _STATE["crashed"]:
             sys.exit(2)
         raise
+    except ValueError as exc:
+        # Hydra refuses flags that do not go together (-m with --cfg, --run with -m) and an
+        # --experimental-rerun file that is not there by raising, outside any task
+        if _STATE["crashed"] or os.environ.get("HYDRA_FULL_ERROR") == "1":
+            raise
+        print(f"ortho-run: error: {exc} (ortho-run --help lists the flags)", file=sys.stderr)
+        sys.exit(2)
     if _FAILED:
         sys.exit(EXIT_SWEEP_FAILED)
 

@@ -38,24 +38,50 @@ def _walk(node: Any, prefix: str = "") -> Iterator[Tuple[str, Any]]:
         yield prefix[:-1], node
 
 
-def _unknown_key(node, prefix: str = "") -> Optional[str]:
-    """Why ``node`` holds a key its schema does not declare (one a ``+key=...`` override
-    appended past the schemas), or None. Each typed node is held against its dataclass's fields;
+def schema_error(cfg) -> Optional[str]:
+    """Why a composed config does not match its schemas (``_schema_mismatch``), its ``hydra``
+    node aside: what Hydra's callbacks can ask before Hydra resolves the run dir from it."""
+    return _schema_mismatch(cfg, ignore=("hydra",))
+
+
+def _schema_mismatch(node, prefix: str = "", ignore=()) -> Optional[str]:
+    """Why ``node`` does not match its schemas, or None: a key its dataclass does not declare
+    (one a ``+key=...`` override appended), one it declares that is gone (a ``~key`` override
+    deleted it), or one with no value (``???``: a key the chosen plugin needs and nobody set, or
+    a group deleted from the defaults). Each typed node is held against its dataclass's fields;
     a ``Dict`` field takes any key."""
     schema = OmegaConf.get_type(node)
-    fields = ({f.name for f in dataclasses.fields(schema)} if dataclasses.is_dataclass(schema)
+    fields = ([f.name for f in dataclasses.fields(schema)] if dataclasses.is_dataclass(schema)
               else None)
     for k in node.keys():
         key = f"{prefix}{k}"
+        if k in ignore:
+            continue
         if fields is not None and k not in fields:
             return (f"unknown key {key}: {schema.__name__} has no key {k!r} (check the "
                     f"spelling; ortho-run --cfg job prints every key)")
+        if OmegaConf.is_missing(node, k):
+            return _no_value(key, node)
         child = node._get_node(k)
         if isinstance(child, DictConfig):
-            why = _unknown_key(child, f"{key}.")
+            why = _schema_mismatch(child, f"{key}.")
             if why:
                 return why
+    for k in fields or ():
+        if k not in node:
+            return (f"{prefix}{k} is gone: {schema.__name__} declares it and the run reads it "
+                    f"(a ~{prefix}{k} override deletes it): leave that override out")
     return None
+
+
+def _no_value(key: str, node) -> str:
+    if "." not in key:  # a group deleted from the defaults list (~data)
+        return (f"{key} has no value: choose one ({key}=<option>; ortho-run --help lists the "
+                f"options)")
+    group = key.split(".")[0]
+    name = OmegaConf.select(node._get_root(), f"{group}.name", default=None)
+    return (f"{key} has no value (???): {group}={name or '...'} needs it; set {key}=<value> on "
+            f"the command line or in your config")
 
 
 def validate(cfg) -> DictConfig:
@@ -66,16 +92,17 @@ def validate(cfg) -> DictConfig:
     from ortho_run.optim import SCHEDULES
     from ortho_run.store import plugin_registries, structured
 
+    # keys appended with +key=... or deleted with ~key bypass the schemas at composition, and a
+    # key left at ??? has no value: refuse them like a typo (a composed config is typed node by
+    # node), before anything resolves an interpolation that reads them
+    typed = dataclasses.is_dataclass(OmegaConf.get_type(cfg))
+    why = _schema_mismatch(cfg) if typed else None
+    if why:
+        raise ConfigError(why)
     try:
         container = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
     except Exception as exc:
         raise ConfigError(f"the config does not resolve: {first_line(exc)}") from None
-    # keys appended with +key=... bypass the schemas at composition: refuse them like a typo
-    # (a composed config is typed node by node)
-    typed = dataclasses.is_dataclass(OmegaConf.get_type(cfg))
-    why = _unknown_key(cfg) if typed else None
-    if why:
-        raise ConfigError(why)
     # the names, each looked up once: every group's plugin (with its schema), the schedule and
     # the published result the run is compared with
     if str(cfg.optim.scheduler) not in SCHEDULES:
@@ -88,6 +115,9 @@ def validate(cfg) -> DictConfig:
         references.get(str(cfg.reference))
     if not typed:  # an untyped config is typed here, through the schemas of the names it gives
         cfg = structured(container, source="the config")
+        why = _schema_mismatch(cfg)
+        if why:
+            raise ConfigError(why)
     for key, v in _walk(container):
         if isinstance(v, float) and not math.isfinite(v):
             raise ConfigError(f"{key}={v} is not a finite number")

@@ -237,3 +237,122 @@ def test_the_edge_trials_of_a_search_space_are_its_ends_and_each_choice():
                             "method.gamma=4.0", "seed=0", "optim=sgd"]
     assert _edge_trials(OverridesParser.create().parse_overrides(["seed=1"])) == [
         (["seed=1"], "every trial")]
+
+
+def _needed_keys():
+    """Every plugin key that has no default (``???``): the chosen plugin needs a value."""
+    import dataclasses
+
+    from omegaconf import MISSING
+
+    from ortho_run.store import plugin_registries
+
+    return [(group, name, f.name) for group, reg in plugin_registries().items()
+            for name in reg.names() if dataclasses.is_dataclass(reg.schema(name))
+            for f in dataclasses.fields(reg.schema(name)) if f.default is MISSING
+            and f.default_factory is dataclasses.MISSING and f.name != "name"]
+
+
+@pytest.mark.parametrize("group,name,key", _needed_keys())
+def test_a_plugin_key_left_without_a_value_is_refused_before_the_run_reads_it(
+        tmp_path, group, name, key):
+    """``data=imagefolder`` without ``data.root`` (every such key of every plugin) was a
+    traceback from the data source; it is refused by the pre-flight, naming the key and the
+    plugin, and the run leaves nothing behind."""
+    from ortho_run.errors import ConfigError
+    from ortho_run.runner.run import run
+
+    cfg = compose([f"{group}={name}", "logger.mode=disabled"])
+    with pytest.raises(ConfigError, match=rf"{group}\.{key} has no value \(\?\?\?\): "
+                                          rf"{group}={name} needs it"):
+        run(cfg, tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+
+
+def test_the_plugins_have_keys_without_a_default_to_check():
+    assert {(g, n) for g, n, _ in _needed_keys()} >= {("data", "imagefolder"), ("data", "hf")}
+
+
+def _deletable_keys():
+    import dataclasses
+
+    from ortho_run.config import RunConfig
+
+    return [f.name for f in dataclasses.fields(RunConfig)]
+
+
+@pytest.mark.parametrize("key", _deletable_keys())
+def test_a_key_deleted_with_a_tilde_is_refused_naming_it_before_anything_reads_it(tmp_path, key):
+    """``~seed``, ``~compat``, ``~data``: Hydra lets some top-level keys be deleted; the run read
+    them before its checks (a traceback from the run's start or its plan). Each is refused by
+    the pre-flight, naming the key, or by Hydra's composition; the run dir is left as it was."""
+    from ortho_run.errors import ConfigError
+    from ortho_run.runner.run import run
+
+    try:
+        cfg = compose([f"~{key}", "logger.mode=disabled"])
+    except (ConfigCompositionException, ValidationError):
+        pytest.skip(f"Hydra's composition refuses ~{key} itself")
+    with pytest.raises(ConfigError, match=rf"^{key} (is gone|has no value)"):
+        run(cfg, tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+
+
+def test_some_top_level_keys_can_be_deleted_so_the_check_is_exercised():
+    deletable = []
+    for key in _deletable_keys():
+        try:
+            compose([f"~{key}"])
+            deletable.append(key)
+        except (ConfigCompositionException, ValidationError):
+            pass
+    assert {"seed", "compat", "data", "tag"} <= set(deletable)
+
+
+def test_overrides_are_read_as_written_not_resolved():
+    """An override holding an interpolation is recorded as typed: resolving Hydra's node would
+    give the launching process's value (``tag=s${seed}`` → ``tag=s0`` for every job of a
+    sweep over seeds, so its resume command would retrain them under one tag) or fail."""
+    from omegaconf import OmegaConf
+
+    from ortho_run.cli import overrides_as_written
+
+    node = OmegaConf.create({"seed": 3, "task": ["tag=s${seed}", "seed=${oops}", "optim.lr=0.1"]})
+    assert overrides_as_written(node.task) == ["tag=s${seed}", "seed=${oops}", "optim.lr=0.1"]
+
+
+def test_a_fault_in_a_pre_flight_callback_stops_the_command_instead_of_a_warning(monkeypatch):
+    """Hydra turns an exception in a callback into a warning and starts the run unchecked."""
+    from omegaconf import OmegaConf
+
+    from ortho_run import cli as cli_module
+
+    def broken(*a, **k):
+        raise RuntimeError("a fault")
+
+    monkeypatch.setattr(cli_module, "_check_output_root", broken)
+    monkeypatch.setitem(cli_module._STATE, "crashed", False)
+    config = OmegaConf.create({"output_root": "outputs", "hydra": {"run": {"dir": "x"}}})
+    with pytest.raises(SystemExit) as exc:
+        cli_module.SweepReport().on_run_start(config)
+    assert exc.value.code == 1 and cli_module._STATE["crashed"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("args,says", [
+    (["-m", "--cfg", "job"], "Only one of --run, --multirun, --cfg"),
+    (["--experimental-rerun", "nowhere.pickle"], "File nowhere.pickle does not exist"),
+    (["-m", "seed=range(0)"], "the sweep has no job: seed=range(0) lists no value"),
+    (["-m", "seed=range(3,0)", "method=ce,opl"], "the sweep has no job: seed=range(3,0)"),
+    (["hydra.run.dir="], "hydra.run.dir is empty: name the folder"),
+    (["~data"], "data has no value: choose one"),
+    (["-m", "~seed", "method=ce,opl"], "job 1 (method=opl): seed is gone"),
+    (["seed=${oops}"], "the config does not resolve: Interpolation key 'oops' not found"),
+    (["data=imagefolder"], "data.root has no value (???): data=imagefolder needs it"),
+])
+def test_command_lines_hydra_or_the_run_refuse_are_one_paragraph_and_write_nothing(
+        tmp_path, args, says):
+    r = cli([*args, f"output_root={tmp_path}/out"], cwd=tmp_path)
+    assert r.returncode == 2 and says in r.stderr, r.stderr[-2000:]
+    assert "Traceback" not in r.stderr
+    assert not (tmp_path / "out").exists() and list(tmp_path.iterdir()) == []

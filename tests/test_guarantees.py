@@ -348,7 +348,7 @@ def test_a_schema_that_extends_another_keeps_its_checks():
     (["optim=sgd", "optim.scheduler=multistep", "optim.milestones=[0,3]"], "optim.milestones"),
     (["method=ebv", "method.gen_seed=-1"], "method.gen_seed"),
     (["model=airbench94", "model.bn_eps=0"], "model.bn_eps"),
-    (["data=torchvision", "data.in_memory_mb=-1"], "data.in_memory_mb"),
+    (["data=torchvision", "data.dataset=CIFAR10", "data.in_memory_mb=-1"], "data.in_memory_mb"),
 ])
 def test_a_meaningless_number_is_refused_naming_the_key(tmp_path, extra, key):
     msg = refused(tmp_path, [*SMOKE, *extra])

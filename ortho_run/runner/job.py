@@ -26,7 +26,6 @@ from ortho_run.regularizers import Regularizer, build_regularizer
 from ortho_run.runner.env import device_name, pick_device, seed_everything
 from ortho_run.runner.trainer import Dist, Trainer
 from ortho_run.store import compatibility_methods
-from ortho_run.validate import validate
 
 log = logging.getLogger("ortho_run")
 
@@ -49,10 +48,9 @@ class Plan:
 
 
 def prepare(cfg, run_dir: Path, dist: Dist, emit, launch: Callable) -> "Job":
-    """The pre-flight and the job: the config checked (``validate``) and planned, the
-    checkpoint it resumes from checked, then the job built (from that checkpoint's state).
+    """The rest of the pre-flight and the job, from a checked config (``validate``): planned,
+    the checkpoint it resumes from checked, then the job built (from that checkpoint's state).
     Raises before anything of the run dir is written."""
-    cfg = validate(cfg)
     p = plan(cfg, run_dir, dist)
     # a checkpoint that may not be continued is refused before an earlier model trains
     point = ckpt.resume_point(cfg, p.run_dir, p.compat.models if p.compat else None)

@@ -26,6 +26,7 @@ from ortho_run.runner.job import Job, build, plan, prepare
 from ortho_run.runner.rundir import RunDir
 from ortho_run.runner.sinks import WandbSink
 from ortho_run.runner.trainer import Dist, Trainer
+from ortho_run.validate import validate
 
 log = logging.getLogger("ortho_run")
 
@@ -115,15 +116,17 @@ def _shared_run_dir(run_dir: Path, dist: Dist) -> Path:
 
 def run(cfg, run_dir: Path, sweep: Optional[Dict[str, Any]] = None,
         existing: Optional[Path] = None) -> Dict[str, Any]:
-    """One job. Nothing in ``run_dir`` is written until the pre-flight (config, data, model,
-    compat needs, resume compatibility: ``job.prepare``) has passed; a refused run leaves an
-    existing run dir byte-identical and removes one it created (a sweep job keeps it for its
-    failure summary), with the parent folders created for it up to ``existing`` (the deepest
-    folder that existed before the command started). The config enters ``prepare`` alone; what
-    follows reads the job, and every write to the run dir goes through its ``RunDir``."""
-    start = RunStart.of(cfg, run_dir, sweep)
-    run_dir, main, facts = start.run_dir, start.dist.is_main, start.facts
-    summary: Dict[str, Any] = {"status": "running", **facts}
+    """One job. Nothing in ``run_dir`` is written until the pre-flight (the config's checks,
+    ``validate``, before anything reads a key; then data, model, compat needs and resume
+    compatibility, ``job.prepare``) has passed; a refused run leaves an existing run dir
+    byte-identical and removes one it created (a sweep job keeps it for its failure summary),
+    with the parent folders created for it up to ``existing`` (the deepest folder that existed
+    before the command started). The checked config enters ``prepare`` alone; what follows
+    reads the job, and every write to the run dir goes through its ``RunDir``."""
+    # the main process is rank 0, whose run dir every rank shares: known before the config is
+    # read (the process group is made from the checked config)
+    main = launch_env()[1] == 0
+    summary: Dict[str, Any] = {"status": "running", "run_dir": str(run_dir), **(sweep or {})}
     t_start = time.time()
     with _Signals() as sig, RunDir(run_dir, enabled=main, existing=existing) as rd:
         wb = WandbSink.disabled()
@@ -136,6 +139,10 @@ def run(cfg, run_dir: Path, sweep: Optional[Dict[str, Any]] = None,
                                   for k, v in row.items()), extra={"epoch_row": True})
 
         try:  # pre-flight: every check that can refuse the run, before any write
+            cfg = validate(cfg)  # first: nothing reads a key before it is checked
+            start = RunStart.of(cfg, run_dir, sweep)
+            run_dir, facts = start.run_dir, start.facts
+            summary = {"status": "running", **facts}
             job = prepare(cfg, run_dir, start.dist, emit, launch=run)
         except BaseException as exc:
             in_sweep = bool(sweep and "job_num" in sweep)
