@@ -192,3 +192,45 @@ def test_a_finished_trial_without_the_objective_is_listed_and_the_sweep_fails(tm
     assert r.stderr.count("finished without objective=test/acc9, so the sweeper ranked it "
                           "last") == 2
     assert "2 finished, 0 failed, 0 diverged" in r.stdout
+
+
+def _optuna_search(out, *extra):
+    return cli(["-m", "hydra/sweeper=opl_search", "experiment=smoke", "method=opl",
+                "hydra.sweeper.n_trials=2", "trainer.max_epochs=1", *extra,
+                f"hydra.sweep.dir={out}"], cwd=out.parent)
+
+
+def test_the_shipped_optuna_search_runs_and_draws_the_same_trials_from_the_same_seed(tmp_path):
+    """``hydra/sweeper=opl_search`` with the real Optuna plugin: the trials it draws come from
+    the run's seed (the same command searches the same points), and its best value is the best
+    trial's objective as the summaries hold it."""
+    pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")
+    from omegaconf import OmegaConf
+
+    def search(name, *extra):
+        r = _optuna_search(tmp_path / name, *extra)
+        assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr[-3000:]
+        points = sorted((s["overrides"][0], s["overrides"][1], s["test/acc1"])
+                        for s in summaries(tmp_path / name))
+        return points, OmegaConf.load(tmp_path / name / "optimization_results.yaml")
+
+    first, best = search("a")
+    again, _ = search("b")
+    other, _ = search("c", "seed=1")
+    assert len(first) == 2 and first == again and [p[:2] for p in other] != [p[:2] for p in first]
+    assert all(p[0].startswith("method.gamma=") and p[1].startswith("method.lambda_=")
+               for p in first)
+    assert best.best_value == max(p[2] for p in first)
+
+
+def test_an_optuna_search_whose_trials_all_diverge_ends_listing_them_not_with_a_traceback(
+        tmp_path):
+    pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")
+    from omegaconf import OmegaConf
+
+    r = _optuna_search(tmp_path / "s", "optim.lr=1e30")
+    assert r.returncode == 4 and "Traceback" not in r.stderr, r.stderr[-3000:]
+    assert [s["status"] for s in summaries(tmp_path / "s")] == ["diverged"] * 2
+    assert "0 finished, 0 failed, 2 diverged" in r.stdout
+    assert OmegaConf.load(tmp_path / "s" / "optimization_results.yaml").best_value == float(
+        "-inf")
