@@ -36,19 +36,26 @@ def objective_error(objective: str):
 def objective_value(summary: dict, objective: str):
     """The number a sweeper optimises, or None (with a warning naming the summary's nearest
     metrics) when the run's summary has no such metric."""
-    import difflib
     import logging
 
     value = summary.get(objective)
     if is_number(value):
         return float(value)
     if summary.get("status") == "finished":
-        metrics = [k for k, v in summary.items() if "/" in k and is_number(v)]
-        near = difflib.get_close_matches(objective, metrics, n=3, cutoff=0.5) or sorted(metrics)[:3]
+        near = nearest_metrics(objective, [k for k, v in summary.items()
+                                           if "/" in k and is_number(v)])
         logging.getLogger("ortho_run").warning(
             "objective=%s is not a metric of this run's summary: the sweeper gets no value; "
             "set objective to one it reports (nearest: %s)", objective, ", ".join(near))
     return None
+
+
+def nearest_metrics(name: str, metrics) -> List[str]:
+    """The (up to three) metrics of ``metrics`` spelled most like ``name``, else the first."""
+    import difflib
+
+    metrics = sorted(set(metrics))
+    return difflib.get_close_matches(name, metrics, n=3, cutoff=0.5) or metrics[:3]
 
 #: the compatibility matrix: query model / gallery model (``old``, ``new``, or a method's own
 #: extra space such as ``raw``) and a retrieval metric (``cmc1``, ``cmc5``, ``map``)

@@ -246,11 +246,15 @@ def plot_steps(steps: Dict[str, Dict[str, dict]], out: Path, plt) -> List[Path]:
     return files
 
 
+def numeric_metrics(runs) -> set:
+    return {k for r in runs for k, v in r.items() if "/" in k and keys.is_number(v)}
+
+
 def pick_metrics(runs, requested: Optional[List[str]] = None, every: bool = False) -> List[str]:
     """``requested`` as given; ``every``: every numeric metric; else the readable default."""
     if requested:
         return list(requested)
-    have = {k for r in runs for k, v in r.items() if "/" in k and keys.is_number(v)}
+    have = numeric_metrics(runs)
     if every:
         return sorted(have)
     shown = [m for m in ACCURACY + COMPAT + GEOMETRY if m in have]
@@ -270,7 +274,9 @@ def _save_png(fig, path: Path) -> None:
         fig.savefig(tmp, dpi=120, format="png")
 
 
-def write_tables(table, metrics, problems, out: Path, steps=None, compared=None):
+def write_tables(table, metrics, problems, out: Path, steps=None, compared=None, reported=()):
+    """report.csv and report.md; ``reported``: every numeric metric the runs hold (for the
+    nearest of a chosen metric that none of them reports)."""
     out.mkdir(parents=True, exist_ok=True)
     steps = steps or {}
     with atomic_path(out / "report.csv") as tmp, open(tmp, "w", newline="") as f:
@@ -287,11 +293,13 @@ def write_tables(table, metrics, problems, out: Path, steps=None, compared=None)
                             w.writerow([g, f"compat/steps/{m}[{i}][{k}]", mu, st["std"][i][k],
                                         st["n"]])
     shown = [m for m in metrics if any(m in r for r in table.values())]
-    lines = ["# ortho-run report", "", "| group | " + " | ".join(shown) + " |",
-             "|---|" + "---|" * len(shown)]
+
+    def row_line(cells):
+        return "| " + " | ".join(cells) + " |"
+
+    lines = ["# ortho-run report", "", row_line(["group", *shown]), "|---|" + "---|" * len(shown)]
     for g, row in table.items():
-        cells = [cell(row[m]) if m in row else "" for m in shown]
-        lines.append(f"| {g} | " + " | ".join(cells) + " |")
+        lines.append(row_line([g, *(cell(row[m]) if m in row else "" for m in shown)]))
     lines += ["", "Each cell: mean ± sample std over the runs of the group (seeds), and n; a "
                   "group of one run shows its value alone.", "", "## Metrics", ""]
     by_text: Dict[str, List[str]] = {}
@@ -299,6 +307,9 @@ def write_tables(table, metrics, problems, out: Path, steps=None, compared=None)
         by_text.setdefault(describe(m), []).append(m)
     lines += [", ".join(f"`{m}`" for m in ms).join(["- ", f": {text}"])
               for text, ms in by_text.items()]
+    lines += [f"- `{m}`: no run reports it, so the table has no column for it (the runs' "
+              f"nearest: {', '.join(f'`{n}`' for n in keys.nearest_metrics(m, reported)) or 'none'})"
+              for m in metrics if m not in shown]
     if compared:
         lines += [""] + compared
     if steps:
@@ -529,7 +540,8 @@ def report(dirs, out=None, metrics=None, plots: bool = True, every: bool = False
     problems = problems + unshown(runs, metrics) + unplotted + uncompared
     table = aggregate(runs, metrics)
     steps = step_matrices(runs)
-    write_tables(table, metrics, problems, out, steps, reference_lines(compared))
+    write_tables(table, metrics, problems, out, steps, reference_lines(compared),
+                 reported=numeric_metrics(runs))
     files = plot(table, metrics, runs, out, steps, curves) if plots and runs else []
     return table, problems, files, out
 

@@ -175,6 +175,25 @@ def test_report_legend_n1_cells_and_readable_default(tmp_path):
     assert (tmp_path / "report.md").read_text().splitlines()[2] == "| group | test/acc5 |"
 
 
+def test_a_chosen_metric_no_run_reports_is_said_with_the_nearest_and_the_table_stays_whole(
+        tmp_path):
+    """``--metrics test/acc2`` was a silently missing column; ``--metrics nope/x`` alone gave a
+    header of two cells over a separator of one."""
+    from ortho_run.report import main
+
+    _summary(tmp_path / "a0", "ce", 0, 0.9)
+    main([str(tmp_path), "--no-plots", "--metrics", "test/acc2", "test/acc1"])
+    md = (tmp_path / "report.md").read_text()
+    assert md.splitlines()[2:5] == ["| group | test/acc1 |", "|---|---|",
+                                    "| experiment=smoke method=ce | 0.9000 (n=1) |"]
+    assert "- `test/acc2`: no run reports it, so the table has no column for it (the runs' " \
+           "nearest: `test/acc5`, `test/acc1`)" in md
+    main([str(tmp_path), "--no-plots", "--metrics", "nope/x"])
+    table = (tmp_path / "report.md").read_text().splitlines()[2:5]
+    assert table == ["| group |", "|---|", "| experiment=smoke method=ce |"]
+    assert all(line.count("|") == 2 for line in table)
+
+
 def test_report_plot_labels_show_what_differs(tmp_path):
     from ortho_run.report import report, split_labels
 
