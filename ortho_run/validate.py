@@ -75,13 +75,15 @@ def _schema_mismatch(node, prefix: str = "", ignore=()) -> Optional[str]:
 
 
 def _no_value(key: str, node) -> str:
-    if "." not in key:  # a group deleted from the defaults list (~data)
+    from ortho_run.store import HELP_GROUPS
+
+    if key in {g for g, _ in HELP_GROUPS}:  # a group deleted from the defaults list (~data)
         return (f"{key} has no value: choose one ({key}=<option>; ortho-run --help lists the "
                 f"options)")
     group = key.split(".")[0]
-    name = OmegaConf.select(node._get_root(), f"{group}.name", default=None)
-    return (f"{key} has no value (???): {group}={name or '...'} needs it; set {key}=<value> on "
-            f"the command line or in your config")
+    name = OmegaConf.select(node._get_root(), f"{group}.name", default=None) if "." in key else None
+    return (f"{key} has no value (???): " + (f"{group}={name} needs it; " if name else "")
+            + f"set {key}=<value> on the command line or in your config")
 
 
 def validate(cfg) -> DictConfig:

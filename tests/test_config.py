@@ -356,3 +356,20 @@ def test_command_lines_hydra_or_the_run_refuse_are_one_paragraph_and_write_nothi
     assert r.returncode == 2 and says in r.stderr, r.stderr[-2000:]
     assert "Traceback" not in r.stderr
     assert not (tmp_path / "out").exists() and list(tmp_path.iterdir()) == []
+
+
+def test_a_plain_key_left_at_no_value_is_named_with_how_to_set_it():
+    """A saved config (``--from``) or a user's yaml can hold ``tag: ???``: a key to set, not a
+    group to choose."""
+    from ortho_run.errors import ConfigError
+    from ortho_run.validate import validate
+
+    cfg = compose([])
+    cfg.tag = "???"
+    with pytest.raises(ConfigError, match=r"^tag has no value \(\?\?\?\): set tag=<value>"):
+        validate(cfg)
+    cfg = compose([])
+    cfg.trainer.max_epochs = "???"
+    with pytest.raises(ConfigError, match=r"^trainer.max_epochs has no value \(\?\?\?\): set "
+                                          r"trainer.max_epochs=<value> on the command line"):
+        validate(cfg)
