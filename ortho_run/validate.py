@@ -2,7 +2,8 @@
 before anything is read or written.
 
 Plugin names against their registries, no key that its schema lacks (one appended with
-``+key=...``), every number finite, the ranges in ``config.RANGES``
+``+key=...``) and every key it declares (not deleted with ``~key``), each with a value (not
+``???``), every number finite, the ranges in ``config.RANGES``
 (built from the shared helpers ``positive``, ``at_least``, ``in_unit_interval``), each chosen
 plugin schema's ``checks`` (``[(field, ok, what it must be), ...]``, with those of the schemas
 it extends: ``config.schema_checks``), each chosen plugin's ``check(run_cfg)`` for what spans
