@@ -202,8 +202,9 @@ def _optuna_search(out, *extra):
 
 def test_the_shipped_optuna_search_runs_and_draws_the_same_trials_from_the_same_seed(tmp_path):
     """``hydra/sweeper=opl_search`` with the real Optuna plugin: the trials it draws come from
-    the run's seed (the same command searches the same points), and its best value is the best
-    trial's objective as the summaries hold it."""
+    the run's seed (the same command searches the same points, so a search run again in its
+    folder resumes its trials), and its best value is the best trial's objective as the
+    summaries hold it."""
     pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")
     from omegaconf import OmegaConf
 
@@ -215,6 +216,11 @@ def test_the_shipped_optuna_search_runs_and_draws_the_same_trials_from_the_same_
         return points, OmegaConf.load(tmp_path / name / "optimization_results.yaml")
 
     first, best = search("a")
+    # the same command in the same folder draws the same trials, so a stopped search continues:
+    # each finished trial is found in its run dir and resumed, none trained again
+    r = _optuna_search(tmp_path / "a")
+    assert r.returncode == 0 and (r.stdout + r.stderr).count("resumed from") == 2, r.stderr[-3000:]
+    assert search("a")[0] == first and len(list((tmp_path / "a").iterdir())) == 3
     again, _ = search("b")
     other, _ = search("c", "seed=1")
     assert len(first) == 2 and first == again and [p[:2] for p in other] != [p[:2] for p in first]
