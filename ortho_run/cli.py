@@ -68,6 +68,16 @@ def overrides_as_written(node) -> List[str]:
     return [str(o) for o in OmegaConf.to_container(node, resolve=False)]
 
 
+def sweep_command_overrides(config) -> List[str]:
+    """What a sweep's command line chose, for the command that continues it: Hydra's own
+    choices (``hydra/sweeper=opl_search``, ``hydra/launcher=slurm``, ``hydra.sweeper.n_trials=3``;
+    without them an Optuna search would continue as a grid of one job), then the task's
+    overrides; the mode and the folders are the resume command's own."""
+    own = ("hydra.mode=", "hydra.sweep.dir=", "hydra.run.dir=")
+    return [o for o in overrides_as_written(config.hydra.overrides.hydra)
+            if not o.startswith(own)] + overrides_as_written(config.hydra.overrides.task)
+
+
 def task(cfg) -> Any:
     from ortho_run.runner.run import run
 
@@ -380,7 +390,7 @@ class SweepReport(Callback):
 
     @_loud
     def on_multirun_start(self, config, **kwargs) -> None:
-        _STATE["sweep_overrides"] = overrides_as_written(config.hydra.overrides.task)
+        _STATE["sweep_overrides"] = sweep_command_overrides(config)
         _check_output_root(config)
         _check_writable(_output_dir(config, "hydra.sweep.dir"), "hydra.sweep.dir")
         _check_launcher(config)

@@ -1,5 +1,7 @@
 """Config composition and validation: errors name the key, before any work starts."""
 
+from pathlib import Path
+
 import pytest
 from hydra.errors import ConfigCompositionException
 from omegaconf.errors import ValidationError
@@ -374,3 +376,25 @@ def test_a_plain_key_left_at_no_value_is_named_with_how_to_set_it():
     with pytest.raises(ConfigError, match=r"^trainer.max_epochs has no value \(\?\?\?\): set "
                                           r"trainer.max_epochs=<value> on the command line"):
         validate(cfg)
+
+
+def test_a_sweeps_continuing_command_keeps_hydras_own_choices():
+    """The command a stopped sweep prints kept the task's overrides alone: an Optuna search
+    (``hydra/sweeper=opl_search``) or a SLURM sweep would have continued as a grid of one job
+    on the default launcher."""
+    from omegaconf import OmegaConf
+
+    from ortho_run.cli import sweep_command_overrides
+    from ortho_run.runner.run import resume_command
+
+    config = OmegaConf.create({"hydra": {"overrides": {
+        "hydra": ["hydra/sweeper=opl_search", "hydra.sweeper.n_trials=3", "hydra.mode=MULTIRUN",
+                  "hydra.sweep.dir=/s/x", "hydra/launcher=slurm"],
+        "task": ["method=opl", "tag=s${seed}"]}}})
+    kept = sweep_command_overrides(config)
+    assert kept == ["hydra/sweeper=opl_search", "hydra.sweeper.n_trials=3",
+                    "hydra/launcher=slurm", "method=opl", "tag=s${seed}"]
+    assert resume_command(Path("/s/x/0_a"), {"job_num": 0, "sweep_dir": "/s/x",
+                                             "sweep_overrides": kept}) == (
+        "ortho-run -m hydra/sweeper=opl_search hydra.sweeper.n_trials=3 hydra/launcher=slurm "
+        "method=opl 'tag=s${seed}' hydra.sweep.dir=/s/x")
