@@ -17,7 +17,7 @@ import os
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any, Dict, List
+from typing import Any, Dict, List, NoReturn
 
 from hydra.experimental.callback import Callback
 
@@ -59,6 +59,12 @@ def _job_info():
 
 
 _STATE = {"crashed": False}  # a task raised an unexpected exception (a bug: exit 1)
+
+
+def _refuse(message: str) -> NoReturn:
+    """A command the user can mend: ``message`` as one paragraph on stderr, exit 2."""
+    print(f"ortho-run: error: {message}", file=sys.stderr)
+    sys.exit(2)
 
 
 def overrides_as_written(node) -> List[str]:
@@ -194,10 +200,9 @@ def _check_writable(path: Path, key: str) -> None:
 
     for part in path.parts:
         if len(part.encode()) > 255:
-            print(f"ortho-run: error: the output folder {path} has a path component of "
-                  f"{len(part.encode())} bytes ({part[:40]}...); file systems allow 255. "
-                  f"Shorten {key} (or output_root).", file=sys.stderr)
-            sys.exit(2)
+            _refuse(f"the output folder {path} has a path component of "
+                    f"{len(part.encode())} bytes ({part[:40]}...); file systems allow 255. "
+                    f"Shorten {key} (or output_root).")
     probe = path
     while not probe.exists() and probe != probe.parent:
         probe = probe.parent
@@ -207,9 +212,8 @@ def _check_writable(path: Path, key: str) -> None:
     elif not os.access(probe, os.W_OK | os.X_OK):
         reason = f"{probe} is not writable"
     if reason:
-        print(f"ortho-run: error: cannot create the output folder {path}: {reason}. Set "
-              f"output_root (or {key}) to a writable folder.", file=sys.stderr)
-        sys.exit(2)
+        _refuse(f"cannot create the output folder {path}: {reason}. Set "
+                f"output_root (or {key}) to a writable folder.")
 
 
 def _deepest_existing(path: Path) -> Path:
@@ -228,12 +232,10 @@ def _output_dir(config, key: str) -> Path:
     try:
         value = OmegaConf.select(config, key, throw_on_missing=True)
     except Exception as exc:
-        print(f"ortho-run: error: {key} does not resolve: {first_line(exc)}", file=sys.stderr)
-        sys.exit(2)
+        _refuse(f"{key} does not resolve: {first_line(exc)}")
     if value is None or not str(value).strip():
-        print(f"ortho-run: error: {key} is empty: name the folder the run writes to "
-              f"({key}=. for the current one)", file=sys.stderr)
-        sys.exit(2)
+        _refuse(f"{key} is empty: name the folder the run writes to ({key}=. for the current "
+                f"one)")
     return Path(str(value))
 
 
@@ -242,8 +244,7 @@ def _check_output_root(config) -> None:
 
     why = output_root_error(config.get("output_root", "outputs"))
     if why:
-        print(f"ortho-run: error: {why}", file=sys.stderr)
-        sys.exit(2)
+        _refuse(why)
 
 
 def _check_launcher(config) -> None:
@@ -252,11 +253,9 @@ def _check_launcher(config) -> None:
 
     target = str(OmegaConf.select(config, "hydra.launcher._target_", default="") or "")
     if target.endswith("SlurmLauncher") and shutil.which("srun") is None:
-        print("ortho-run: error: hydra/launcher=slurm submits the jobs to SLURM, but this "
-              "machine has no srun: run the sweep on a SLURM login node, or here with "
-              "hydra/launcher=basic (one job after another), local_parallel or "
-              "submitit_local", file=sys.stderr)
-        sys.exit(2)
+        _refuse("hydra/launcher=slurm submits the jobs to SLURM, but this machine has no srun: "
+                "run the sweep on a SLURM login node, or here with hydra/launcher=basic (one job "
+                "after another), local_parallel or submitit_local")
 
 
 def _check_sweep_jobs(config) -> None:
@@ -294,9 +293,7 @@ def _check_sweep_jobs(config) -> None:
         if not jobs:  # an axis of no value (range(0), range(3, 0)): nothing would run
             empty = [o.input_line for o in parsed if o.is_sweep_override()
                      and not list(o.sweep_string_iterator())]
-            print(f"ortho-run: error: the sweep has no job: {', '.join(empty) or 'its sweep'} "
-                  f"lists no value", file=sys.stderr)
-            sys.exit(2)
+            _refuse(f"the sweep has no job: {', '.join(empty) or 'its sweep'} lists no value")
     else:
         jobs = _edge_trials(parsed)
         noun, kind = "trial", "trials checked at the edges of its search space"
@@ -310,11 +307,9 @@ def _check_sweep_jobs(config) -> None:
         except (ConfigError, HydraException) as exc:  # a value, or an option of no group
             refused.append(f"  {noun} {num} ({label}): {refusal(exc)}")
     if refused:
-        print(f"ortho-run: error: {len(refused)} of the sweep's {len(jobs)} {kind} would be "
-              f"refused, so none is started:\n" + "\n".join(refused[:20])
-              + (f"\n  ... and {len(refused) - 20} more" if len(refused) > 20 else ""),
-              file=sys.stderr)
-        sys.exit(2)
+        _refuse(f"{len(refused)} of the sweep's {len(jobs)} {kind} would be refused, so none is "
+                f"started:\n" + "\n".join(refused[:20])
+                + (f"\n  ... and {len(refused) - 20} more" if len(refused) > 20 else ""))
 
 
 def _edge_trials(parsed) -> List[tuple]:
@@ -381,8 +376,7 @@ class SweepReport(Callback):
 
         why = schema_error(config)  # before Hydra resolves the run dir from those keys
         if why:
-            print(f"ortho-run: error: {why}", file=sys.stderr)
-            sys.exit(2)
+            _refuse(why)
         _check_output_root(config)
         run_dir = _output_dir(config, "hydra.run.dir")
         _check_writable(run_dir, "hydra.run.dir")
@@ -451,8 +445,7 @@ def _worker_rank_overrides() -> None:
     try:
         world, rank, _ = launch_env()
     except ConfigError as exc:
-        print(f"ortho-run: error: {exc}", file=sys.stderr)
-        sys.exit(2)
+        _refuse(str(exc))
     if world > 1 and rank > 0:
         tmp = Path(tempfile.gettempdir()) / f"ortho-run-rank{rank}-{os.getpid()}"
         sys.argv += [f"hydra.run.dir={tmp}", "hydra.output_subdir=null"]
@@ -514,8 +507,7 @@ def _from_run(tmp: Path):
                               f"--from")
         primary = rerun_config(Path(source))
     except ConfigError as exc:
-        print(f"ortho-run: error: {exc}", file=sys.stderr)
-        sys.exit(2)
+        _refuse(str(exc))
     (tmp / f"{RERUN_CONFIG}.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(primary)))
     os.environ[RERUN_OF] = str(Path(source).expanduser().absolute())  # the jobs' processes too
     sys.argv = [sys.argv[0], *rest]
@@ -558,8 +550,7 @@ def _hydra_main(hydra, config_path: str, config_name: str) -> None:
         # --experimental-rerun file that is not there by raising, outside any task
         if _STATE["crashed"] or os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise
-        print(f"ortho-run: error: {exc} (ortho-run --help lists the flags)", file=sys.stderr)
-        sys.exit(2)
+        _refuse(f"{exc} (ortho-run --help lists the flags)")
     if _FAILED:
         sys.exit(EXIT_SWEEP_FAILED)
 

@@ -57,6 +57,7 @@ def nearest_metrics(name: str, metrics) -> List[str]:
     metrics = sorted(set(metrics))
     return difflib.get_close_matches(name, metrics, n=3, cutoff=0.5) or metrics[:3]
 
+
 #: the compatibility matrix: query model / gallery model (``old``, ``new``, or a method's own
 #: extra space such as ``raw``) and a retrieval metric (``cmc1``, ``cmc5``, ``map``)
 PAIRS = ("old_old", "new_old", "new_new")
