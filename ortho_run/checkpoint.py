@@ -150,6 +150,7 @@ FIELDS: Dict[str, Tuple[bool, Callable[[Any], bool], str]] = {
     "train_s": (False, lambda v: is_number(v) and v >= 0, "a number of seconds >= 0"),
     "optimizer_kinds": (False, is_strings, "a list of strings"),
     "earlier_models": (False, lambda v: v is None or is_strings(v), "a list of strings or null"),
+    "world_size": (False, lambda v: is_count(v) and v >= 1, "an integer >= 1"),
     "config": (False, lambda v: isinstance(v, dict), "the run's config (a mapping)"),
     "fingerprint": (True, lambda v: isinstance(v, dict), "a mapping"),
     "shape": (False, _net_spec, "the net spec (channels, image_size, num_classes: integers "
@@ -236,11 +237,12 @@ def load(path: Path, map_location="cpu") -> Dict[str, Any]:
 
 
 def check_resume(path: Path, state: Dict[str, Any], cfg,
-                 earlier_models: Optional[List[str]] = None) -> Dict[str, tuple]:
+                 earlier_models: Optional[List[str]] = None,
+                 world_size: int = 1) -> Dict[str, tuple]:
     """Refuse to resume ``state`` under ``cfg`` when that would continue another experiment:
-    another config, or (a compatibility run, ``earlier_models`` given) other earlier models
-    than the checkpoint's. Returns the differences accepted by ``trainer.resume=force`` (empty
-    when none)."""
+    another config, (a compatibility run, ``earlier_models`` given) other earlier models than
+    the checkpoint's, or another number of data-parallel processes (``world_size``). Returns
+    the differences accepted by ``trainer.resume=force`` (empty when none)."""
     saved = state.get("config")
     if saved is None:  # a checkpoint from before configs were stored: model and method only
         want, got = fingerprint(cfg), state.get("fingerprint")
@@ -275,6 +277,18 @@ def check_resume(path: Path, state: Dict[str, Any], cfg,
                 f"trainer.resume=force to continue anyway")
         diff = dict(diff, **{"compat.earlier_models": (list(saved_models),
                                                          list(earlier_models))})
+    ranks_then = state.get("world_size")  # absent in checkpoints of earlier versions
+    if ranks_then is not None and ranks_then != world_size:
+        if str(cfg.trainer.resume) != "force":
+            raise CheckpointError(
+                f"{path} was written by a run of {ranks_then} data-parallel process(es), this "
+                f"one has {world_size}: each process reads batches of data.batch_size images of "
+                f"its own, so an epoch's steps, the schedule and the random state would not "
+                f"continue it. Resume it with {ranks_then} process(es) (the command its stop "
+                f"printed), or set trainer.resume=force to continue anyway (summary.json "
+                f"records it); a cache entry of an earlier model that stopped so can be "
+                f"deleted to train it again")
+        diff = dict(diff, world_size=(ranks_then, world_size))
     if state.get("epoch", 0) > cfg.trainer.max_epochs:
         raise CheckpointError(
             f"{path} is at epoch {state['epoch']}, beyond trainer.max_epochs="
@@ -293,16 +307,16 @@ class ResumePoint:
     forced: Dict[str, tuple]
 
 
-def resume_point(cfg, run_dir: Path,
-                 earlier_models: Optional[List[str]] = None) -> Optional[ResumePoint]:
-    """``trainer.resume`` resolved, the checkpoint loaded and checked against ``cfg`` and the
-    earlier models a compatibility run trains against (None when the run starts fresh). A
-    forced resume says here what it accepted."""
+def resume_point(cfg, run_dir: Path, earlier_models: Optional[List[str]] = None,
+                 world_size: int = 1) -> Optional[ResumePoint]:
+    """``trainer.resume`` resolved, the checkpoint loaded and checked against ``cfg``, the
+    earlier models a compatibility run trains against and the number of processes (None when
+    the run starts fresh). A forced resume says here what it accepted."""
     path = resolve_resume(cfg.trainer.resume, run_dir)
     if path is None:
         return None
     state = load(path)
-    forced = check_resume(path, state, cfg, earlier_models)
+    forced = check_resume(path, state, cfg, earlier_models, world_size)
     if forced:
         log.warning("trainer.resume=force: resuming despite %s", describe_differences(forced))
     return ResumePoint(path, state, forced)

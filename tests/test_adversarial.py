@@ -89,6 +89,22 @@ def test_resume_force_continues_and_says_so(tmp_path, finished):
     assert _rows(run_dir)[-1]["lr"] == pytest.approx(_rows(tmp_path / "old")[-1]["lr"] / 2)
 
 
+def test_a_checkpoint_of_another_number_of_processes_is_refused_unless_forced(tmp_path, finished):
+    """Each data-parallel process reads batches of its own: a checkpoint written by two would
+    continue with other steps per epoch, another schedule and random state in one."""
+    run_dir, _ = finished
+    f = run_dir / "checkpoints" / "last.pt"
+    st = torch.load(f, weights_only=False)
+    assert st["world_size"] == 1
+    torch.save(dict(st, world_size=2), f)
+    before = tree(run_dir)
+    msg = refused(tmp_path, [*SMOKE, "trainer.max_epochs=2"], exc=CheckpointError)
+    assert "written by a run of 2 data-parallel process(es), this one has 1" in msg
+    assert "trainer.resume=force" in msg and tree(run_dir) == before
+    s = run_inprocess(tmp_path, [*SMOKE, "trainer.max_epochs=2", "trainer.resume=force"])
+    assert s["status"] == "finished" and s["resume_forced"] == {"world_size": [2, 1]}
+
+
 def test_resume_may_grow_max_epochs_and_change_reporting_keys(tmp_path, finished):
     s = run_inprocess(tmp_path, [*SMOKE, "trainer.max_epochs=2", "trainer.eval_every=2",
                                  "tag=more", "trainer.geometry=false"])
@@ -176,7 +192,8 @@ def test_a_checkpoint_without_the_keys_later_versions_added_still_resumes(tmp_pa
     f = run_dir / "checkpoints" / "last.pt"
     st = torch.load(f, weights_only=False)
     later = [k for k, (required, _, _) in FIELDS.items() if not required]
-    assert set(later) == {"train_s", "optimizer_kinds", "earlier_models", "config", "shape"}
+    assert set(later) == {"train_s", "optimizer_kinds", "earlier_models", "config", "shape",
+                          "world_size"}
     torch.save({k: v for k, v in st.items() if k not in later}, f)
     s = run_inprocess(tmp_path, [*SMOKE, "trainer.max_epochs=2"])
     assert s["status"] == "finished" and s["epoch"] == 2

@@ -55,9 +55,11 @@ def class_means(frozen: FrozenNet, loader, num_classes: int) -> Tuple[Tensor, Te
 
 @torch.no_grad()
 def embed_all(frozen: FrozenNet, loader) -> Tuple[Tensor, Tensor]:
-    """The frozen model's embeddings of every batch of ``loader`` and their labels."""
+    """The frozen model's embeddings of every batch of ``loader`` and their labels (of the
+    whole split where the loader reads one rank's shard of it)."""
     embs, labels = [], []
     for x, y in loader:
         embs.append(frozen.embed(x))
         labels.append(y)
-    return torch.cat(embs), torch.cat(labels)
+    whole = getattr(loader, "unshard", lambda t: t)
+    return whole(torch.cat(embs)), whole(torch.cat(labels))

@@ -10,6 +10,7 @@ imports the runner.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
@@ -28,6 +29,7 @@ from ortho_run.errors import CheckpointError, ConfigError, first_line
 from ortho_run.io import cache_folder
 from ortho_run import keys
 from ortho_run.methods.base import CompatArtifacts
+from ortho_run.parallel import barrier, broadcast, is_main
 from ortho_run.roles import INDEPENDENT, OLD, STEP, ModelRole
 
 log = logging.getLogger("ortho_run")
@@ -119,32 +121,49 @@ def model_key(sub) -> str:
 
 def cached_run(sub, launch: Launch, device=None):
     """The trained model of config ``sub``, from the cache or trained now (under a file lock,
-    so concurrent sweep jobs train it once): (net, config, number of classes, run dir)."""
+    so concurrent sweep jobs train it once): (net, config, number of classes, run dir). With
+    several ranks, rank 0 looks in the cache under the lock, and every rank trains a missing
+    model together (data-parallel, as the run that needs it trains) before all read it."""
     from filelock import FileLock
 
     key = model_key(sub)
     root = cache_folder(sub.cache_dir, "models")
     run_dir = root / key
     what = sub.tag.replace("-", " ")
-    with FileLock(str(run_dir) + ".lock"):
-        summary, _ = keys.read_summary(run_dir / "summary.json")
-        if summary and summary.get("status") == "finished":
-            try:
-                net, _, n_classes = load_run(run_dir, device)
-                log.info("reusing the cached %s %s", what, run_dir)
-                return net, sub, n_classes, run_dir
-            except (CheckpointError, ConfigError) as exc:
-                # a cache entry is derived data: one that cannot be read (a damaged file, one
-                # written by another version) is set aside, not a reason to stop the run
-                aside = run_dir.with_name(f"{key}.damaged")
-                shutil.rmtree(aside, ignore_errors=True)
-                os.replace(run_dir, aside)
-                log.warning("the cached %s in %s cannot be used (%s): moved to %s, training it "
-                            "again", what, run_dir, exc, aside)
-        log.info("training the %s (cache key %s) in %s", what, key, run_dir)
-        launch(sub, run_dir)
-        net, _, n_classes = load_run(run_dir, device)
+    main = is_main()
+    with FileLock(str(run_dir) + ".lock") if main else contextlib.nullcontext():
+        found = _cached(run_dir, what, device) if main else None
+        if broadcast(found is not None):
+            found = found or load_run(run_dir, device)  # another rank: what rank 0 has read
+        else:
+            log.info("training the %s (cache key %s) in %s", what, key, run_dir)
+            launch(sub, run_dir)
+            barrier()  # rank 0 has written it
+            found = load_run(run_dir, device)
+        barrier()  # every rank has read it before another job may touch it
+    net, _, n_classes = found
     return net, sub, n_classes, run_dir
+
+
+def _cached(run_dir: Path, what: str, device):
+    """The finished model in cache folder ``run_dir`` (``load_run``'s), or None: none there,
+    one not finished, or one that cannot be read (set aside)."""
+    summary, _ = keys.read_summary(run_dir / "summary.json")
+    if not (summary and summary.get("status") == "finished"):
+        return None
+    try:
+        found = load_run(run_dir, device)
+        log.info("reusing the cached %s %s", what, run_dir)
+        return found
+    except (CheckpointError, ConfigError) as exc:
+        # a cache entry is derived data: one that cannot be read (a damaged file, one written
+        # by another version) is set aside, not a reason to stop the run
+        aside = run_dir.with_name(f"{run_dir.name}.damaged")
+        shutil.rmtree(aside, ignore_errors=True)
+        os.replace(run_dir, aside)
+        log.warning("the cached %s in %s cannot be used (%s): moved to %s, training it again",
+                    what, run_dir, exc, aside)
+        return None
 
 
 class Step(NamedTuple):

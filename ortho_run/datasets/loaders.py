@@ -23,6 +23,7 @@ from torch import Tensor
 
 from ortho_run.datasets.base import DataSet, Split
 from ortho_run.errors import ConfigError, DataError, described
+from ortho_run.parallel import gather_split
 
 
 def epoch_seed(seed: int, epoch: int) -> int:
@@ -54,6 +55,15 @@ def smallest_train_batch(n: int, batch_size: int, rank: int = 0, world_size: int
     if _drop_last(True, shard, batch_size, None):
         return batch_size
     return shard % batch_size or batch_size
+
+
+def _unshard(rows: Tensor, train: bool, n: int, world_size: int) -> Tensor:
+    """What an evaluation loader computed from its rank's shard of the split (one row an
+    image, in the order it read them), as every rank's rows of the whole split in its order:
+    what one process computes. A training loader's rows, and one process's, as they are."""
+    if train or world_size <= 1:
+        return rows
+    return gather_split(rows, n)
 
 
 class _EvalShard(torch.utils.data.Sampler):
@@ -128,6 +138,9 @@ class DeviceLoader:
     def __len__(self) -> int:
         b = _num_batches(self.shard, self.batch_size, self.drop_last)
         return min(b, self.limit) if self.limit else b
+
+    def unshard(self, rows: Tensor) -> Tensor:
+        return _unshard(rows, self.train, self.n, self.world)
 
     def _augment(self, idx: Tensor, gen) -> Tensor:
         b = len(idx)
@@ -328,6 +341,7 @@ class TorchLoader:
             sampler = (torch.utils.data.RandomSampler(ds, generator=self.gen) if train
                        else torch.utils.data.SequentialSampler(ds))
         self.sampler = sampler
+        self.train, self.n, self.world = train, len(ds), world_size
         drop = _drop_last(train, shard_size(len(ds), train, rank, world_size), batch_size,
                           drop_last)
         self.dl = torch.utils.data.DataLoader(
@@ -348,6 +362,9 @@ class TorchLoader:
 
     def __len__(self):
         return min(len(self.dl), self.limit) if self.limit else len(self.dl)
+
+    def unshard(self, rows: Tensor) -> Tensor:
+        return _unshard(rows, self.train, self.n, self.world)
 
     def __iter__(self):
         self.gen.manual_seed(epoch_seed(self.seed, self.epoch))

@@ -40,6 +40,19 @@ def launch_env() -> tuple:
     return world, rank, local
 
 
+def relaunch() -> tuple:
+    """(the head of a command that starts this run again as it was started, what to add when
+    it cannot say it all): ``ortho-run`` for one process; a single-node torchrun's own command
+    line; for another multi-process launch, ``ortho-run`` run in each of its processes."""
+    world = launch_env()[0]
+    if world <= 1:
+        return "ortho-run", ""
+    if os.environ.get("TORCHELASTIC_RUN_ID") and os.environ.get("LOCAL_WORLD_SIZE") == str(world):
+        return f"torchrun --standalone --nproc_per_node={world} -m ortho_run", ""
+    return "ortho-run", (f" (in each of the run's {world} processes, started the way they "
+                         f"were: it trained data-parallel)")
+
+
 def pick_device(spec: str) -> torch.device:
     spec = str(spec)
     if spec == "auto":

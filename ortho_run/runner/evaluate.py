@@ -36,7 +36,8 @@ def evaluate(net, loader, autocast, collect: bool = False, reduce=None,
 
     Sums stay on the device and are read once at the end (one host sync per evaluation). A
     split where any image's logits are not finite (a diverged net) has NaN accuracies.
-    ``reduce`` (data-parallel) sums the counters across ranks. ``tta_flip`` averages the
+    ``reduce`` (data-parallel) sums the counters across ranks; the embeddings are those of
+    the whole split, gathered from every rank's shard (the loader's ``unshard``). ``tta_flip`` averages the
     logits of each image and its horizontal mirror, ``tta_translate`` adds airbench's
     one-pixel translations (``tta_logits``); embeddings stay those of the image.
     """
@@ -79,9 +80,10 @@ def evaluate(net, loader, autocast, collect: bool = False, reduce=None,
         res.update(loss=tot[0] / n, acc1=tot[1] / n, acc5=tot[2] / n)
         if tot[4]:  # no prediction is read from a non-finite logit: the accuracy is unmeasured
             res.update(acc1=float("nan"), acc5=float("nan"))
-    if collect:
-        res["embeddings"] = {k: torch.cat(v) for k, v in embs.items()}
-        res["labels"] = torch.cat(labels)
+    if collect:  # a shard of the split (one rank's of several): the whole split, in order
+        whole = getattr(loader, "unshard", lambda t: t)
+        res["embeddings"] = {k: whole(torch.cat(v)) for k, v in embs.items()}
+        res["labels"] = whole(torch.cat(labels))
     return res
 
 

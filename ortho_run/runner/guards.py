@@ -17,6 +17,10 @@ import torch
 
 from ortho_run.checkpoint import describe_names, nonfinite_tensors
 from ortho_run.errors import TrainingDiverged
+from ortho_run.parallel import ranks, sum_over_ranks
+
+#: with several ranks and the non-finite check off, every how many steps they agree on a stop
+STOP_AGREE_EVERY = 50
 
 
 class NonFiniteGuard:
@@ -64,10 +68,17 @@ class NonFiniteGuard:
     def check(self, step: int, epoch: int, names: List[str], acc: Optional[torch.Tensor],
               partial: bool = False) -> None:
         """Raise TrainingDiverged if a recorded loss is not finite. ``partial``: only the
-        losses recorded since the last full window (the end of an epoch)."""
+        losses recorded since the last full window (the end of an epoch). With several ranks,
+        the losses of every rank (each rank calls it at the same step): all stop together, at
+        the first bad step of any, and ``acc``'s sums are those of every rank."""
         n = ((step - 1) % self.every + 1 if step else 0) if partial else self.every
         window = self.window[:n]
         finite = torch.isfinite(window)
+        if ranks()[1] > 1:  # one collective: how many ranks saw each step's loss bad, the sums
+            k = len(window)
+            both = sum_over_ranks(torch.cat([(~finite).to(torch.float64),
+                                             *([acc] if acc is not None else [])]))
+            finite, acc = both[:k] == 0, (both[k:] if acc is not None else None)
         if bool(finite.all()):
             return
         first = int((~finite).nonzero()[0, 0])

@@ -53,7 +53,8 @@ def prepare(cfg, run_dir: Path, dist: Dist, emit, launch: Callable) -> "Job":
     Raises before anything of the run dir is written."""
     p = plan(cfg, run_dir, dist)
     # a checkpoint that may not be continued is refused before an earlier model trains
-    point = ckpt.resume_point(cfg, p.run_dir, p.compat.models if p.compat else None)
+    point = ckpt.resume_point(cfg, p.run_dir, p.compat.models if p.compat else None,
+                              p.dist.world_size)
     job = build(p, launch=launch, emit=emit, resume=point.state if point else None)
     if point is not None:
         job.resumed, job.forced = True, point.forced

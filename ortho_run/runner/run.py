@@ -20,7 +20,7 @@ import torch
 
 from ortho_run.errors import OrthoRunError, Preempted, TrainingDiverged
 from ortho_run.retrieval import retrieval_metrics
-from ortho_run.runner.env import git_commit, launch_env, package_versions
+from ortho_run.runner.env import git_commit, launch_env, package_versions, relaunch
 from ortho_run.runner.evaluate import feature_geometry
 from ortho_run.runner.job import Job, build, plan, prepare
 from ortho_run.runner.rundir import RunDir
@@ -39,34 +39,37 @@ def init_distributed(device_spec: str) -> Dist:
     import torch.distributed as dist
 
     use_cuda = torch.cuda.is_available() and str(device_spec) != "cpu"
-    if not dist.is_initialized():
+    owned = not dist.is_initialized()  # else a run launched inside one: its group
+    if owned:
         if use_cuda:
             torch.cuda.set_device(local)
         dist.init_process_group("nccl" if use_cuda else "gloo")
-    return Dist(rank=rank, world_size=world, local_rank=local)
+    return Dist(rank=rank, world_size=world, local_rank=local, owned=owned)
 
 
 def resume_command(run_dir: Path, sweep: Optional[Dict[str, Any]]) -> str:
     """The command the user runs to continue: for one run, its overrides in its run dir; for a
     job of a sweep, the sweep itself (``-m``, the sweep's overrides, its folder), which keeps
-    the finished jobs and continues the stopped one."""
+    the finished jobs and continues the stopped one. A data-parallel run is started again as it
+    was (torchrun's command line), so that it continues with as many processes."""
     import shlex
 
     sweep = sweep or {}
+    head, note = relaunch()
     skip = ("trainer.resume=", "hydra.run.dir=", "hydra.sweep.")
     rerun = sweep.get("rerun_of")  # a rerun of a saved config (``--from RUN``)
     if "job_num" in sweep and sweep.get("sweep_dir"):
         keep = [o for o in sweep.get("sweep_overrides") or sweep.get("overrides", [])
                 if not o.startswith(skip)]
-        return " ".join(["ortho-run", *(["--from", shlex.quote(rerun)] if rerun else []), "-m",
+        return " ".join([head, *(["--from", shlex.quote(rerun)] if rerun else []), "-m",
                          *map(shlex.quote, keep),
-                         shlex.quote(f"hydra.sweep.dir={sweep['sweep_dir']}")])
+                         shlex.quote(f"hydra.sweep.dir={sweep['sweep_dir']}")]) + note
     if rerun:  # its own saved config is the one to continue
-        return " ".join(["ortho-run", "--from", shlex.quote(str(run_dir)), "trainer.resume=auto",
-                         shlex.quote(f"hydra.run.dir={run_dir}")])
+        return " ".join([head, "--from", shlex.quote(str(run_dir)), "trainer.resume=auto",
+                         shlex.quote(f"hydra.run.dir={run_dir}")]) + note
     keep = [o for o in sweep.get("overrides", []) if not o.startswith(skip)]
-    return " ".join(["ortho-run", *map(shlex.quote, keep), "trainer.resume=auto",
-                     shlex.quote(f"hydra.run.dir={run_dir}")])
+    return " ".join([head, *map(shlex.quote, keep), "trainer.resume=auto",
+                     shlex.quote(f"hydra.run.dir={run_dir}")]) + note
 
 
 class _Signals:

@@ -24,9 +24,10 @@ from ortho_run.assemble import Net, NetSpec
 from ortho_run.errors import CheckpointError, Preempted, TrainingDiverged, first_line
 from ortho_run.optim import (build_optimizers, build_scheduler, optimizer_kind, restore_optimizer,
                              schedule_at)
+from ortho_run.parallel import any_rank, broadcast_buffers, max_over_ranks
 from ortho_run.runner.env import rng_state, set_rng_state
 from ortho_run.runner.evaluate import evaluate
-from ortho_run.runner.guards import NonFiniteGuard, StopRequest
+from ortho_run.runner.guards import STOP_AGREE_EVERY, NonFiniteGuard, StopRequest
 from ortho_run.runner.sinks import RunProgress
 
 log = logging.getLogger("ortho_run")
@@ -37,14 +38,17 @@ class Dist:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
+    #: whether this run made the process group, and so ends it: a run launched inside another
+    #: (an earlier model of a compatibility run) trains in the same group and leaves it open
+    owned: bool = False
 
     @property
     def is_main(self) -> bool:
         return self.rank == 0
 
     def close(self) -> None:
-        """End the process group of a data-parallel run (nothing for one process)."""
-        if self.world_size > 1:
+        """End the process group this run made (nothing for one process)."""
+        if self.world_size > 1 and self.owned:
             import torch.distributed as dist
 
             if dist.is_initialized():
@@ -179,6 +183,7 @@ class Trainer:
             "fingerprint": ckpt.fingerprint(self.cfg),
             "shape": self.spec.to_dict() if self.spec is not None else {},
             "earlier_models": self.earlier_models,  # compared on resume
+            "world_size": self.dist.world_size,  # compared on resume
             "net": self.net.state_dict(),
             "optimizers": [o.state_dict() for o in self.optimizers],
             "optimizer_kinds": [optimizer_kind(o) for o in self.optimizers],
@@ -241,7 +246,9 @@ class Trainer:
         loss = parts["loss"]
         for o in self.optimizers:
             o.zero_grad(set_to_none=True)
-        if self.skip_bad and not bool(torch.isfinite(loss.detach())):
+        # with several ranks, a step is skipped on every rank or on none (their gradients are
+        # averaged): a non-finite loss on one skips it on all
+        if self.skip_bad and any_rank(~torch.isfinite(loss.detach()), self.device):
             return None
         if self.sum_loss:  # the batch's summed loss; the logged parts stay per-example means
             loss = loss * len(y)
@@ -312,7 +319,7 @@ class Trainer:
                            "lr": self.optimizers[0].param_groups[0]["lr"]})
             if bar is not None:
                 bar.update()
-            if self.stop.requested:
+            if self._stop_here(st.step):
                 self._check_finite(epoch, names or [], acc)
                 if acc is not None:
                     vals = acc.tolist()
@@ -352,6 +359,7 @@ class Trainer:
         embedding space of the method and the labels (for geometry, retrieval, compat)."""
         row: dict = {}
         collected: Collected = {}
+        broadcast_buffers(self.net)  # with several ranks, each evaluates the net rank 0 saves
         for name, loader in self.eval_loaders.items():
             res = evaluate(self.net, loader, self.autocast, collect=collect,
                            reduce=self.dist.all_reduce if self.dist.world_size > 1 else None,
@@ -438,9 +446,24 @@ class Trainer:
             self.emit(row)
             if last or (t.checkpoint_every > 0 and self.state.epoch % t.checkpoint_every == 0):
                 self.save()
-            if self.stop.requested:
+            if self._stop_here():
                 self._preempt()
         return (self.state.history[-1] if self.state.history else {}), collected
+
+    def _stop_here(self, step: Optional[int] = None) -> bool:
+        """Whether the run stops after this step (``step``) or at this epoch's end (None). In
+        one process, as soon as a stop is requested; with several ranks, where they agree on it,
+        so that all stop after the same step: every ``trainer.nonfinite_check_every`` steps
+        (``STOP_AGREE_EVERY`` with that check off) and at each epoch's end."""
+        if self.dist.world_size <= 1:
+            return self.stop.requested
+        every = self.guard.every if self.guard.enabled else STOP_AGREE_EVERY
+        if step is not None and step % every:
+            return False
+        signum = int(max_over_ranks(self.stop.signal or 0, self.device))
+        if signum:  # a rank that got no signal stops for the one that did
+            self.stop.request(signum)
+        return bool(signum)
 
     def _preempt(self):
         self.save()
