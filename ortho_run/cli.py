@@ -506,12 +506,29 @@ def _from_run(tmp: Path):
                               f"keys (optim.lr=0.01, seed=1), or compose a new run without "
                               f"--from")
         primary = rerun_config(Path(source))
+        _warn_of_other_processes(Path(source).expanduser())
     except ConfigError as exc:
         _refuse(str(exc))
     (tmp / f"{RERUN_CONFIG}.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(primary)))
     os.environ[RERUN_OF] = str(Path(source).expanduser().absolute())  # the jobs' processes too
     sys.argv = [sys.argv[0], *rest]
     return str(tmp), RERUN_CONFIG
+
+
+def _warn_of_other_processes(source: Path) -> None:
+    """A rerun's numbers are its run's with as many data-parallel processes only (each reads
+    batches of data.batch_size images of its own): say so where this one has another count."""
+    from ortho_run.runner.env import launch_env
+
+    run_dir = source if source.is_dir() else source.parent
+    summary, _ = keys.read_summary(run_dir / "summary.json")
+    then, now = (summary or {}).get("world_size"), launch_env()[0]
+    if isinstance(then, int) and then != now:
+        print(f"ortho-run: warning: {run_dir} trained with {then} data-parallel process(es), "
+              f"this rerun has {now}: each process reads batches of data.batch_size images of "
+              f"its own, so its numbers will differ; start it with {then} (torchrun "
+              f"--nproc_per_node={then} -m ortho_run --from ...) to retrain that run",
+              file=sys.stderr)
 
 
 def _rerun_overrides(source: Path, own: List[str]) -> List[str]:

@@ -63,6 +63,11 @@ def test_the_evaluation_is_the_saved_nets_on_the_whole_split(tmp_path):
         assert ddp[k] == pytest.approx(one[k], rel=1e-6, abs=1e-9), k
     assert ddp["test/loss"] == pytest.approx(one["test/loss"], rel=1e-6)
     assert one["world_size"] == 1 and one["resume_forced"]["world_size"] == [2, 1]
+    # its saved config rerun by one process: said to train another run
+    r = cli(["--from", str(tmp_path / "ddp"), "trainer.max_epochs=1",
+             f"hydra.run.dir={tmp_path / 'rerun'}"], cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "trained with 2 data-parallel process(es), this rerun has 1" in r.stderr
 
 
 def test_a_nonfinite_loss_on_one_rank_stops_every_rank_at_its_step(tmp_path):
