@@ -137,3 +137,22 @@ def test_a_compatibility_run_trains_its_old_model_with_every_rank(tmp_path):
     # rank 0 looks, the others follow
     assert (r.stdout + r.stderr).count("reusing the cached old model") == 1
     assert summary(tmp_path / "b")["compat/old_old/cmc1"] == s["compat/old_old/cmc1"]
+
+
+def test_the_tasks_of_a_submitit_job_are_the_ranks_of_one_run(tmp_path):
+    """``hydra.launcher.tasks_per_node=2`` (the SLURM launcher's way to a data-parallel job;
+    submitit_local here): the two tasks train one run together, as torchrun's two processes do
+    (the same figures), instead of two runs of one process each into the same run dir."""
+    extra = ["trainer.max_epochs=2", "trainer.deterministic=true"]
+    r = torchrun(extra, tmp_path / "torchrun")
+    assert r.returncode == 0, r.stderr[-3000:]
+    r = cli(["-m", "hydra/launcher=submitit_local", "hydra.launcher.tasks_per_node=2",
+             "hydra.launcher.timeout_min=10", *BASE, *extra,
+             f"hydra.sweep.dir={tmp_path / 'sweep'}"], cwd=tmp_path,
+            env={"OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    (job,) = summaries(tmp_path / "sweep")
+    assert job["world_size"] == 2 and job["status"] == "finished"
+    ref = summary(tmp_path / "torchrun")
+    for k in ("test/acc1", "test/loss", "train/loss"):
+        assert job[k] == ref[k], k

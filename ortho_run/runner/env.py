@@ -17,10 +17,28 @@ import torch
 from ortho_run.errors import ConfigError
 
 
+def _adopt_submitit_tasks() -> None:
+    """A job of several tasks started by submitit (``hydra/launcher=slurm`` or
+    ``submitit_local`` with ``tasks_per_node`` > 1): its tasks are the ranks, but submitit
+    describes them in its own variables (SLURM's, or its local executor's), not in those that
+    torch's process group reads. Set those from them (the first task's host and a port drawn
+    from the job id), once, as torchrun would have."""
+    if "WORLD_SIZE" in os.environ or not os.environ.get("SUBMITIT_EXECUTOR"):
+        return
+    try:
+        from submitit.helpers import TorchDistributedEnvironment
+    except ImportError:  # not a submitit job after all: nothing to adopt
+        return
+    tasks = TorchDistributedEnvironment()
+    if tasks.world_size > 1:
+        tasks.export(set_cuda_visible_devices=False)  # the run picks its GPU by local rank
+
+
 def launch_env() -> tuple:
-    """(world size, rank, local rank) as a launcher (torchrun, submitit) sets them in
-    WORLD_SIZE, RANK and LOCAL_RANK; (1, 0, 0) without one. A value that is no such number is a
-    ConfigError naming the variable."""
+    """(world size, rank, local rank) as a launcher sets them in WORLD_SIZE, RANK and
+    LOCAL_RANK (torchrun; for submitit's tasks, ``_adopt_submitit_tasks``); (1, 0, 0) without
+    one. A value that is no such number is a ConfigError naming the variable."""
+    _adopt_submitit_tasks()
     out = []
     for name, default, low in (("WORLD_SIZE", 1, 1), ("RANK", 0, 0), ("LOCAL_RANK", 0, 0)):
         text = os.environ.get(name, str(default))
