@@ -118,6 +118,39 @@ def nan_at_step(monkeypatch):
     return state
 
 
+def test_a_submitit_preemption_signal_checkpoints_at_the_batch_then_is_handed_on(tmp_path,
+                                                                                 monkeypatch):
+    """SLURM's warning before a preemption or the time limit reaches a submitit job as
+    SIGUSR2, whose handler requeues the job and exits at once: the run first checkpoints at
+    the batch and writes its summary, then hands the signal to that handler."""
+    from ortho_run.errors import Preempted
+    from ortho_run.methods.ce import CE
+
+    monkeypatch.setenv("SUBMITIT_EXECUTOR", "slurm")
+    monkeypatch.setenv("WORLD_SIZE", "1")  # one task: nothing to adopt from SLURM's variables
+    summary = tmp_path / "run" / "summary.json"
+    requeued = []
+    real, calls = CE.loss, {"n": 0}
+
+    def loss(self, out, batch):
+        calls["n"] += 1
+        if calls["n"] == 6:
+            os.kill(os.getpid(), signal.SIGUSR2)
+        return real(self, out, batch)
+
+    monkeypatch.setattr(CE, "loss", loss)
+    before = signal.signal(signal.SIGUSR2, lambda s, f: requeued.append(
+        (s, json.loads(summary.read_text())["status"])))
+    try:
+        with pytest.raises(Preempted, match="signal 12 at epoch 0, batch 6"):
+            run_inprocess(tmp_path, ["experiment=smoke", "trainer.max_epochs=3"])
+    finally:
+        signal.signal(signal.SIGUSR2, before)
+    assert requeued == [(signal.SIGUSR2, "preempted")]
+    ck = torch.load(tmp_path / "run" / "checkpoints" / "last.pt", weights_only=False)
+    assert (ck["epoch"], ck["batch"], ck["step"]) == (0, 6, 6)
+
+
 def test_nonfinite_loss_stops_naming_step_and_keeps_last_good_checkpoint(tmp_path, nan_at_step):
     from ortho_run.errors import TrainingDiverged
 

@@ -27,9 +27,10 @@ def _adopt_submitit_tasks() -> None:
         return
     try:
         from submitit.helpers import TorchDistributedEnvironment
-    except ImportError:  # not a submitit job after all: nothing to adopt
+
+        tasks = TorchDistributedEnvironment()
+    except (ImportError, KeyError, RuntimeError):  # no submitit job after all: nothing to adopt
         return
-    tasks = TorchDistributedEnvironment()
     if tasks.world_size > 1:
         tasks.export(set_cuda_visible_devices=False)  # the run picks its GPU by local rank
 

@@ -72,21 +72,37 @@ def resume_command(run_dir: Path, sweep: Optional[Dict[str, Any]]) -> str:
                      shlex.quote(f"hydra.run.dir={run_dir}")]) + note
 
 
+def _scheduler_signal() -> Optional[int]:
+    """The signal a submitit job gets before its preemption or time limit (SIGUSR2, or
+    SUBMITIT_PREEMPT_SIGNAL's), which submitit answers by requeueing the job; None elsewhere."""
+    import os
+
+    if not os.environ.get("SUBMITIT_EXECUTOR"):
+        return None
+    name = os.environ.get("SUBMITIT_PREEMPT_SIGNAL", "USR2").upper()
+    return getattr(signal, name if name.startswith("SIG") else f"SIG{name}", None)
+
+
 class _Signals:
     """SIGTERM/SIGINT: before training, stop at once (exit 75); during training, the trainer
     checkpoints at the next batch and exits with 75; during the shutdown (summary, W&B finish),
-    and for every signal after the first, nothing: the shutdown always completes."""
+    and for every signal after the first, nothing: the shutdown always completes. A submitit
+    job's preemption signal (``_scheduler_signal``) stops the run the same way, and is then
+    handed on to submitit's own handler, which requeues the job: the requeued job continues
+    from the checkpoint written at that batch."""
 
     def __init__(self):
         self.trainer: Optional[Trainer] = None
         self.prev = {}
         self.received: Optional[int] = None
         self.shutting_down = False
+        self.hand_on = _scheduler_signal()
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
-            for s in (signal.SIGTERM, signal.SIGINT):
-                self.prev[s] = signal.signal(s, self._handle)
+            for s in (signal.SIGTERM, signal.SIGINT, self.hand_on):
+                if s is not None:
+                    self.prev[s] = signal.signal(s, self._handle)
         return self
 
     def _handle(self, signum, frame):
@@ -104,6 +120,9 @@ class _Signals:
             # after a stop request the process is on its way out: later signals must not turn
             # its exit into a KeyboardInterrupt traceback (or a death by signal)
             signal.signal(s, signal.SIG_IGN if self.received is not None else h)
+        handler = self.prev.get(self.hand_on) if self.received == self.hand_on else None
+        if callable(handler):  # the checkpoint and the summary are written: submitit requeues
+            handler(self.received, None)
 
 
 def _shared_run_dir(run_dir: Path, dist: Dist) -> Path:
