@@ -90,7 +90,8 @@ def task(cfg) -> Any:
     run_dir, multirun, info = _job_info()
     try:
         summary = run(cfg, run_dir, sweep=info, existing=_STATE.get("existing"))
-        print(result_line(summary) if multirun else result_block(summary), flush=True)
+        if not _STATE.get("worker_rank"):
+            print(result_line(summary) if multirun else result_block(summary), flush=True)
         value = keys.objective_value(summary, str(cfg.objective))  # what a sweeper optimises
         return value if value is not None or not multirun else _no_value(run_dir)
     except OrthoRunError as exc:
@@ -392,6 +393,8 @@ class SweepReport(Callback):
 
     @_loud
     def on_multirun_end(self, config, **kwargs) -> None:
+        if _STATE.get("worker_rank"):  # rank 0 reports the sweep, from its folder
+            return
         sweep = Path(config.hydra.sweep.dir)
         failed = []
         counts: Dict[str, int] = {"finished": 0, "failed": 0, "diverged": 0}
@@ -435,8 +438,9 @@ def _hide_schemas_from_completion() -> None:
 
 
 def _worker_rank_overrides() -> None:
-    """Under torchrun, ranks > 0 keep Hydra's own files out of the outputs: they write nothing
-    there and use rank 0's run dir (broadcast at start)."""
+    """Under torchrun, ranks > 0 keep Hydra's own files out of the outputs, a sweep's too:
+    they write nothing there and use rank 0's run dir (broadcast at start); what a run or a
+    sweep ends with on the terminal is rank 0's to say (their errors they say themselves)."""
     import os
     import tempfile
 
@@ -448,7 +452,8 @@ def _worker_rank_overrides() -> None:
         _refuse(str(exc))
     if world > 1 and rank > 0:
         tmp = Path(tempfile.gettempdir()) / f"ortho-run-rank{rank}-{os.getpid()}"
-        sys.argv += [f"hydra.run.dir={tmp}", "hydra.output_subdir=null"]
+        sys.argv += [f"hydra.run.dir={tmp}", f"hydra.sweep.dir={tmp}", "hydra.output_subdir=null"]
+        _STATE["worker_rank"] = True
 
 
 def main() -> None:

@@ -156,3 +156,18 @@ def test_the_tasks_of_a_submitit_job_are_the_ranks_of_one_run(tmp_path):
     ref = summary(tmp_path / "torchrun")
     for k in ("test/acc1", "test/loss", "train/loss"):
         assert job[k] == ref[k], k
+
+
+def test_a_sweep_under_torchrun_is_one_sweep_reported_once(tmp_path):
+    """Each rank runs the sweep's jobs together; only rank 0's folder is made (the others'
+    Hydra files go to a temporary folder) and rank 0 alone reports the jobs and the sweep."""
+    r = launch(["--standalone", "--nproc_per_node=2", "-m", "ortho_run", "-m", *BASE,
+                "trainer.max_epochs=1", "method=ce,cosine", f"output_root={tmp_path}"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    (sweep,) = (tmp_path / "multirun").iterdir()
+    assert sorted(p.name.split("_")[0] for p in sweep.iterdir() if p.is_dir()) == ["0", "1"]
+    runs = summaries(sweep)
+    assert [s["world_size"] for s in runs] == [2, 2]
+    assert all(s["sweep_dir"] == str(sweep) for s in runs)
+    assert r.stdout.count("ortho-run: job 0 finished") == 1
+    assert r.stdout.count("ortho-run sweep: 2 jobs in") == 1

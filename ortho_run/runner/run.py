@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import atexit
 import logging
 import signal
 import threading
@@ -39,12 +40,21 @@ def init_distributed(device_spec: str) -> Dist:
     import torch.distributed as dist
 
     use_cuda = torch.cuda.is_available() and str(device_spec) != "cpu"
-    owned = not dist.is_initialized()  # else a run launched inside one: its group
-    if owned:
+    # one group for the process, ended as it exits: the jobs of a sweep, and a run launched
+    # inside another (an earlier model of a compatibility run), use the one there is
+    if not dist.is_initialized():
         if use_cuda:
             torch.cuda.set_device(local)
         dist.init_process_group("nccl" if use_cuda else "gloo")
-    return Dist(rank=rank, world_size=world, local_rank=local, owned=owned)
+        atexit.register(_end_process_group)
+    return Dist(rank=rank, world_size=world, local_rank=local)
+
+
+def _end_process_group() -> None:
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def resume_command(run_dir: Path, sweep: Optional[Dict[str, Any]]) -> str:
@@ -125,15 +135,16 @@ class _Signals:
             handler(self.received, None)
 
 
-def _shared_run_dir(run_dir: Path, dist: Dist) -> Path:
-    """Every rank uses rank 0's run dir (Hydra gives each process its own time stamp)."""
+def _shared_run_dir(run_dir: Path, sweep: Optional[Dict[str, Any]], dist: Dist) -> tuple:
+    """Every rank uses rank 0's run dir, and a sweep job's folder (Hydra gives each process its
+    own time stamp, and the other ranks write theirs to a temporary folder)."""
     if dist.world_size == 1:
-        return run_dir
+        return run_dir, sweep
     import torch.distributed as tdist
 
-    box = [str(run_dir)]
+    box = [str(run_dir), sweep]
     tdist.broadcast_object_list(box, src=0)
-    return Path(box[0])
+    return Path(box[0]), box[1]
 
 
 def run(cfg, run_dir: Path, sweep: Optional[Dict[str, Any]] = None,
@@ -163,7 +174,7 @@ def run(cfg, run_dir: Path, sweep: Optional[Dict[str, Any]] = None,
         try:  # pre-flight: every check that can refuse the run, before any write
             cfg = validate(cfg)  # first: nothing reads a key before it is checked
             start = RunStart.of(cfg, run_dir, sweep)
-            run_dir, facts = start.run_dir, start.facts
+            run_dir, facts, sweep = start.run_dir, start.facts, start.sweep
             summary = {"status": "running", **facts}
             job = prepare(cfg, run_dir, start.dist, emit, launch=run)
         except BaseException as exc:
@@ -212,7 +223,6 @@ def run(cfg, run_dir: Path, sweep: Optional[Dict[str, Any]] = None,
             wb.summary(summary)
             wb.finish(exit_code)
             job.close()
-            start.dist.close()
 
 
 @dataclass
@@ -223,18 +233,19 @@ class RunStart:
     dist: Dist
     run_dir: Path
     facts: Dict[str, Any]
+    sweep: Optional[Dict[str, Any]]  # the job of a sweep as rank 0 knows it (its folder)
 
     @classmethod
     def of(cls, cfg, run_dir: Path, sweep: Optional[Dict[str, Any]]) -> "RunStart":
         dist = init_distributed(cfg.trainer.device)
-        run_dir = _shared_run_dir(Path(run_dir), dist)
+        run_dir, sweep = _shared_run_dir(Path(run_dir), sweep, dist)
         facts: Dict[str, Any] = {
             "method": cfg.method.name, "data": cfg.data.name, "model": cfg.model.name,
             "seed": cfg.seed, "tag": cfg.tag, "run_dir": str(run_dir),
             "reference": cfg.reference, **git_commit(),
             "versions": package_versions(), "world_size": dist.world_size, **(sweep or {}),
         }
-        return cls(dist, run_dir, facts)
+        return cls(dist, run_dir, facts, sweep)
 
 
 def _error_text(exc: BaseException) -> str:

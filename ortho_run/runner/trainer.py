@@ -38,21 +38,10 @@ class Dist:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
-    #: whether this run made the process group, and so ends it: a run launched inside another
-    #: (an earlier model of a compatibility run) trains in the same group and leaves it open
-    owned: bool = False
 
     @property
     def is_main(self) -> bool:
         return self.rank == 0
-
-    def close(self) -> None:
-        """End the process group this run made (nothing for one process)."""
-        if self.world_size > 1 and self.owned:
-            import torch.distributed as dist
-
-            if dist.is_initialized():
-                dist.destroy_process_group()
 
     def all_reduce(self, t: torch.Tensor) -> None:
         if self.world_size > 1:
