@@ -441,7 +441,9 @@ def _worker_rank_overrides() -> None:
     """Under torchrun, ranks > 0 keep Hydra's own files out of the outputs, a sweep's too:
     they write nothing there and use rank 0's run dir (broadcast at start); what a run or a
     sweep ends with on the terminal is rank 0's to say (their errors they say themselves)."""
+    import atexit
     import os
+    import shutil
     import tempfile
 
     from ortho_run.runner.env import launch_env
@@ -454,6 +456,7 @@ def _worker_rank_overrides() -> None:
         tmp = Path(tempfile.gettempdir()) / f"ortho-run-rank{rank}-{os.getpid()}"
         sys.argv += [f"hydra.run.dir={tmp}", f"hydra.sweep.dir={tmp}", "hydra.output_subdir=null"]
         _STATE["worker_rank"] = True
+        atexit.register(shutil.rmtree, tmp, True)  # Hydra's log of this rank, gone with it
 
 
 def main() -> None:

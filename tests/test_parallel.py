@@ -160,7 +160,14 @@ def test_the_tasks_of_a_submitit_job_are_the_ranks_of_one_run(tmp_path):
 
 def test_a_sweep_under_torchrun_is_one_sweep_reported_once(tmp_path):
     """Each rank runs the sweep's jobs together; only rank 0's folder is made (the others'
-    Hydra files go to a temporary folder) and rank 0 alone reports the jobs and the sweep."""
+    Hydra files go to a temporary folder, removed at exit) and rank 0 alone reports the jobs
+    and the sweep."""
+    import tempfile
+
+    def rank_folders():
+        return set(Path(tempfile.gettempdir()).glob("ortho-run-rank*"))
+
+    before = rank_folders()
     r = launch(["--standalone", "--nproc_per_node=2", "-m", "ortho_run", "-m", *BASE,
                 "trainer.max_epochs=1", "method=ce,cosine", f"output_root={tmp_path}"])
     assert r.returncode == 0, r.stderr[-3000:]
@@ -171,3 +178,4 @@ def test_a_sweep_under_torchrun_is_one_sweep_reported_once(tmp_path):
     assert all(s["sweep_dir"] == str(sweep) for s in runs)
     assert r.stdout.count("ortho-run: job 0 finished") == 1
     assert r.stdout.count("ortho-run sweep: 2 jobs in") == 1
+    assert rank_folders() <= before
