@@ -254,11 +254,11 @@ def check_resume(path: Path, state: Dict[str, Any], cfg,
                 f"(its run dir's resolved_config.yaml) or start a fresh run dir.")
         return {}
     diff = config_differences(saved, cfg)
-    if diff and str(cfg.trainer.resume) != "force":
-        raise CheckpointError(
-            f"{path} was written by a run with another config, so resuming it would continue "
-            f"another experiment. Differences: {describe_differences(diff)}. Rerun with the "
-            f"checkpoint's config (its run dir's resolved_config.yaml), give this run another "
+    if diff:
+        _unless_forced(
+            cfg, f"{path} was written by a run with another config, so resuming it would "
+            f"continue another experiment. Differences: {describe_differences(diff)}. Rerun "
+            f"with the checkpoint's config (its run dir's resolved_config.yaml), give this run another "
             f"hydra.run.dir (or trainer.resume=none to start over in this dir), or set "
             f"trainer.resume=force to continue anyway (summary.json records it).")
     saved_models = state.get("earlier_models")  # absent in checkpoints of earlier versions
@@ -267,27 +267,25 @@ def check_resume(path: Path, state: Dict[str, Any], cfg,
         # a key that may differ on resume (a grown trainer.max_epochs) enters their configs:
         # they train with this run's trainer settings
         grown = describe_differences(growable_differences(saved, cfg)) or "its config"
-        if str(cfg.trainer.resume) != "force":
-            raise CheckpointError(
-                f"{path} was trained against other earlier models than this run would use: "
-                f"{grown} enters the configs of the models it is made compatible with (they "
-                f"train with this run's trainer settings), so it would continue against others "
-                f"({', '.join(earlier_models)}; checkpoint: {', '.join(saved_models)}). Resume "
-                f"with the checkpoint's value, give the old model as compat.old_ckpt, or set "
-                f"trainer.resume=force to continue anyway")
+        _unless_forced(
+            cfg, f"{path} was trained against other earlier models than this run would use: "
+            f"{grown} enters the configs of the models it is made compatible with (they "
+            f"train with this run's trainer settings), so it would continue against others "
+            f"({', '.join(earlier_models)}; checkpoint: {', '.join(saved_models)}). Resume "
+            f"with the checkpoint's value, give the old model as compat.old_ckpt, or set "
+            f"trainer.resume=force to continue anyway")
         diff = dict(diff, **{"compat.earlier_models": (list(saved_models),
                                                          list(earlier_models))})
     ranks_then = state.get("world_size")  # absent in checkpoints of earlier versions
     if ranks_then is not None and ranks_then != world_size:
-        if str(cfg.trainer.resume) != "force":
-            raise CheckpointError(
-                f"{path} was written by a run of {ranks_then} data-parallel process(es), this "
-                f"one has {world_size}: each process reads batches of data.batch_size images of "
-                f"its own, so an epoch's steps, the schedule and the random state would not "
-                f"continue it. Resume it with {ranks_then} process(es) (the command its stop "
-                f"printed), or set trainer.resume=force to continue anyway (summary.json "
-                f"records it); a cache entry of an earlier model that stopped so can be "
-                f"deleted to train it again")
+        _unless_forced(
+            cfg, f"{path} was written by a run of {ranks_then} data-parallel process(es), this "
+            f"one has {world_size}: each process reads batches of data.batch_size images of "
+            f"its own, so an epoch's steps, the schedule and the random state would not "
+            f"continue it. Resume it with {ranks_then} process(es) (the command its stop "
+            f"printed), or set trainer.resume=force to continue anyway (summary.json "
+            f"records it); a cache entry of an earlier model that stopped so can be "
+            f"deleted to train it again")
         diff = dict(diff, world_size=(ranks_then, world_size))
     if state.get("epoch", 0) > cfg.trainer.max_epochs:
         raise CheckpointError(
@@ -295,6 +293,13 @@ def check_resume(path: Path, state: Dict[str, Any], cfg,
             f"{cfg.trainer.max_epochs}: a resumed run may train longer, not shorter. Set "
             f"trainer.max_epochs>={state['epoch']} or start another run dir.")
     return diff
+
+
+def _unless_forced(cfg, why: str) -> None:
+    """Refuse the resume for ``why`` unless ``trainer.resume=force`` accepts it (the caller
+    records what it accepted)."""
+    if str(cfg.trainer.resume) != "force":
+        raise CheckpointError(why)
 
 
 @dataclass
