@@ -258,8 +258,8 @@ def check_resume(path: Path, state: Dict[str, Any], cfg,
         _unless_forced(
             cfg, f"{path} was written by a run with another config, so resuming it would "
             f"continue another experiment. Differences: {describe_differences(diff)}. Rerun "
-            f"with the checkpoint's config (its run dir's resolved_config.yaml), give this run another "
-            f"hydra.run.dir (or trainer.resume=none to start over in this dir), or set "
+            f"with the checkpoint's config (its run dir's resolved_config.yaml), give this run "
+            f"another hydra.run.dir (or trainer.resume=none to start over in this dir), or set "
             f"trainer.resume=force to continue anyway (summary.json records it).")
     saved_models = state.get("earlier_models")  # absent in checkpoints of earlier versions
     if (earlier_models is not None and saved_models is not None

@@ -55,7 +55,7 @@ def max_over_ranks(value: Any, device: torch.device) -> float:
 def any_rank(flag: Any, device: torch.device) -> bool:
     """Whether ``flag`` (a bool or a one-element tensor) holds on any rank (as
     ``max_over_ranks``, a point every rank reaches)."""
-    return max_over_ranks(flag, device) > 0 if ranks()[1] > 1 else bool(flag)
+    return max_over_ranks(flag, device) > 0
 
 
 def broadcast(obj: Any) -> Any:

@@ -26,13 +26,15 @@ def _adopt_submitit_tasks() -> None:
     if "WORLD_SIZE" in os.environ or not os.environ.get("SUBMITIT_EXECUTOR"):
         return
     try:
+        from submitit import JobEnvironment
         from submitit.helpers import TorchDistributedEnvironment
 
+        if JobEnvironment().num_tasks <= 1:  # one task: nothing to adopt (nor a host to ask)
+            return
         tasks = TorchDistributedEnvironment()
     except (ImportError, KeyError, RuntimeError):  # no submitit job after all: nothing to adopt
         return
-    if tasks.world_size > 1:
-        tasks.export(set_cuda_visible_devices=False)  # the run picks its GPU by local rank
+    tasks.export(set_cuda_visible_devices=False)  # the run picks its GPU by local rank
 
 
 def launch_env() -> tuple:

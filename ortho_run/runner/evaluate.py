@@ -37,8 +37,8 @@ def evaluate(net, loader, autocast, collect: bool = False, reduce=None,
     Sums stay on the device and are read once at the end (one host sync per evaluation). A
     split where any image's logits are not finite (a diverged net) has NaN accuracies.
     ``reduce`` (data-parallel) sums the counters across ranks; the embeddings are those of
-    the whole split, gathered from every rank's shard (the loader's ``unshard``). ``tta_flip`` averages the
-    logits of each image and its horizontal mirror, ``tta_translate`` adds airbench's
+    the whole split, gathered from every rank's shard (the loader's ``unshard``). ``tta_flip``
+    averages the logits of each image and its horizontal mirror, ``tta_translate`` adds airbench's
     one-pixel translations (``tta_logits``); embeddings stay those of the image.
     """
     net.eval()

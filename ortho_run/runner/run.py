@@ -20,6 +20,7 @@ from typing import Any, Dict, Optional
 import torch
 
 from ortho_run.errors import OrthoRunError, Preempted, TrainingDiverged
+from ortho_run.parallel import broadcast
 from ortho_run.retrieval import retrieval_metrics
 from ortho_run.runner.env import git_commit, launch_env, package_versions, relaunch
 from ortho_run.runner.evaluate import feature_geometry
@@ -135,16 +136,11 @@ class _Signals:
             handler(self.received, None)
 
 
-def _shared_run_dir(run_dir: Path, sweep: Optional[Dict[str, Any]], dist: Dist) -> tuple:
+def _shared_run_dir(run_dir: Path, sweep: Optional[Dict[str, Any]]) -> tuple:
     """Every rank uses rank 0's run dir, and a sweep job's folder (Hydra gives each process its
     own time stamp, and the other ranks write theirs to a temporary folder)."""
-    if dist.world_size == 1:
-        return run_dir, sweep
-    import torch.distributed as tdist
-
-    box = [str(run_dir), sweep]
-    tdist.broadcast_object_list(box, src=0)
-    return Path(box[0]), box[1]
+    shared, sweep = broadcast([str(run_dir), sweep])
+    return Path(shared), sweep
 
 
 def run(cfg, run_dir: Path, sweep: Optional[Dict[str, Any]] = None,
@@ -238,7 +234,7 @@ class RunStart:
     @classmethod
     def of(cls, cfg, run_dir: Path, sweep: Optional[Dict[str, Any]]) -> "RunStart":
         dist = init_distributed(cfg.trainer.device)
-        run_dir, sweep = _shared_run_dir(Path(run_dir), sweep, dist)
+        run_dir, sweep = _shared_run_dir(Path(run_dir), sweep)
         facts: Dict[str, Any] = {
             "method": cfg.method.name, "data": cfg.data.name, "model": cfg.model.name,
             "seed": cfg.seed, "tag": cfg.tag, "run_dir": str(run_dir),
